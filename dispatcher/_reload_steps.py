@@ -31,11 +31,11 @@ to happen to the parts around that install is here, in the order the dispatcher 
    connections of plugins that dialled in on targets no longer used (nothing calls them
    any more: each plugin is told whether its id is still served, so that it dials again,
    or is gone) or whose version now has other inbound targets (it dials again, and joins
-   all their fleets),
-   and detach the rest: retired attachments (with any an earlier reload retired and
-   left when its caller gave up after its swap), discovered instances from the versions
-   no longer calling them, fleets, the policy state of removed versions. A caller giving
-   up once the wait is over waits for these to end.
+   all their fleets), and detach the rest: retired attachments, discovered instances
+   from the versions no longer calling them, fleets, the policy state of removed
+   versions. What an earlier reload retired and left when its caller gave up after its
+   swap (attachments, policy state) is ended with this reload's, unless this one runs it
+   again. A caller giving up once the wait is over waits for these to end.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ class ReloadSteps:
         #: The task whose reload waits now for the calls in flight at its swap: its routes
         #: are in, and it may be given up (``dispatcher._entries``: a newer registry change).
         self.waiting: asyncio.Task[Any] | None = None
+        #: The versions reloads removed or changed (their entries as they ran) whose end
+        #: has not come yet: this reload's, and those of reloads given up in their wait,
+        #: which left their policy state for the next to end.
+        self._left: list[PluginSpec[Any]] = []
 
     async def attach(self, plan: ReloadPlan) -> list[Attachment]:
         """Step 1: what the versions added or changed newly need, attached (not yet in
@@ -172,6 +176,7 @@ class ReloadSteps:
         attachments, fleets = self._attachments, self._fleets
         attachments.adopt(attached)
         attachments.retire(manifest)
+        self._left.extend([*plan.removed, *(old for old, _ in plan.changed)])
         attachments.update(plan)  # changed versions, on the targets they kept
         for _, new in plan.changed:  # and on the instances discovery brought to their fleets
             for target in new.targets():
@@ -182,23 +187,27 @@ class ReloadSteps:
         if (
             attachments.retiring
             or fleets.retiring  # what a reload given up in its wait left attached
-            or plan.removed
-            or plan.changed
+            or self._left  # this reload's removed and changed versions, and such a one's
             or fleets.unused(used)
         ):
-            await self._settle(grace, self._retired_versions(plan))
+            await self._settle(grace, self._retired_versions())
             # A caller giving up from here would cut a detach in half (a service with its
             # Stop and no Destroy, and a channel open until the close, for nothing ends
             # it again): the rest runs to its end, then the cancel goes on.
             await _to_its_end(self._end_retired(manifest, plan, used))
 
     async def _end_retired(self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]) -> None:
-        """What the swap retired, ended once its calls are done."""
+        """What the swap retired, and what reloads given up in their wait left, ended once
+        its calls are done."""
+        left, self._left = self._left, []
         await self._close_connections(manifest, plan, used)
         await self._attachments.detach_retired()
         await self._fleets.release()  # discovered instances, from versions gone
         await self._fleets.forget(used)
-        await self._policies.forget(plan.removed)  # changed ones were rebuilt
+        # Not those ``manifest`` runs: changed ones were rebuilt, and a version a given-up
+        # reload removed may be back, with the state its routes were built with now.
+        running = {plugin.key for plugin in manifest.plugins}
+        await self._policies.forget([plugin for plugin in left if plugin.key not in running])
 
     async def _close_connections(
         self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]
@@ -238,20 +247,19 @@ class ReloadSteps:
             except Exception:  # as a failed detach: logged, the reload is done
                 log.exception("reload: closing the connections of %s failed", new.key)
 
-    def _retired_versions(self, plan: ReloadPlan) -> Reaches:
+    def _retired_versions(self) -> Reaches:
         """The plugin versions whose calls in flight what follows the wait may cut: those
-        ``plan`` removed or changed, and what earlier reloads retired and is still
-        attached or open (a replaced batcher: a reload given up in its wait left it).
-        None (every call) while a fleet holds a discovered instance for a version that no
-        longer calls it, which no version here names."""
+        this reload removed or changed, and what earlier reloads retired and is still
+        attached, open or owned (a replaced batcher, a cache: a reload given up in its
+        wait left it). None (every call) while a fleet holds a discovered instance for a
+        version that no longer calls it, which no version here names."""
         if self._fleets.retiring:
             return None
         return frozenset(
             {
                 *self._attachments.retired_versions(),
                 *self._policies.replaced_versions(),
-                *(plugin.key for plugin in plan.removed),
-                *(old.key for old, _ in plan.changed),
+                *(plugin.key for plugin in self._left),
             }
         )
 

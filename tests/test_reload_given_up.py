@@ -15,10 +15,14 @@ reload must do with them, when it:
 - is the same reload again: detach the removed version from the instances discovery
   found, even when nothing else is left to detach. Before, it stayed attached until the
   fleet ended, and the service kept running with its config.
+- whatever it is: drop the removed version's policy state (caches and their entries,
+  limits, bulkheads, retry counters, keyed-call records; its batcher ends), unless it
+  brings that version back. Before, the next reload dropped only what its own plan
+  removed: the rest stayed for the life of the process, listed by ``stats()``.
 
 The services are the Python SDK's gRPC server recording its lifecycle
 (``tests.recorded_grpc``), with ``lifecycle: dispatcher``, found by a real dnsmasq or
-listed in the manifest.
+listed in the manifest; the policy state is that of the example plugin, in-process.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher, ManifestError
-from tests.conftest import manifest
+from dispatcher.policies import PolicyRuntime
+from tests.conftest import LOCAL_TARGET, echo_plugin, manifest
 from tests.dns_server import (
     Dnsmasq,
     Zone,
@@ -169,3 +174,99 @@ async def test_the_same_reload_again_detaches_what_the_given_up_one_left(
         assert [each.plugin.configs[-1] for each in found] == [{"version": "2.0.0"}] * 2
         assert all("stop" not in each.plugin.steps for each in found)
         assert await dispatcher.call("fleet", "whoami", {}) in FOUND_HOSTS
+
+
+#: The example plugin's methods, each with policy state of its own.
+WITH_STATE = {
+    "say": {"pure": True, "cache": {"ttl_ms": 60_000}},
+    "withdraw": {
+        "rate_limit": {"rate": 1000, "burst": 10, "scope": "method"},
+        "concurrency": {"max_in_flight": 4, "scope": "method"},
+    },
+    "digest": {"idempotent": True, "retry": {"attempts": 2}},
+    "sleep": {"batch": {"max_size": 1}, "timeout_ms": 30_000},
+}
+
+
+def echo_at(version: str) -> Any:
+    return manifest({**echo_plugin("echo", LOCAL_TARGET, methods=WITH_STATE), "version": version})
+
+
+def versions_with_state(runtime: PolicyRuntime) -> set[str]:
+    """The plugin versions (keys) that own some of ``runtime``'s method state."""
+    owners = [
+        *runtime.caches,
+        *runtime.batchers,
+        *runtime.gates,
+        *runtime.method_limits,
+        *runtime.method_bulkheads,
+    ]
+    names = [*runtime.retries, *runtime.keyed, *runtime.hedges]
+    return {key for key, _ in owners} | {name.rpartition(".")[0] for name in names}
+
+
+async def _given_up_after_its_swap(dispatcher: Dispatcher, to: Any) -> asyncio.Task[Any]:
+    """Reload ``dispatcher`` to ``to`` while a call of echo's running version sleeps, and
+    give that reload up once its routes swapped: the sleeping call, still in flight."""
+    sleeping = asyncio.create_task(dispatcher.call("echo", "sleep", {"seconds": 1.0}))
+    await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+    reload = asyncio.create_task(dispatcher.reload(to, grace=30))
+    await until(lambda: dispatcher.manifest is to, "the swap")
+    reload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reload
+    return sleeping
+
+
+async def test_the_next_reload_drops_the_policy_state_of_the_version_given_up_on() -> None:
+    one, two = echo_at("1.0.0"), echo_at("2.0.0")
+    async with Dispatcher(one) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        await dispatcher.call("echo", "say", {"text": "cached"})
+        sleeping = await _given_up_after_its_swap(dispatcher, two)
+        batcher = runtime.batchers[("echo@1.0.0", "sleep")]
+        assert await sleeping >= 1.0
+        assert (await dispatcher.reload(two, grace=30))["kept"] == ["echo@2.0.0"]
+        # Before: every piece of echo@1.0.0's state stayed, its cache entry with it.
+        assert versions_with_state(runtime) == {"echo@2.0.0"}
+        stats = dispatcher.stats()
+        assert list(stats["caches"]) == ["echo@2.0.0.say"]
+        assert list(stats["retries"]) == ["echo@2.0.0.digest"]
+        assert list(stats["idempotency"]) == [f"echo@2.0.0.{method}" for method in WITH_STATE]
+        assert len(stats["rate_limits"]) == len(stats["bulkheads"]) == 1
+        assert batcher._closed  # its batch task would end with it
+        assert await dispatcher.call("echo", "sleep", {"seconds": 0}) >= 0
+
+
+async def test_a_version_the_next_reload_brings_back_keeps_the_state_it_runs_with() -> None:
+    one, two = echo_at("1.0.0"), echo_at("2.0.0")
+    async with Dispatcher(one) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        sleeping = await _given_up_after_its_swap(dispatcher, two)
+        assert (await dispatcher.reload(one, grace=30))["added"] == ["echo@1.0.0"]
+        assert await sleeping >= 1.0
+        # Its routes were built anew, with new state: dropping it as the version the
+        # given-up reload removed would empty its cache and close its batcher under it.
+        assert versions_with_state(runtime) == {"echo@1.0.0"}
+        assert list(dispatcher.stats()["caches"]) == ["echo@1.0.0.say"]
+        await dispatcher.call("echo", "say", {"text": "again"})
+        await dispatcher.call("echo", "say", {"text": "again"})
+        assert dispatcher.stats()["caches"]["echo@1.0.0.say"]["hits"] == 1
+        assert await dispatcher.call("echo", "sleep", {"seconds": 0}) >= 0
+        # Removed by a reload that goes to its end, it is dropped then.
+        await dispatcher.reload(two, grace=30)
+        assert versions_with_state(runtime) == {"echo@2.0.0"}
+
+
+async def test_a_close_after_a_reload_given_up_ends_the_removed_version_s_batcher() -> None:
+    before = set(asyncio.all_tasks())
+    async with Dispatcher(echo_at("1.0.0")) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        sleeping = await _given_up_after_its_swap(dispatcher, echo_at("2.0.0"))
+        batcher = runtime.batchers[("echo@1.0.0", "sleep")]
+    assert batcher._closed
+    await asyncio.gather(sleeping, return_exceptions=True)
+    assert not {task for task in asyncio.all_tasks() - before if not task.done()}
