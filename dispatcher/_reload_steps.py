@@ -34,8 +34,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
    all their fleets), and detach the rest: retired attachments, discovered instances
    from the versions no longer calling them, fleets, the policy state of removed
    versions. What an earlier reload retired and left when its caller gave up after its
-   swap (attachments, policy state) is ended with this reload's, unless this one runs it
-   again. A caller giving up once the wait is over waits for these to end.
+   swap (attachments, connections, policy state) is ended with this reload's, unless
+   this one runs it again. A caller giving up once the wait is over waits for these to
+   end.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from dispatcher._versions import check_protocol
 from dispatcher.config import Manifest, PluginSpec
 from dispatcher.fleet import FleetRuntime
 from dispatcher.policies import PolicyRuntime
+from providers.target import TargetConfig
 
 __all__ = ["ReloadSteps"]
 
@@ -96,7 +98,7 @@ class ReloadSteps:
         self.waiting: asyncio.Task[Any] | None = None
         #: The versions reloads removed or changed (their entries as they ran) whose end
         #: has not come yet: this reload's, and those of reloads given up in their wait,
-        #: which left their policy state for the next to end.
+        #: which left their connections open and their policy state for the next to end.
         self._left: list[PluginSpec[Any]] = []
 
     async def attach(self, plan: ReloadPlan) -> list[Attachment]:
@@ -194,13 +196,13 @@ class ReloadSteps:
             # A caller giving up from here would cut a detach in half (a service with its
             # Stop and no Destroy, and a channel open until the close, for nothing ends
             # it again): the rest runs to its end, then the cancel goes on.
-            await _to_its_end(self._end_retired(manifest, plan, used))
+            await _to_its_end(self._end_retired(manifest, used))
 
-    async def _end_retired(self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]) -> None:
+    async def _end_retired(self, manifest: Manifest[Any], used: set[str]) -> None:
         """What the swap retired, and what reloads given up in their wait left, ended once
         its calls are done."""
         left, self._left = self._left, []
-        await self._close_connections(manifest, plan, used)
+        await self._close_connections(manifest, left, used)
         await self._attachments.detach_retired()
         await self._fleets.release()  # discovered instances, from versions gone
         await self._fleets.forget(used)
@@ -210,49 +212,54 @@ class ReloadSteps:
         await self._policies.forget([plugin for plugin in left if plugin.key not in running])
 
     async def _close_connections(
-        self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]
+        self, manifest: Manifest[Any], left: list[PluginSpec[Any]], used: set[str]
     ) -> None:
-        """Close the plugin connections of the inbound targets of removed and changed
-        versions that ``manifest`` no longer uses (those it keeps stay connected), and
-        those of changed versions whose inbound targets are now others (they connect
-        again, admitted to the new ones)."""
-        served = {
-            plugin.id
-            for plugin in manifest.plugins
-            if any(target.accepts_connections() for target in plugin.targets())
-        }
-        for plugin in [*plan.removed, *(old for old, _ in plan.changed)]:
-            for target in plugin.targets():
+        """Close the plugin connections of the inbound targets of the versions ``left``
+        (removed or changed, as they ran) that ``manifest`` no longer uses (those it
+        keeps stay connected), and those of versions whose inbound targets are now others
+        (they connect again, admitted to the new ones)."""
+        served = {plugin.id for plugin in manifest.plugins if _inbound(plugin)}
+        closed: set[str] = set()  # a version given up on, then removed again: once
+        for plugin in left:
+            for target in _inbound(plugin):
                 provider = self._attachments.providers.get(target.provider)
-                if provider is None or not target.accepts_connections() or target.key in used:
+                if provider is None or target.key in used or target.key in closed:
                     continue
+                closed.add(target.key)
                 try:
                     await provider.close_connections(target, replaced=plugin.id in served)
                 except Exception:  # as a failed detach: logged, the reload is done
                     log.exception("reload: closing the connections of %s failed", plugin.key)
-        for old, new in plan.changed:
+        running = {plugin.key: plugin for plugin in manifest.plugins}
+        retargeted: dict[str, PluginSpec[Any]] = {}
+        for old in left:
             # A connection serves every inbound target of its version, joined to their
             # fleets when admitted: one whose version gained a target would never be
             # called through it (that fleet stayed empty while the plugin stayed
             # connected), so it connects again (``Provider.retarget_connections``).
-            had = {target.key for target in old.targets() if target.accepts_connections()}
-            has = [target for target in new.targets() if target.accepts_connections()]
-            if not had or not has or {target.key for target in has} == had:
-                continue  # none admitted, none taken now (closed above), or the same
-            provider = self._attachments.providers.get(has[0].provider)
+            new = running.get(old.key)
+            if new is None:
+                continue  # removed: closed above
+            had = {target.key for target in _inbound(old)}
+            has = {target.key for target in _inbound(new)}
+            if had and has and has != had:  # else none admitted, none taken now, or the same
+                retargeted[new.key] = new
+        for new in retargeted.values():
+            targets = _inbound(new)
+            provider = self._attachments.providers.get(targets[0].provider)
             if provider is None:
                 continue
             try:
-                await provider.retarget_connections(new, has)
+                await provider.retarget_connections(new, targets)
             except Exception:  # as a failed detach: logged, the reload is done
                 log.exception("reload: closing the connections of %s failed", new.key)
 
     def _retired_versions(self) -> Reaches:
         """The plugin versions whose calls in flight what follows the wait may cut: those
         this reload removed or changed, and what earlier reloads retired and is still
-        attached, open or owned (a replaced batcher, a cache: a reload given up in its
-        wait left it). None (every call) while a fleet holds a discovered instance for a
-        version that no longer calls it, which no version here names."""
+        attached, open or owned (a replaced batcher, a connection, a cache: a reload given
+        up in its wait left it). None (every call) while a fleet holds a discovered
+        instance for a version that no longer calls it, which no version here names."""
         if self._fleets.retiring:
             return None
         return frozenset(
@@ -287,6 +294,11 @@ class ReloadSteps:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
             )
+
+
+def _inbound(plugin: PluginSpec[Any]) -> list[TargetConfig]:
+    """The targets of ``plugin`` that plugins dialling in connect to."""
+    return [target for target in plugin.targets() if target.accepts_connections()]
 
 
 async def _to_its_end(work: Coroutine[Any, Any, None]) -> None:

@@ -898,6 +898,110 @@ async def test_the_sdk_dials_again_after_such_a_close_and_lands_on_what_is_serve
             await asyncio.gather(dialling, return_exceptions=True)
 
 
+async def _reload_given_up_during_a_call(dispatcher: Dispatcher, plugin: Any, to: Any) -> None:
+    """Reload ``dispatcher`` to ``to`` while ``plugin`` (sock@1.0.0, connected) runs a
+    call, and give that reload up in its wait for the call: its routes swapped, nothing
+    after. The call is answered."""
+    call = asyncio.ensure_future(
+        dispatcher.call("sock", "sleep", {"seconds": 0.5, "value": "answered"})
+    )
+    await until(lambda: bool(plugin.ran))  # in flight on the connection
+    reload = asyncio.ensure_future(dispatcher.reload(to, grace=30))
+    await until(lambda: dispatcher.manifest is to)
+    reload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reload
+    assert await call == "answered"
+
+
+@pytest.mark.parametrize("change", ["removed", "its target changed"])
+async def test_the_next_reload_closes_the_connections_a_reload_given_up_left_open(
+    change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload that leaves the target of sock@1.0.0 out is given up in its wait for a
+    call of it (its caller cancelled it, or a newer registry change replaced it): the
+    connection is still open. Before, the next reload closed only the connections of
+    what it changed itself: the plugin stayed connected, for good, to a dispatcher that
+    no longer routes to it (or to a target nothing calls, while its version's new one had
+    no instance). Now it closes them as the given-up one would have, and the SDK dials
+    again: refused (the version is gone), or admitted to the target it has now."""
+    caplog.set_level(logging.INFO, logger="linchkit_plugin.websocket")
+    plugins, code, reason = RELOADS[change]
+    to = manifest(*plugins)
+    async with gateway(manifest(SOCK, OTHER)) as (dispatcher, url):
+        plugin = SocketPlugin()
+        dialling = asyncio.ensure_future(
+            dial(
+                PluginHost(plugin),
+                url,
+                plugin_id="sock",
+                version="1.0.0",
+                token=TOKEN,
+                initial_backoff=0.02,
+                max_backoff=0.2,
+            )
+        )
+        try:
+            await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
+            await instances_in_all(dispatcher, 1)
+            left_open = keys_of(dispatcher, "sock")
+            await _reload_given_up_during_a_call(dispatcher, plugin, to)
+            assert keys_of(dispatcher, "sock") == left_open
+            await dispatcher.reload(to, grace=30)
+            await until(lambda: f"closed ({code}: {reason}" in caplog.text, 10)
+            if change == "its target changed":
+                await until(lambda: keys_of(dispatcher, "sock") not in ([], left_open))
+                await instances_in_all(dispatcher, 1)
+                assert await dispatcher.call("sock", "echo", {"value": "new"}) == "new"
+            else:
+                with pytest.raises(Refused) as refused:
+                    await asyncio.wait_for(dialling, 15)
+                assert refused.value.status == 401
+                assert keys_of(dispatcher, "sock") == []
+        finally:
+            dialling.cancel()
+            await asyncio.gather(dialling, return_exceptions=True)
+
+
+async def test_a_connection_a_reload_given_up_left_open_stays_if_the_next_brings_it_back() -> None:
+    """The reload after the given-up one serves sock@1.0.0 again on its target: the
+    connection left open is the version's again, not closed for what the given-up
+    reload meant to do."""
+    async with (
+        gateway(manifest(SOCK, OTHER)) as (dispatcher, url),
+        one_connection(url, "sock", TOKEN) as sock,
+    ):
+        await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
+        await instances_in_all(dispatcher, 1)
+        left_open = keys_of(dispatcher, "sock")
+        plugin: Any = sock.host.plugin
+        await _reload_given_up_during_a_call(dispatcher, plugin, manifest(OTHER))
+        summary = await dispatcher.reload(manifest(SOCK, OTHER), grace=30)
+        assert summary["added"] == ["sock@1.0.0"]
+        await instances_in_all(dispatcher, 1)
+        assert await dispatcher.call("sock", "echo", {"value": "back"}) == "back"
+        assert not sock.ended.is_set() and keys_of(dispatcher, "sock") == left_open
+
+
+async def test_a_close_ends_the_connections_a_reload_given_up_left_open() -> None:
+    """No reload after the one given up: the dispatcher's close ends the connection
+    (1001: going away), as every other."""
+    async with (
+        gateway(manifest(SOCK, OTHER)) as (dispatcher, url),
+        one_connection(url, "sock", TOKEN) as sock,
+    ):
+        await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
+        await instances_in_all(dispatcher, 1)
+        plugin: Any = sock.host.plugin
+        await _reload_given_up_during_a_call(dispatcher, plugin, manifest(OTHER))
+        assert not sock.ended.is_set()
+        await dispatcher.aclose()
+        async with asyncio.timeout(10):
+            await sock.ended.wait()
+        assert sock.socket.close_code == 1001
+        assert keys_of(dispatcher, "sock") == []
+
+
 async def test_a_plugin_admitted_before_such_a_reload_and_saying_hello_after_is_closed() -> None:
     """Admitted at the upgrade as sock@1.0.0, its hello sent only once a reload removed
     that version: closed as the connections open then were, not served in a fleet that

@@ -443,6 +443,35 @@ async def test_a_reload_adding_an_inbound_target_has_the_plugin_connect_again_to
             assert channel.in_flight == 0
 
 
+async def test_that_reload_given_up_in_its_wait_leaves_the_next_to_have_it_connect_again() -> None:
+    """The same reload, given up while it waits for the call in flight (its caller
+    cancelled it, or a newer registry change replaced it): the connection stays joined
+    to the two fleets alone. Before, the next reload, which changed nothing itself, left
+    it so, and every call of ``third`` failed for as long as the plugin stayed connected.
+    Now it has the connection go away as the given-up one would have (1012), and the
+    plugin, dialled again, serves all three."""
+    entry = several(narrow_first=False)
+    changed = manifest(with_third(entry))
+    async with gateway_of(entry) as (dispatcher, url):
+        async with dialled_in(dispatcher, url) as plugin:
+            held = asyncio.ensure_future(dispatcher.call("multi", "wide", {"hold": True}))
+            await until(lambda: plugin.held, 5)
+            reload = asyncio.ensure_future(dispatcher.reload(changed, grace=30))
+            await until(lambda: dispatcher.manifest is changed, 5)
+            reload.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reload
+            plugin.release.set()
+            assert await held == {"hold": True}
+            with pytest.raises(TargetUnavailable, match="no instance"):
+                await dispatcher.call("multi", "third", {"n": 3})
+            assert (await dispatcher.reload(changed, grace=30))["kept"] == ["multi@1.0.0"]
+            await until(lambda: plugin.socket.closed, 5)
+            assert plugin.socket.close_code == 1012
+        async with dialled_in(dispatcher, url, methods=("wide", "narrow", "third")):
+            assert await dispatcher.call("multi", "third", {"n": 3}) == {"n": 3}
+
+
 async def test_a_plugin_admitted_before_that_reload_saying_hello_after_connects_again() -> None:
     """Admitted at the upgrade to the version's two targets, the plugin says its hello
     only after the reload added the third: it is closed 1012 right after its welcome,
