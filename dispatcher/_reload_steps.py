@@ -210,6 +210,7 @@ class ReloadSteps:
         # reload removed may be back, with the state its routes were built with now.
         running = {plugin.key for plugin in manifest.plugins}
         await self._policies.forget([plugin for plugin in left if plugin.key not in running])
+        self._policies.forget_targets(_live_targets(manifest) | self._fleets.instance_keys())
 
     async def _close_connections(
         self, manifest: Manifest[Any], left: list[PluginSpec[Any]], used: set[str]
@@ -294,6 +295,16 @@ class ReloadSteps:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
             )
+
+
+def _live_targets(manifest: Manifest[Any]) -> set[str]:
+    """The keys of the targets ``manifest`` calls, and of their fixed instances."""
+    return {
+        key
+        for plugin in manifest.plugins
+        for target in plugin.targets()
+        for key in (target.key, *(each.key for each in target.instance_targets()))
+    }
 
 
 def _inbound(plugin: PluginSpec[Any]) -> list[TargetConfig]:

@@ -383,6 +383,51 @@ async def test_reloads_that_replace_a_version_leave_none_of_its_policy_state() -
     assert not {task for task in asyncio.all_tasks() - before if not task.done()}
 
 
+async def test_reloads_that_move_a_plugin_to_other_targets_leave_none_of_their_state() -> None:
+    """Five reloads, each moving a plugin to another URL: its breaker, retry budget,
+    bulkhead and rate limit are kept by target, not by version, and ``stats()`` listed
+    every URL it ever had, for good. What a kept plugin's target has stays as it is."""
+    policies = {
+        "breaker": {"fail_max": 3, "reset_timeout_ms": 1000},
+        "idempotent": True,
+        "retry": {"attempts": 2},
+        "concurrency": {"max_in_flight": 4, "scope": "target"},
+        "rate_limit": {"rate": 1000, "burst": 10, "scope": "target"},
+    }
+
+    def plugin(plugin_id: str, host: str) -> dict[str, Any]:
+        target = {"provider": "http", "url": f"http://{host}:9"}
+        return {"id": plugin_id, "version": "1.0.0", "target": target, "methods": {"say": policies}}
+
+    fleet = {
+        "id": "fleet",
+        "version": "1.0.0",
+        "target": {
+            "provider": "http",
+            "instances": [{"url": "http://127.0.0.101:9"}, {"url": "http://127.0.0.102:9"}],
+        },
+        "methods": {"say": policies},
+    }
+
+    def moved(number: int) -> Any:
+        return manifest(plugin("kept", "127.0.0.100"), fleet, plugin("moving", f"127.0.0.{number}"))
+
+    async with Dispatcher(moved(2)) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        kept = {each for each in runtime.breakers.values() if "127.0.0.10" in each.name}
+        assert len(kept) == 3  # the kept plugin's, and one per instance of the fleet
+        for number in range(3, 8):
+            await dispatcher.reload(moved(number))
+        stats = dispatcher.stats()
+        hosts = {"127.0.0.100", "127.0.0.101", "127.0.0.102", "127.0.0.7"}
+        assert {name.split("//")[1].split(":")[0] for name in stats["breakers"]} == hosts
+        assert len(stats["retry_budgets"]) == 3  # the fleet's is the fleet's own
+        assert len(stats["bulkheads"]) == 3
+        assert len(stats["rate_limits"]) == 3
+        assert kept <= set(runtime.breakers.values())
+
+
 async def test_serve_logs_a_reload_once_at_info_in_words(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -496,3 +496,31 @@ async def test_a_remade_fleet_attaches_only_what_its_first_read_still_lists(
 def members_of(dispatcher: Dispatcher) -> list[dict[str, Any]]:
     (stats,) = dispatcher.stats()["fleets"].values()
     return list(stats["instances"])
+
+
+async def test_a_reload_keeps_the_breakers_of_the_instances_discovery_found(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """A reload's end drops the breakers of targets nothing calls now: those of the
+    instances a fleet's discovery found are called, and keep theirs (state and all)."""
+    port = port_free_on(*V1_HOSTS)
+    [await served(host, port) for host in V1_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    breaker = {"whoami": {"breaker": {"fail_max": 3}}}
+    guarded = {**versioned("1.0.0", source), "methods": breaker}
+
+    def other(host: str) -> dict[str, Any]:
+        target = {"provider": "http", "url": f"http://{host}:9"}
+        return {"id": "other", "version": "1.0.0", "target": target, "methods": breaker}
+
+    async with Dispatcher(manifest(guarded, other("127.0.0.8"))) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        for _ in V1_HOSTS:  # round robin: one call each, which makes its breaker
+            await dispatcher.call("fleet", "whoami", {})
+        found = {each for each in runtime.breakers.values() if "127.0.0.8" not in each.name}
+        assert len(found) == 2
+        await dispatcher.reload(manifest(guarded, other("127.0.0.9")), grace=10)
+        assert found <= set(runtime.breakers.values())
+        assert not any("127.0.0.8" in each.name for each in runtime.breakers.values())

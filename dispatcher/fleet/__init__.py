@@ -259,6 +259,14 @@ class FleetRuntime:
                     membership.inherit(index, listed)
                     break
 
+    def instance_keys(self) -> set[str]:
+        """The keys of every instance of every fleet: its members, and those that left
+        and still drain their calls, attached."""
+        keys = {instance.key for fleet in self.fleets.values() for instance in fleet.instances}
+        for membership in self.memberships.values():
+            keys.update(membership.attached)
+        return keys
+
     @property
     def retiring(self) -> bool:
         """Whether some discovered instance is still attached for a version that no

@@ -251,6 +251,20 @@ class PolicyRuntime:
         for batcher in closing:
             await batcher.aclose()
 
+    def forget_targets(self, live: set[str]) -> None:
+        """Drop the breakers, retry budgets, bulkheads and target-scoped rate limits of
+        the targets and fleet instances whose key is not in ``live`` (a reload's end: no
+        route calls them now). Kept by target, not by plugin version, ``forget`` never
+        reached them, and every reload that moved a plugin to another URL grew them and
+        ``stats()`` for good. A chain still running holds what it uses; a target that
+        comes back starts with a closed breaker and full budgets, as a new one."""
+        for table in (self.breakers, self.shared_breakers, self.budgets, self.bulkheads):
+            for key in [key for key in table if key not in live]:
+                del table[key]
+        for limits in (self.limiters, self.target_limits):
+            for key, spec in [each for each in limits if each[0] not in live]:
+                del limits[key, spec]
+
     def _hedge(self, name: str, key: str, fleet: Fleet, policies: Policies, step: Step) -> Step:
         """Hedging, inside the retry step and around the fleet's: hedges spend the target's
         retry budget; without a retry step to fill it, the hedge step fills it."""
