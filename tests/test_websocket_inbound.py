@@ -99,16 +99,12 @@ async def plugins(url: str, count: int, **options: Any) -> AsyncIterator[list[So
     """``count`` plugin processes' worth of SDK dialers, each its own SocketPlugin."""
     made = [SocketPlugin() for _ in range(count)]
     tasks = [
-        asyncio.ensure_future(
-            dial(
-                PluginHost(plugin),
-                url,
-                plugin_id=options.get("plugin_id", "sock"),
-                version=options.get("version", "1.0.0"),
-                token=options.get("token", TOKEN),
-                initial_backoff=0.02,
-                max_backoff=0.2,
-            )
+        dial_in(
+            plugin,
+            url,
+            plugin_id=options.get("plugin_id", "sock"),
+            version=options.get("version", "1.0.0"),
+            token=options.get("token", TOKEN),
         )
         for plugin in made
     ]
@@ -118,6 +114,23 @@ async def plugins(url: str, count: int, **options: Any) -> AsyncIterator[list[So
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def dial_in(
+    plugin: Any, url: str, *, plugin_id: str = "sock", version: str = "1.0.0", token: str = TOKEN
+) -> asyncio.Future[None]:
+    """The SDK's ``dial`` of ``plugin`` to the gateway at ``url``, redialling soon."""
+    return asyncio.ensure_future(
+        dial(
+            PluginHost(plugin),
+            url,
+            plugin_id=plugin_id,
+            version=version,
+            token=token,
+            initial_backoff=0.02,
+            max_backoff=0.2,
+        )
+    )
 
 
 def connected(dispatcher: Dispatcher) -> int:
@@ -254,20 +267,7 @@ async def versioned(
     url: str, version: str, count: int, plugin_id: str = "sock"
 ) -> AsyncIterator[list[VersionedPlugin]]:
     made = [VersionedPlugin(version) for _ in range(count)]
-    tasks = [
-        asyncio.ensure_future(
-            dial(
-                PluginHost(plugin),
-                url,
-                plugin_id=plugin_id,
-                version=version,
-                token=TOKEN,
-                initial_backoff=0.02,
-                max_backoff=0.2,
-            )
-        )
-        for plugin in made
-    ]
+    tasks = [dial_in(plugin, url, plugin_id=plugin_id, version=version) for plugin in made]
     try:
         yield made
     finally:
@@ -868,17 +868,7 @@ async def test_the_sdk_dials_again_after_such_a_close_and_lands_on_what_is_serve
     caplog.set_level(logging.INFO, logger="linchkit_plugin.websocket")
     plugins, code, reason = RELOADS[change]
     async with gateway(manifest(SOCK, OTHER)) as (dispatcher, url):
-        dialling = asyncio.ensure_future(
-            dial(
-                PluginHost(SocketPlugin()),
-                url,
-                plugin_id="sock",
-                version="1.0.0",
-                token=TOKEN,
-                initial_backoff=0.02,
-                max_backoff=0.2,
-            )
-        )
+        dialling = dial_in(SocketPlugin(), url)
         try:
             await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
             before = keys_of(dispatcher, "sock")
@@ -930,17 +920,7 @@ async def test_the_next_reload_closes_the_connections_a_reload_given_up_left_ope
     to = manifest(*plugins)
     async with gateway(manifest(SOCK, OTHER)) as (dispatcher, url):
         plugin = SocketPlugin()
-        dialling = asyncio.ensure_future(
-            dial(
-                PluginHost(plugin),
-                url,
-                plugin_id="sock",
-                version="1.0.0",
-                token=TOKEN,
-                initial_backoff=0.02,
-                max_backoff=0.2,
-            )
-        )
+        dialling = dial_in(plugin, url)
         try:
             await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
             await instances_in_all(dispatcher, 1)
@@ -1061,17 +1041,7 @@ async def test_a_plugin_connected_with_a_token_that_expires_is_closed_then(
     )
     token = key.token(good_claims(exp=int(time.time()) + 2))
     async with gateway(loaded) as (dispatcher, url):
-        dialling = asyncio.ensure_future(
-            dial(
-                PluginHost(SocketPlugin()),
-                url,
-                plugin_id="sock",
-                version="1.0.0",
-                token=token,
-                initial_backoff=0.02,
-                max_backoff=0.2,
-            )
-        )
+        dialling = dial_in(SocketPlugin(), url, token=token)
         try:
             await until(lambda: connected(dispatcher) == 1)
             assert await dispatcher.call("sock", "echo", {"value": "hi"}) == "hi"
