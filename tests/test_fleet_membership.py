@@ -97,6 +97,40 @@ async def test_an_instance_retired_after_the_close_starts_no_task_of_its_own() -
     assert recorded.detached == [member.key]  # detached once, by detach_all
 
 
+class _Late(_Listing):
+    """A source whose first read answers only once ``answer`` is set."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        super().__init__(endpoint)
+        self.answer = asyncio.Event()
+
+    async def run(self, report: Report) -> None:
+        await self.answer.wait()
+        await super().run(report)
+
+
+async def test_a_start_given_up_in_its_wait_for_the_first_read_still_lets_the_fleet_fill() -> None:
+    # The reconciling task makes its first pass once start's wait for the first read is
+    # over. A start cancelled in that wait (a reload's caller giving up after its swap)
+    # left the task waiting for good: the fleet stayed empty whatever its source read.
+    recorded = _Recorded()
+    late = _Late(Endpoint("127.0.0.1", 9))
+    membership = Membership(
+        recorded.fleet, [late], attach=recorded._attach, detach=recorded._detach, drain_timeout=1
+    )
+    starting = asyncio.ensure_future(membership.start(first_read_timeout=5.0))
+    await asyncio.sleep(0.1)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    late.answer.set()
+    try:
+        await until(lambda: recorded.fleet.instances, "the instance its source read")
+    finally:
+        await membership.aclose()
+        await membership.detach_all()
+
+
 async def test_a_close_lets_a_retired_instance_s_detach_under_way_end() -> None:
     # An instance retired while the dispatcher runs is detached by a task of its own once
     # its calls are done. A close that came during that detach cancelled it half-way, and

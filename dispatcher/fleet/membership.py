@@ -148,11 +148,13 @@ class Membership:
         )
         self._tasks.append(reconciling)
         deadline = loop.time() + first_read_timeout
-        while any(not source.reads and not source.error for source in self.sources):
-            if loop.time() >= deadline or self._closed:
-                break
-            await asyncio.sleep(0.01)
-        self._first_read.set()
+        try:
+            while any(not source.reads and not source.error for source in self.sources):
+                if loop.time() >= deadline or self._closed:
+                    break
+                await asyncio.sleep(0.01)
+        finally:  # a start given up in this wait must not leave the task waiting for good
+            self._first_read.set()
         await self._first_pass_of(reconciling)
 
     async def _first_pass_of(self, reconciling: asyncio.Task[None]) -> None:
