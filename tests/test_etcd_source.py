@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from dispatcher import ManifestError, parse_manifest
 from dispatcher.fleet.sources import MAX_ENDPOINTS, new_source
 from dispatcher.fleet.sources.etcd import EtcdSource, parse_registration
 from dispatcher.fleet.sources.first_keys import FirstKeys
@@ -690,6 +691,24 @@ async def test_a_watch_line_over_the_bound_is_refused_however_it_arrives() -> No
             said = await until(lambda: watcher.error, "the error")
             assert "line of etcd's watch is over 4096 bytes" in said, said
             assert all(found == [Endpoint("h", 1)] for found in reports.lists), reports.lists
+
+
+@pytest.mark.parametrize("value", [0, 99, -1, 3_600_001, "10s", 1.5, None, True])
+@pytest.mark.parametrize("section", ["instances", "registry"])
+def test_an_idle_probe_ms_off_its_range_is_refused_at_load(section: str, value: Any) -> None:
+    """How long a silent watch goes before etcd is probed: 100 ms (a probe is a read of
+    etcd's) to an hour, a whole number of ms, in both places that watch etcd."""
+    etcd = {"etcd": "http://127.0.0.1:2379", "prefix": "/linchkit/x", "idle_probe_ms": value}
+    plugin: dict[str, Any] = {"id": "p", "version": "1.0.0", "methods": {"m": {}}}
+    document: dict[str, Any] = {"version": 1, "plugins": [plugin]}
+    if section == "instances":
+        plugin["target"] = {"provider": "http", "instances": [{"registry": etcd}]}
+    else:
+        plugin["target"] = {"provider": "http", "url": "http://127.0.0.1:9"}
+        document["registry"] = etcd
+    with pytest.raises(ManifestError, match="idle_probe_ms") as refused:
+        parse_manifest(document)
+    assert "Traceback" not in str(refused.value)
 
 
 def test_first_keys_keeps_the_bound_and_says_when_a_read_must_refill() -> None:
