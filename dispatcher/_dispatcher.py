@@ -213,7 +213,7 @@ class Dispatcher:
         self._clock = self._guard.clock = self._rollouts.clock = loop.time
         self._current_task = current_task_getter(loop)
         self._closed = loop.create_future()
-        self.fleets = FleetRuntime(self._clock)
+        self.fleets = FleetRuntime(self._clock, detached=self._instance_detached)
         config = self.manifest.state
         self.state_backend = new_backend(config, self._clock, self.manifest.jobs)
         await self.state_backend.start()
@@ -484,6 +484,15 @@ class Dispatcher:
             self._file_manifest = file_manifest
             await steps.finish(manifest, plan, attached, grace, source)
             return plan.summary()
+
+    def _instance_detached(self) -> None:
+        """A discovered instance that left its fleet is detached: the breakers kept by its
+        key go too, unless a target of the manifest or another fleet's member shares it.
+        Else every address DNS or a registry ever listed grew ``stats()`` until a reload.
+        During a reload, its end does it: the routes it builds are not the table's yet."""
+        steps = self._reload_steps
+        if steps is not None and self._state == "running" and not self._reloading.locked():
+            steps.forget_dead_targets(self.manifest)
 
     def _reload_waiting(self) -> asyncio.Task[Any] | None:
         """The task whose reload waits now for the calls in flight at its swap, if any."""

@@ -100,6 +100,8 @@ class ReloadSteps:
         #: has not come yet: this reload's, and those of reloads given up in their wait,
         #: which left their connections open and their policy state for the next to end.
         self._left: list[PluginSpec[Any]] = []
+        #: The target keys a manifest calls (``_live_targets``), for the last one asked.
+        self._live: tuple[Manifest[Any] | None, set[str]] = (None, set())
 
     async def attach(self, plan: ReloadPlan) -> list[Attachment]:
         """Step 1: what the versions added or changed newly need, attached (not yet in
@@ -197,6 +199,19 @@ class ReloadSteps:
             # Stop and no Destroy, and a channel open until the close, for nothing ends
             # it again): the rest runs to its end, then the cancel goes on.
             await _to_its_end(self._end_retired(manifest, used))
+        else:  # nothing retired: instances detached while this reload ran may be dead
+            self.forget_dead_targets(manifest)
+
+    def forget_dead_targets(self, manifest: Manifest[Any]) -> None:
+        """Drop the breakers, budgets and limits of the targets and fleet instances no
+        route of ``manifest`` calls (``PolicyRuntime.forget_targets``): those a reload
+        moved away from, and the instances discovery listed and no longer lists, once
+        detached. Called at a reload's end, and when such an instance is detached outside
+        a reload (within one, the routes being built hold breakers of targets the manifest
+        running now does not name yet: its end does it)."""
+        if self._live[0] is not manifest:  # a fixed instance's key is a target built anew
+            self._live = (manifest, _live_targets(manifest))
+        self._policies.forget_targets(self._live[1] | self._fleets.instance_keys())
 
     async def _end_retired(self, manifest: Manifest[Any], used: set[str]) -> None:
         """What the swap retired, and what reloads given up in their wait left, ended once
@@ -210,7 +225,7 @@ class ReloadSteps:
         # reload removed may be back, with the state its routes were built with now.
         running = {plugin.key for plugin in manifest.plugins}
         await self._policies.forget([plugin for plugin in left if plugin.key not in running])
-        self._policies.forget_targets(_live_targets(manifest) | self._fleets.instance_keys())
+        self.forget_dead_targets(manifest)
 
     async def _close_connections(
         self, manifest: Manifest[Any], left: list[PluginSpec[Any]], used: set[str]

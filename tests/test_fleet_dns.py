@@ -7,6 +7,7 @@ Waits are generous (a busy 2-core machine); what is asserted is who gets calls.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -223,3 +224,78 @@ async def test_a_dns_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
     assert lines[1].startswith(f"reading {name} again after ")
     assert lines[1].endswith("; 1 instance")
     assert {r.levelname for r in about} == {"WARNING"}
+
+
+def _breaker_hosts(dispatcher: Dispatcher) -> set[str]:
+    """The hosts of the instances whose breakers the dispatcher keeps, local and shared."""
+    runtime = dispatcher.policies
+    assert runtime is not None
+    tables = (runtime.breakers.values(), runtime.shared_breakers.values())
+    return {breaker.name.split("//")[1].split(":")[0] for table in tables for breaker in table}
+
+
+@pytest.mark.parametrize("state", ["memory", "redis"])
+async def test_the_breakers_of_instances_dns_stops_naming_go_once_they_are_detached(
+    dnsmasq: StartDnsmasq, servers: dict[str, str], request: pytest.FixtureRequest, state: str
+) -> None:
+    """Each address a record named got a breaker with its first call; once the instance
+    that left is detached, its breaker goes (before: every address DNS ever named stayed
+    in ``stats()`` until a reload). One that comes back starts with a closed breaker."""
+    port = int(servers[HOSTS[0]].rpartition(":")[2])
+    dns = dnsmasq(Zone(hosts={"echo.test": [HOSTS[0]]}, local_ttl=1))
+    source = {"name": "echo.test", "type": "A", "port": port, "server": dns.server}
+    entry = echo_plugin(
+        "echo",
+        {"provider": "http", "instances": [{"dns": {**source, "min_refresh_ms": 200}}]},
+        methods={"say": {"breaker": {"fail_max": 3}}},
+    )
+    document: dict[str, Any] = {"version": 1, "plugins": [entry]}
+    if state == "redis":
+        redis = request.getfixturevalue("redis_server")
+        prefix = request.getfixturevalue("redis_prefix")
+        document["state"] = {"backend": "redis", "url": redis.url, "key_prefix": prefix}
+    async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
+        for host in HOSTS:
+            dns.set_hosts({"echo.test": [host]})
+            await until(lambda host=host: hosts_in(dispatcher) == {host}, f"only {host} listed")
+            await dispatcher.call("echo", "say", {"text": host})
+            await until(lambda host=host: _breaker_hosts(dispatcher) == {host}, f"{host}'s only")
+            shown = dispatcher.stats()["breakers"]
+            assert len(shown) == 1 and host in next(iter(shown)), shown
+            if state == "redis":
+                (shared,) = dispatcher.stats()["shared_breakers"]
+                assert host in shared
+
+
+async def test_an_instance_another_fleet_still_lists_keeps_its_breaker(
+    dnsmasq: StartDnsmasq, servers: dict[str, str]
+) -> None:
+    """Two fleets that find one address share that instance's breaker (one per target
+    instance): the one fleet's source dropping it leaves the breaker to the other."""
+    port = int(servers[HOSTS[0]].rpartition(":")[2])
+    both = [HOSTS[0], HOSTS[1]]
+    dns = dnsmasq(Zone(hosts={"a.test": both, "b.test": both}, local_ttl=1))
+
+    def entry(plugin_id: str, name: str, balance: str) -> dict[str, Any]:
+        source = {"name": name, "type": "A", "port": port, "server": dns.server}
+        target = {"provider": "http", "instances": [{"dns": {**source, "min_refresh_ms": 200}}]}
+        methods = {"say": {"breaker": {"fail_max": 3}}}
+        return echo_plugin(plugin_id, {**target, "balance": balance}, methods=methods)
+
+    fleets = manifest(entry("a", "a.test", "round_robin"), entry("b", "b.test", "least_request"))
+    async with Dispatcher(fleets) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        for plugin_id in ("a", "b"):
+            for _ in both:
+                await dispatcher.call(plugin_id, "say", {"text": "x"})
+        assert _breaker_hosts(dispatcher) == set(both)
+        kept = set(runtime.breakers.values())
+        dns.set_hosts({"a.test": [HOSTS[0]], "b.test": both})
+        fleet_a = dispatcher.fleets.get(dispatcher.manifest.plugins[0].target)
+        assert fleet_a is not None
+        await until(lambda: len(fleet_a.instances) == 1, "a.test naming one address")
+        await asyncio.sleep(0.3)  # its detach ends within a poll of 50 ms
+        assert set(runtime.breakers.values()) == kept
+        dns.set_hosts({"a.test": [HOSTS[0]], "b.test": [HOSTS[0]]})
+        await until(lambda: _breaker_hosts(dispatcher) == {HOSTS[0]}, "b.test naming one")

@@ -37,7 +37,7 @@ from dispatcher.fleet.discovered import DiscoveredAttachments
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.health import HealthChecker
 from dispatcher.fleet.instances import Instance, InstanceState
-from dispatcher.fleet.membership import Membership
+from dispatcher.fleet.membership import Detached, Membership
 from dispatcher.fleet.outlier import OutlierDetector
 from dispatcher.fleet.sources import InstanceSource, new_source
 from dispatcher.fleet.step import FleetStep, never_sent
@@ -77,13 +77,21 @@ class FleetCheckpoint:
 class FleetRuntime:
     """The fleets of one dispatcher and the tasks that watch them."""
 
-    def __init__(self, clock: Callable[[], float], *, drain_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        drain_timeout: float = 30.0,
+        detached: Detached | None = None,
+    ) -> None:
         self.clock = clock
         self.fleets: dict[str, Fleet] = {}
         self.checkers: list[HealthChecker] = []
         self.memberships: dict[str, Membership] = {}
         #: How long an instance that left waits for its calls before it is detached.
         self.drain_timeout = drain_timeout
+        #: Told when a discovered instance that left its fleet is detached.
+        self.detached = detached
         #: Who serves each fleet, and each discovered instance's attachments, by target key.
         self._discovered: dict[str, DiscoveredAttachments] = {}
         #: Health-check tasks by fleet (target key); fleets being watched.
@@ -333,6 +341,7 @@ class FleetRuntime:
             attach=discovered.attach,
             detach=discovered.detach,
             drain_timeout=self.drain_timeout,
+            detached=self.detached,
         )
         return membership
 

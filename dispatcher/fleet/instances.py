@@ -9,6 +9,7 @@ from providers.target import TargetConfig
 
 if TYPE_CHECKING:
     from dispatcher.fleet.breaker import CircuitBreaker
+    from dispatcher.fleet.shared_breaker import SharedBreaker
 
 __all__ = ["FIXED", "Instance", "InstanceState", "label"]
 
@@ -56,6 +57,7 @@ class Instance:
         "leaving",
         "probe_failures",
         "probe_successes",
+        "shared_breaker",
         "source",
         "target",
         "weight",
@@ -72,6 +74,10 @@ class Instance:
         self.source = source
         #: The instance's circuit breaker, made by the first method that configures one.
         self.breaker: CircuitBreaker | None = None
+        #: With ``state: redis``, the breaker every replica shares, wrapping ``breaker``.
+        #: Both are the instance's: one that leaves takes them along, and the policies'
+        #: tables drop theirs once it is detached (``PolicyRuntime.forget_targets``).
+        self.shared_breaker: SharedBreaker | None = None
         #: Its source no longer lists it: it takes no new call, and detaches once idle.
         self.leaving = False
         #: Calls sent and not answered yet: what least_request balances on.

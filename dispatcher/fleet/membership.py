@@ -44,7 +44,7 @@ from linchkit_plugin.errors import DispatchError
 from providers.discovery import Endpoint
 from providers.target import Discovery, TargetConfig
 
-__all__ = ["Attach", "Detach", "Membership", "same_place"]
+__all__ = ["Attach", "Detach", "Detached", "Membership", "same_place"]
 
 log = logging.getLogger("dispatcher.fleet")
 
@@ -53,6 +53,9 @@ Attach = Callable[[TargetConfig], Awaitable[None]]
 #: Detach every plugin on a fleet from some of its instances (in the order they were
 #: attached), at once where they share nothing; a failure is logged, not raised.
 Detach = Callable[[Sequence[TargetConfig]], Awaitable[None]]
+
+#: Told that an instance which left its fleet is detached (its calls are over).
+Detached = Callable[[], None]
 
 #: How often a leaving instance is checked for calls still in flight.
 _IDLE_POLL = 0.05
@@ -76,12 +79,14 @@ class Membership:
         attach: Attach,
         detach: Detach,
         drain_timeout: float,
+        detached: Detached | None = None,
     ) -> None:
         self.fleet = fleet
         self.sources = tuple(sources)
         fleet.sources = self.sources
         self._attach = attach
         self._detach = detach
+        self._detached = detached
         self._drain_timeout = drain_timeout
         #: What each source lists now, as (target, weight), by source.
         self._listed: list[list[tuple[TargetConfig, int]]] = [[] for _ in self.sources]
@@ -365,6 +370,8 @@ class Membership:
                 self._detaching.discard(task)
             self._anew.discard(instance.key)
             self._changed.set()  # a source listing it still: it joins again, attached anew
+        if self._detached is not None:
+            self._detached()
 
     async def _safely(
         self,

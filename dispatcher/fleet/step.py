@@ -70,7 +70,7 @@ def never_sent(error: DispatchError) -> bool:
 class FleetStep:
     """The end of the chain of one method on a fleet target."""
 
-    __slots__ = ("breaker_for", "fleet", "invoke", "shared", "shared_for")
+    __slots__ = ("breaker_for", "fleet", "invoke", "shared_for")
 
     def __init__(
         self,
@@ -83,8 +83,6 @@ class FleetStep:
         self.invoke = invoke
         self.breaker_for = breaker_for
         self.shared_for = shared_for
-        #: Each instance's shared breaker (by ``Instance.key``), made on its first call.
-        self.shared: dict[str, SharedBreaker] = {}
         for instance in fleet.instances:  # so reports show them before the first call
             self._breaker(instance)
             self._shared(instance)
@@ -92,9 +90,9 @@ class FleetStep:
     def _shared(self, instance: Instance) -> SharedBreaker | None:
         if self.shared_for is None:
             return None
-        shared = self.shared.get(instance.key)
+        shared = instance.shared_breaker
         if shared is None:
-            shared = self.shared[instance.key] = self.shared_for(instance)
+            shared = instance.shared_breaker = self.shared_for(instance)
         return shared
 
     def _breaker(self, instance: Instance) -> CircuitBreaker | None:
