@@ -243,6 +243,7 @@ class Dispatcher:
         if telemetry is not None:
             telemetry.start()
             self._circuit_listeners.append(telemetry.breaker_changed)
+            self.policies.breakers_forgotten.append(telemetry.breaker_forgotten)
         self.policies.breaker_listeners.extend(self._circuit_listeners)
         try:
             if self._guard.audit is not None:

@@ -8,6 +8,7 @@ Waits are generous (a busy 2-core machine); what is asserted is who gets calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ import pytest
 
 from dispatcher import Dispatcher
 from dispatcher.config import parse_manifest
+from linchkit_plugin.errors import DispatchError
 from tests.conftest import ROOT, echo_plugin, manifest
 from tests.dns_server import (
     Dnsmasq,
@@ -25,7 +27,8 @@ from tests.dns_server import (
     dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
     needs_dnsmasq,
 )
-from tests.services import free_port, until, wait_for
+from tests.services import free_port, port_free_on, until, wait_for
+from tests.test_fleet import Instance
 from tests.test_plugin_registry import PLUGIN, health
 
 pytestmark = needs_dnsmasq
@@ -299,3 +302,54 @@ async def test_an_instance_another_fleet_still_lists_keeps_its_breaker(
         assert set(runtime.breakers.values()) == kept
         dns.set_hosts({"a.test": [HOSTS[0]], "b.test": [HOSTS[0]]})
         await until(lambda: _breaker_hosts(dispatcher) == {HOSTS[0]}, "b.test naming one")
+
+
+async def test_the_breaker_series_of_an_instance_dns_stops_naming_leave_metrics(
+    dnsmasq: StartDnsmasq,
+) -> None:
+    """An instance whose circuit opened has its transitions counted in /metrics; once
+    it is no longer listed and detached, its series go (before: every address that ever
+    opened a circuit stayed, a series per move, for the process's life)."""
+    good, failing = Instance(HOSTS[0]), Instance(HOSTS[1], status=503)
+    port = port_free_on(good.host, failing.host)
+    servers = [await asyncio.start_server(each.handle, each.host, port) for each in (good, failing)]
+    try:
+        dns = dnsmasq(Zone(hosts={"f.test": [good.host, failing.host]}, local_ttl=1))
+        source = {"name": "f.test", "type": "A", "port": port, "server": dns.server}
+        target = {"provider": "http", "instances": [{"dns": {**source, "min_refresh_ms": 200}}]}
+        entry = {
+            "id": "f",
+            "version": "1.0.0",
+            "target": {**target, "balance": "round_robin"},
+            "methods": {"ping": {"breaker": {"fail_max": 2}}},
+        }
+        document = {"version": 1, "plugins": [entry], "telemetry": {"metrics": {"enabled": True}}}
+        async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
+            assert dispatcher.telemetry is not None and dispatcher.telemetry.metrics is not None
+            registry = dispatcher.telemetry.metrics.registry
+
+            def moves(host: str) -> dict[tuple[str, str], float]:
+                return {
+                    (sample.labels["from_state"], sample.labels["to_state"]): sample.value
+                    for family in registry.collect()
+                    if family.name == "dispatcher_breaker_transitions"
+                    for sample in family.samples
+                    if sample.name.endswith("_total") and host in sample.labels["target"]
+                }
+
+            for _ in range(6):
+                with contextlib.suppress(DispatchError):
+                    await dispatcher.call("f", "ping", {})
+            assert moves(failing.host) == {("closed", "open"): 1.0}
+            dns.set_hosts({"f.test": [good.host]})
+            await until(lambda: not moves(failing.host), "the failing instance's series gone")
+            assert (await dispatcher.call("f", "ping", {})) == good.host
+    finally:
+        for server in servers:
+            server.close()
+        for each in (good, failing):
+            for task in list(each.connections):
+                task.cancel()
+            await asyncio.gather(*each.connections, return_exceptions=True)
+        for server in servers:
+            await server.wait_closed()

@@ -107,6 +107,9 @@ class PolicyRuntime:
         self.hedges: dict[str, HedgeStep] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
+        #: Told the name of each breaker ``forget_targets`` drops whose name no breaker
+        #: kept shares (what telemetry counted by that name may go).
+        self.breakers_forgotten: list[Callable[[str], None]] = []
         # Kept for stats() only: limits and bulkheads of a method's own scope are not shared.
         self.method_limits: dict[tuple[str, str], tuple[Limit | SharedLimit, ...]] = {}
         self.method_bulkheads: dict[tuple[str, str], Bulkhead] = {}
@@ -258,12 +261,18 @@ class PolicyRuntime:
         reached them, and every reload that moved a plugin to another URL grew them and
         ``stats()`` for good. A chain still running holds what it uses; a target that
         comes back starts with a closed breaker and full budgets, as a new one."""
+        dropped = {breaker.name for key, breaker in self.breakers.items() if key not in live}
         for table in (self.breakers, self.shared_breakers, self.budgets, self.bulkheads):
             for key in [key for key in table if key not in live]:
                 del table[key]
         for limits in (self.limiters, self.target_limits):
             for key, spec in [each for each in limits if each[0] not in live]:
                 del limits[key, spec]
+        if dropped and self.breakers_forgotten:
+            dropped -= {breaker.name for breaker in self.breakers.values()}
+            for name in dropped:
+                for listener in self.breakers_forgotten:
+                    listener(name)
 
     def _hedge(self, name: str, key: str, fleet: Fleet, policies: Policies, step: Step) -> Step:
         """Hedging, inside the retry step and around the fleet's: hedges spend the target's

@@ -183,6 +183,10 @@ class TelemetryRuntime:
         if self.metrics is not None:
             self.metrics.breaker_changed(breaker, old, new)
 
+    def breaker_forgotten(self, name: str) -> None:
+        if self.metrics is not None:
+            self.metrics.breaker_forgotten(name)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -94,6 +94,8 @@ class DispatcherMetrics:
             ["target", "from_state", "to_state"],
             registry=self.registry,
         )
+        #: The (from, to) states each breaker's series were made for, by breaker name.
+        self._breaker_moves: dict[str, set[tuple[str, str]]] = {}
         self.batch_size = Histogram(
             "dispatcher_batch_size",
             "Invocations per batch sent to a target.",
@@ -134,7 +136,16 @@ class DispatcherMetrics:
 
     def breaker_changed(self, breaker: Any, old: object, new: object) -> None:
         """A ``Dispatcher.on_circuit_change`` listener."""
-        self.breaker_transitions.labels(breaker.name, str(old), str(new)).inc()
+        move = (str(old), str(new))
+        self._breaker_moves.setdefault(breaker.name, set()).add(move)
+        self.breaker_transitions.labels(breaker.name, *move).inc()
+
+    def breaker_forgotten(self, name: str) -> None:
+        """The breaker ``name`` is gone (a fleet instance that left, a target a reload
+        moved away from): its transitions' series go too. Kept, every address a
+        registry or DNS ever listed and whose circuit once opened stayed in /metrics."""
+        for move in self._breaker_moves.pop(name, ()):
+            self.breaker_transitions.remove(name, *move)
 
 
 class _CallCollector(Collector):
