@@ -127,8 +127,12 @@ def _first_position(context: click.Context, arguments: Sequence[str]) -> int:
 class _RefusingWithoutText(click.Command):
     """Refuses an argument it does not expect without quoting it: click's ``Got unexpected
     extra argument (…)`` and ``No such command '…'`` repeated it, and a token pasted in
-    the wrong place went to stderr and the logs with them. An unknown option is named
-    without its value by click itself (``No such option: --name``)."""
+    the wrong place went to stderr and the logs with them. An unknown option given with
+    two dashes is named without its value by click itself (``No such option '--name'``);
+    one given with a single dash by its place (``No such option (argument #4, its text is
+    not shown)``), as every SDK's executable names it: what follows one dash may be
+    anything pasted after it, and click named the first letter it did not take (``-abc123``
+    was ``No such option '-a'``, the option nobody typed)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if ctx.parent is None:  # the whole command line, for the positions of the others
@@ -138,11 +142,31 @@ class _RefusingWithoutText(click.Command):
         ctx.allow_extra_args = True  # what is left is refused here, not by click
         try:
             rest = super().parse_args(ctx, args)
+        except click.NoSuchOption as unknown:
+            if unknown.option_name.startswith("--"):
+                raise
+            position = _first_position(ctx, given) + self._refused_at(ctx, given)
+            ctx.fail(f"No such option (argument #{position}, its text is not shown).")
         finally:
             ctx.allow_extra_args = allowed
         if rest and not allowed and not ctx.resilient_parsing:
             ctx.fail(f"Got {refused_arguments(given, rest, _first_position(ctx, given))}.")
         return rest
+
+    def _refused_at(self, ctx: click.Context, given: Sequence[str]) -> int:
+        """Where in ``given`` click's parser meets the unknown option it refused: the
+        shortest head of ``given`` it refuses the same way ends with it. The parser reads
+        from the left, so a head reads as the whole line did up to its end; an option's
+        value is never taken for one (a head ending at the option lacks the value, a
+        different refusal). Only the parser runs, none of the options' callbacks."""
+        for end in range(1, len(given) + 1):
+            try:
+                self.make_parser(ctx).parse_args(args=list(given[:end]))
+            except click.NoSuchOption:
+                return end - 1
+            except click.UsageError:
+                continue
+        return len(given) - 1  # not reached: the whole line is refused so
 
 
 class _Command(_RefusingWithoutText):

@@ -10,8 +10,10 @@ there to the logs. So an unknown option is named without its value (``unknown op
 defined: -name``), and an unexpected positional argument by its place, counted as the
 shell counts ``$1``, ``$2``… (``unexpected argument #4 (its text is not shown)``), never
 by its text. An unknown option given with a single dash is named by its place too
-(``unknown option (argument #2, its text is not shown)``): what follows the dash may be
-anything pasted after it, and before, every SDK showed it whole. The exit status stays what it was: 1, argparse's and click's usage error 2.
+(``unknown option (argument #2, its text is not shown)``; click's ``No such option
+(argument #2, …)``): what follows the dash may be anything pasted after it, and before,
+every SDK showed it whole, and click named its first letter it did not take. The exit
+status stays what it was: 1, argparse's and click's usage error 2.
 
 Before, the Java, Rust and TypeScript SDKs quoted the whole argument (``unknown argument
 '--url=ws://me:TOKEN@…'``), argparse (the Python SDK, ``dispatcher-plugin``) listed it
@@ -257,8 +259,28 @@ DISPATCHER_CLI = [sys.executable, "-m", "dispatcher.cli", "-m", str(ROOT / "plug
         pytest.param(["list", "-o", "json", SECRET, "x"], "#6", id="two stray arguments"),
         pytest.param([SECRET], "No such command (argument #3", id="unknown command"),
         pytest.param(["validate", f"--no-such-flag={SECRET}"], "--no-such-flag", id="option"),
-        # click names the first letter it does not take as a short option, no more.
-        pytest.param(["validate", f"-{SECRET}"], "No such option", id="single dash"),
+        # By its place, as the SDKs name it: click named the first letter it did not take
+        # as a short option ("No such option '-s'"), an option nobody typed.
+        pytest.param(
+            ["validate", f"-{SECRET}"],
+            "No such option (argument #4, its text is not shown)",
+            id="single dash",
+        ),
+        pytest.param(
+            ["validate", f"-v{SECRET}"],
+            "No such option (argument #4, its text is not shown)",
+            id="single dash after a short option it takes",
+        ),
+        pytest.param(
+            [f"-{SECRET}", "validate"],
+            "No such option (argument #3, its text is not shown)",
+            id="single dash before the command",
+        ),
+        pytest.param(
+            ["call", "echo.echo", "-p", "{}", f"-x{SECRET}"],
+            "No such option (argument #7, its text is not shown)",
+            id="single dash after an option's value",
+        ),
         pytest.param(["call", "echo.echo", f"--tokn={SECRET}"], "--tokn", id="mistyped option"),
     ],
 )
