@@ -505,6 +505,26 @@ def test_serve_refuses_where_it_cannot_listen_as_asked(where: list[str], said: s
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
+def test_serve_refuses_a_log_level_it_does_not_know(websocket: bool) -> None:
+    """A usage error naming the levels it takes, before the plugin is imported. Before:
+    uvicorn's ``KeyError`` and its traceback, once the plugin had started (HTTP), or the
+    level dropped and the plugin served (--websocket)."""
+    flags = ["--websocket"] if websocket else []
+    done = subprocess.run(
+        serve_command(*flags, "--port", "0", "--log-level", "verbose"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "dispatcher-plugin serve: error: argument --log-level: invalid choice: 'verbose'"
+        " (choose from 'critical', 'error', 'warning', 'info', 'debug', 'trace')"
+    )
+    assert done.stdout == ""
+
+
 @pytest.mark.parametrize(
     ("given", "environment", "said"),
     [

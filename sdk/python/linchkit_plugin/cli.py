@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -41,6 +42,17 @@ from linchkit_plugin.tracing import exporting
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
+
+#: The levels ``--log-level`` takes, uvicorn's (``trace``: below debug, uvicorn's own). Any
+#: other was uvicorn's ``KeyError`` and its traceback, once the plugin had been imported.
+_LOG_LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": 5,
+}
 
 # (option, ServerLimits field, type, what it guards): each also reads LINCHKIT_PLUGIN_<FIELD>.
 _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
@@ -135,7 +147,11 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON object for init()",
     )
     serve.add_argument(
-        "--log-level", default="warning", help="uvicorn's log level (default: %(default)s)"
+        "--log-level",
+        type=str.lower,
+        choices=_LOG_LEVELS,
+        default="warning",
+        help="uvicorn's log level (default: %(default)s)",
     )
     serve.add_argument(
         "--token-file",
