@@ -624,6 +624,46 @@ async def test_serve_websocket_applies_max_connections_and_header_timeout() -> N
         await process.wait()
 
 
+async def _websocket_server_log(*flags: str) -> str:
+    """What ``serve --websocket`` writes on stderr while a host sends it a frame it
+    logs at INFO (an ``error`` frame: the host could not use one of its frames), then a
+    health check, whose answer says the frame before it was read, and goes away."""
+    process = await asyncio.create_subprocess_exec(
+        *serve_command("--websocket", "--port", "0", *flags),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            line = (await process.stderr.readline()).decode()
+            found = re.search(r"listening on (ws://\S+)", line)
+            assert found, line
+            async with aiohttp.ClientSession() as client, client.ws_connect(found[1]) as host:
+                assert orjson.loads((await host.receive()).data)["type"] == "hello"
+                await host.send_str('{"type": "error", "error": "frame 7 went astray"}')
+                await host.send_str('{"type": "health", "id": 1}')
+                assert orjson.loads((await host.receive()).data)["type"] == "health"
+    finally:
+        process.terminate()
+        _, rest = await process.communicate()
+    return line + rest.decode()
+
+
+@pytest.mark.parametrize("level", ["info", "DEBUG"])
+async def test_serve_websocket_logs_at_the_level_given(level: str) -> None:
+    """``--log-level`` is the WebSocket server's, as it is uvicorn's over HTTP. Before, it
+    was dropped: whatever the operator asked, the server's INFO lines never showed."""
+    said = await _websocket_server_log("--log-level", level)
+    assert "INFO linchkit_plugin.websocket: the host could not use a frame: frame 7" in said
+
+
+async def test_serve_websocket_logs_warnings_only_by_default() -> None:
+    said = await _websocket_server_log()
+    assert "listening on ws://" in said
+    assert "the host could not use a frame" not in said, said
+
+
 @pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
 def test_serve_on_a_port_in_use_says_so_in_one_line(websocket: bool) -> None:
     """As every SDK's serve: one line, exit 1 (it was uvicorn's log line and exit 3)."""

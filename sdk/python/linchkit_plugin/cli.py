@@ -151,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
         type=str.lower,
         choices=_LOG_LEVELS,
         default="warning",
-        help="uvicorn's log level (default: %(default)s)",
+        help="how much the server logs: uvicorn's log level, with --websocket the"
+        " WebSocket server's (default: %(default)s)",
     )
     serve.add_argument(
         "--token-file",
@@ -310,10 +311,19 @@ def connect(options: argparse.Namespace) -> int:
         return int(ws_cli.connect(options, plugin_host, config, token))
 
 
+#: What ``serve --websocket``'s ``--log-level`` sets, as over HTTP it sets uvicorn's loggers:
+#: the WebSocket server's (the host's frames it could not use, what the host says) and
+#: aiohttp's, which serves it.
+_WEBSOCKET_SERVER_LOGGERS = ("linchkit_plugin.websocket", "aiohttp")
+
+
 def _serve_websocket(options: argparse.Namespace) -> None:
     plugin_host, config, token = _plugin_of(options)
     identity = (options.plugin_id, options.plugin_version)
     ws_cli = _websocket_cli()
+    log_to_stderr()  # after the plugin's import: a plugin that set up its logging keeps it
+    for name in _WEBSOCKET_SERVER_LOGGERS:
+        logging.getLogger(name).setLevel(_LOG_LEVELS[options.log_level])
     # Named as its hello names it (the class's id, else its name) when given no id.
     with exporting(
         lambda: plugin_host.hooks_left,
