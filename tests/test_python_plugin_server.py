@@ -624,6 +624,26 @@ async def test_serve_websocket_applies_max_connections_and_header_timeout() -> N
         await process.wait()
 
 
+async def test_serve_websocket_leaves_the_http_variable_to_the_http_server() -> None:
+    """``--http`` given with ``--websocket`` is refused (it would do nothing:
+    tests/conformance/test_command_line_refusals_show_no_value.py), but not
+    ``LINCHKIT_PLUGIN_HTTP``: an image may set it for both modes, and it serves."""
+    process = await asyncio.create_subprocess_exec(
+        *serve_command("--port", "0"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LINCHKIT_PLUGIN_HTTP": "h11", "LINCHKIT_PLUGIN_WEBSOCKET": "1"},
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):  # its first line: serving, or why not
+            line = (await process.stderr.readline()).decode()
+    finally:
+        process.terminate()
+        await process.wait()
+    assert "over WebSocket, listening on ws://" in line, line
+
+
 async def _websocket_server_log(*flags: str) -> str:
     """What ``serve --websocket`` writes on stderr while a host sends it a frame it
     logs at INFO (an ``error`` frame: the host could not use one of its frames), then a

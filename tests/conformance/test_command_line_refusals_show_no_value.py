@@ -249,6 +249,27 @@ def test_dispatcher_plugin_serve_websocket_refuses_a_registry_flag(arguments: li
     assert "listening" not in done.stderr, "it must not serve"
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        pytest.param(["--http", "h11"], id="http"),
+        pytest.param(["--http=auto"], id="http with its value"),
+        pytest.param(["--ht", "httptools"], id="http abbreviated"),
+    ],
+)
+def test_dispatcher_plugin_serve_websocket_refuses_the_http_implementation(
+    arguments: list[str],
+) -> None:
+    """``--http`` picks uvicorn's HTTP implementation; the WebSocket server is aiohttp's:
+    refused as a usage error, as ``connect`` refuses a flag of ``serve``. Before, it was
+    dropped and the plugin served. (``LINCHKIT_PLUGIN_HTTP`` is not refused:
+    tests/test_python_plugin_server.py.)"""
+    done = refused([*PLUGIN_CLI, "serve", *ENTRY, "--websocket", "--port", "0", *arguments])
+    assert_refused_naming(done, 2, "serve: error: argument --http: not used over WebSocket")
+    assert "usage: dispatcher-plugin serve" in done.stderr
+    assert "listening" not in done.stderr, "it must not serve"
+
+
 DISPATCHER_CLI = [sys.executable, "-m", "dispatcher.cli", "-m", str(ROOT / "plugins.yaml")]
 
 

@@ -94,7 +94,25 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Given(argparse.Action):
+    """``store``, noting that the command line gave the option (``options.given``, the
+    options' ``dest``): a default read from a ``LINCHKIT_PLUGIN_*`` variable is not given,
+    and the same value from both is."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``dispatcher-plugin``'s parser and its ``serve`` command's, which refuses a flag its
+    mode would not use (``_unused_flag``)."""
     # Its refusals never quote a value (argument_parser): a token may sit in a mistyped option.
     parser = RedactingArgumentParser(
         prog="dispatcher-plugin", description="Tools for plugin authors."
@@ -162,9 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http",
+        action=_Given,
         choices=["auto", "h11", "httptools"],
         default=env(_ENV + "HTTP", "auto"),
-        help="HTTP implementation; auto is httptools when installed",
+        help="HTTP implementation; auto is httptools when installed (not with --websocket)",
     )
     tls = serve.add_argument_group("TLS (HTTPS, and client certificates: mTLS)")
     tls.add_argument(
@@ -255,14 +274,18 @@ def _parser() -> argparse.ArgumentParser:
             default=kind(env(variable, getattr(_DEFAULTS, field))),
             help=f"{what} [{variable}] (default: %(default)s)",
         )
-    return parser
+    serve.set_defaults(given=frozenset())
+    return parser, serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        options = _parser().parse_args(argv)
+        parser, serve_parser = _parsers()
+        options = parser.parse_args(argv)
     except ValueError as error:  # a LINCHKIT_PLUGIN_* variable that is not a number
         _fail(f"a LINCHKIT_PLUGIN_* setting is not a number: {error}")
+    if options.command == "serve" and (unused := _unused_flag(options)) is not None:
+        serve_parser.error(unused)  # a usage error, as a flag of another command is
     try:  # read once, at start: a malformed value ends the command before anything runs
         options.stop_caps = StopCaps.from_environment()
     except ValueError as error:
@@ -440,6 +463,21 @@ def serve(options: argparse.Namespace) -> None:
         version=app.version,
     ):
         run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+
+
+def _unused_flag(options: argparse.Namespace) -> str | None:
+    """Why ``serve`` must not start with a flag on its command line that the mode it
+    serves in would not use, rather than drop it unsaid: ``--http`` (uvicorn's HTTP
+    implementation) with ``--websocket``, whose server is aiohttp's. Its variable,
+    ``LINCHKIT_PLUGIN_HTTP``, is not refused: an image may set it for every mode, and it
+    is not read where it does not apply."""
+    if options.websocket and "http" in options.given:
+        return (
+            "argument --http: not used over WebSocket (--websocket): it picks uvicorn's"
+            " HTTP implementation, and the WebSocket server is aiohttp's; leave it out, or"
+            " serve over HTTP"
+        )
+    return None
 
 
 #: ``serve`` settings only its HTTP server takes: (option, variable, attribute).
