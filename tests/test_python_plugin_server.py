@@ -505,6 +505,41 @@ def test_serve_refuses_where_it_cannot_listen_as_asked(where: list[str], said: s
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("flags", "environment", "identity"),
+    [
+        (["--id", "echo", "--version", "2.0.0"], {}, ("echo", "2.0.0")),
+        ([], {"LINCHKIT_PLUGIN_ID": "echo", "LINCHKIT_PLUGIN_VERSION": "1.5.0"}, ("echo", "1.5.0")),
+        (["--version", "2.0.0"], {"LINCHKIT_PLUGIN_VERSION": "1.5.0"}, ("", "2.0.0")),
+    ],
+    ids=["flags", "variables", "a flag over its variable"],
+)
+async def test_serve_over_http_says_the_identity_it_is_given(
+    flags: list[str], environment: dict[str, str], identity: tuple[str, str]
+) -> None:
+    """``--id`` and ``--version`` are the HTTP server's too (``/describe``, the calls'
+    spans), as ``LINCHKIT_PLUGIN_ID`` and ``_VERSION`` are, which the docker provider
+    sets. Before, the flags were taken and dropped: only the variables counted."""
+    process = await asyncio.create_subprocess_exec(
+        *serve_command("--port", "0", *flags),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **environment},
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            line = (await process.stderr.readline()).decode()
+            found = re.search(r"listening on (http://[0-9.:]+)", line)
+            assert found, line
+            async with httpx.AsyncClient() as client:
+                described = (await client.get(f"{found[1]}/describe")).json()
+    finally:
+        process.terminate()
+        await process.wait()
+    assert (described["id"], described["version"]) == identity
+
+
 @pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
 def test_serve_refuses_a_log_level_it_does_not_know(websocket: bool) -> None:
     """A usage error naming the levels it takes, before the plugin is imported. Before:

@@ -216,13 +216,15 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--id",
         dest="plugin_id",
         default=env(_ENV + "ID", ""),
-        help="--websocket: the plugin id its hello says (the manifest's id) [LINCHKIT_PLUGIN_ID]",
+        help="the plugin's id (the manifest's), which /describe and the calls' spans say"
+        " (--websocket: its hello) [LINCHKIT_PLUGIN_ID, which the docker provider sets]",
     )
     serve.add_argument(
         "--version",
         dest="plugin_version",
         default=env(_ENV + "VERSION", ""),
-        help="--websocket: the plugin version its hello says [LINCHKIT_PLUGIN_VERSION]",
+        help="the plugin's version, which /describe says (--websocket: its hello)"
+        " [LINCHKIT_PLUGIN_VERSION]",
     )
     add_registry_options(serve, kind="url")
     connect = commands.add_parser(
@@ -398,8 +400,8 @@ def serve(options: argparse.Namespace) -> None:
         config=config,
         token=token,
         limits=limits,
-        plugin_id=_identity("ID"),
-        version=_identity("VERSION"),
+        plugin_id=options.plugin_id,
+        version=options.plugin_version,
         stop_caps=options.stop_caps,
     )
     try:
@@ -611,11 +613,6 @@ def _registry_settings(options: argparse.Namespace) -> RegistrySettings | None:
         return registry_settings(options, kind="url", host=None if options.uds else options.host)
     except ValueError as error:
         _fail(str(error))
-
-
-def _identity(name: str) -> str:
-    """``LINCHKIT_PLUGIN_ID`` or ``_VERSION``: the docker provider says who the plugin is."""
-    return os.environ.get(_ENV + name, "")
 
 
 def _fail(message: str) -> NoReturn:
