@@ -183,6 +183,37 @@ def test_a_flag_of_another_mode_is_refused_not_dropped(
     assert done.stdout == "", "no handshake line: it must not serve"
 
 
+#: Flags of ``dispatcher-plugin serve`` that no example plugin takes, in either of its
+#: ``serve`` modes: uvicorn's ``--http``, the servers' ``--log-level``, and the identity
+#: (an example plugin's is its code's). Each refuses them as any unknown option, by name.
+DISPATCHER_PLUGIN_FLAGS = {
+    "http implementation": (["--http", "h11"], "-http"),
+    "log level": (["--log-level", "info"], "-log-level"),
+    "plugin id": (["--id", "other"], "-id"),
+    "plugin version": (["--version", "2.0.0"], "-version"),
+}
+
+
+@pytest.mark.parametrize(
+    ("language", "arguments", "named"),
+    [
+        pytest.param(language, [*mode, *flags], named, id=f"{language}-{name}-{label}")
+        for name, mode, languages in (
+            ("serve", ["serve"], LANGUAGES),
+            ("websocket", ["serve", "--websocket"], SERVING_WEBSOCKET),
+        )
+        for language in languages
+        for label, (flags, named) in DISPATCHER_PLUGIN_FLAGS.items()
+    ],
+)
+def test_an_example_plugin_refuses_the_flags_only_dispatcher_plugin_takes(
+    language: str, arguments: list[str], named: str
+) -> None:
+    done = refused([str(executable(language)), *arguments])
+    assert_refused_naming(done, STATUS.get(language, 1), named)
+    assert done.stdout == "", "no handshake line: it must not serve"
+
+
 @pytest.mark.parametrize(
     "etcd",
     [
