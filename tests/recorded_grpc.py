@@ -24,12 +24,14 @@ __all__ = ["Instance", "Recording", "Serve", "connections_to", "served_fixture"]
 
 class Recording(Plugin):
     """Records its lifecycle and each ``Init``'s config; answers with the host it serves
-    on; ``shout`` emits an event."""
+    on; ``shout`` emits an event. ``timeline`` holds the lifecycle steps and the ``linger``
+    calls in the order the plugin saw them begin and end: what runs under what."""
 
     def __init__(self, host: str) -> None:
         self.host = host
         self.steps: list[str] = []
         self.configs: list[dict[str, Any]] = []
+        self.timeline: list[str] = []
         #: Seconds each ``Init`` takes from now on: one still under way when the test acts.
         self.init_takes = 0.0
         #: The same for each ``Stop`` (recorded when it begins).
@@ -38,17 +40,21 @@ class Recording(Plugin):
     async def init(self, config: dict[str, Any]) -> None:
         self.steps.append("init")
         self.configs.append(config)
+        self.timeline.append(f"init {config}")
         await asyncio.sleep(self.init_takes)
 
     async def start(self) -> None:
         self.steps.append("start")
+        self.timeline.append("start")
 
     async def stop(self) -> None:
         self.steps.append("stop")
+        self.timeline.append("stop")
         await asyncio.sleep(self.stop_takes)
 
     async def destroy(self) -> None:
         self.steps.append("destroy")
+        self.timeline.append("destroy")
 
     async def whoami(self) -> str:
         return self.host
@@ -58,7 +64,9 @@ class Recording(Plugin):
 
     async def linger(self, seconds: float) -> str:
         """Answer after ``seconds``: a call still in flight when a reload or a close comes."""
+        self.timeline.append(f"linger {seconds} begins")
         await asyncio.sleep(seconds)
+        self.timeline.append(f"linger {seconds} ends")
         return self.host
 
 

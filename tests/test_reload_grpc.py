@@ -105,6 +105,56 @@ async def test_removing_one_of_two_plugins_served_at_one_address_leaves_the_othe
     assert service.plugin.steps.count("stop") == 1
 
 
+async def test_the_config_handed_back_comes_after_the_removed_one_s_calls_under_the_kept_one_s(
+    served: Serve,
+) -> None:
+    """What a plugin sees when a reload removes the entry that had its last ``Init`` and
+    keeps another at its address, each with a call in flight: the kept entry's ``Init``
+    and ``Start`` come once the removed entry's call has ended (the reload waits for it),
+    and while the kept entry's call still runs (nothing waits for it: calls to it keep
+    coming anyway). That call ends well. docs/protocol.md, "Init while calls run"."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    one = {**entry("1.0.0", service.address, plugin_id="one"), "config": {"who": "one"}}
+    two = {**entry("1.0.0", service.address, plugin_id="two"), "config": {"who": "two"}}
+    recording = service.plugin
+    async with Dispatcher(manifest(one, two)) as dispatcher:
+        kept = asyncio.create_task(dispatcher.call("one", "linger", {"seconds": 1.5}))
+        await until(lambda: "linger 1.5 begins" in recording.timeline, "the kept entry's call")
+        removed = asyncio.create_task(dispatcher.call("two", "linger", {"seconds": 0.5}))
+        await until(lambda: "linger 0.5 begins" in recording.timeline, "the removed one's call")
+        await dispatcher.reload(manifest(one), grace=10)
+        assert await removed == await kept == "127.0.0.1"
+    assert recording.timeline == [
+        "init {'who': 'one'}",
+        "start",
+        "init {'who': 'two'}",
+        "start",
+        "linger 1.5 begins",
+        "linger 0.5 begins",
+        "linger 0.5 ends",
+        "init {'who': 'one'}",
+        "start",
+        "linger 1.5 ends",
+        "stop",
+        "destroy",
+    ]
+
+
+async def test_an_entry_leaving_a_service_run_with_an_equal_config_sends_it_nothing(
+    served: Serve,
+) -> None:
+    """The kept entry's config is the one the service runs already: no ``Init`` again."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    one = entry("1.0.0", service.address, plugin_id="one")
+    two = entry("1.0.0", service.address, plugin_id="two")
+    async with Dispatcher(manifest(one, two)) as dispatcher:
+        kept = asyncio.create_task(dispatcher.call("one", "linger", {"seconds": 1.0}))
+        await until(lambda: "linger 1.0 begins" in service.plugin.timeline, "the call")
+        await dispatcher.reload(manifest(one), grace=10)
+        assert await kept == "127.0.0.1"
+        assert service.plugin.steps == ["init", "start"] * 2
+
+
 @pytest.mark.parametrize("failing_step", ["init", "start"])
 async def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(
     served: Serve, failing_step: str

@@ -14,7 +14,11 @@ attaches version 2 before it detaches version 1, so the two overlap. Hence:
 - the service runs with the config of the last ``Init`` it had (``initialised``); when
   that entry leaves and another with ``lifecycle: dispatcher`` stays, the newest such
   entry's ``Init`` and ``Start`` are sent again with its config, so the service never
-  runs with the config of a version that is gone;
+  runs with the config of a version that is gone (not when the configs are equal). A
+  reload detaches the leaving entry once its calls in flight have ended, not those of the
+  entries staying, which keep coming: the service gets that ``Init`` while their calls
+  run, as it gets a new version's while the old one's run (docs/protocol.md, "``Init``
+  while calls run");
 - a new entry whose ``Init`` reached the service and whose start then failed sends no
   ``Destroy`` there; the service gets the running entry's ``Init`` and ``Start`` back;
 - what the service emits goes to the newest entry attached over the connection, so an
