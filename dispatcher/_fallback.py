@@ -135,7 +135,8 @@ class Fallback:
 
 class Fallbacks:
     """The fallbacks of every route, by ``plugin@version.method``; a reload re-points them
-    at its new routing table and forgets those of removed versions."""
+    at its new routing table and forgets those of removed versions (and those a changed
+    version's methods no longer have: its routes are rebuilt, with their fallbacks)."""
 
     def __init__(self) -> None:
         self._by_name: dict[str, Fallback] = {}

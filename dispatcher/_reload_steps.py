@@ -14,9 +14,10 @@ to happen to the parts around that install is here, in the order the dispatcher 
    failure here, or the reload's caller giving up, undoes the whole step
    (``FleetRuntime.roll_back``, then the new targets are detached);
 2. ``new_routes``: build the new table. Kept versions keep their route objects, and so
-   their policy state; the others get new ones. Fallbacks of removed versions are
-   forgotten and the manifest's rollouts are set up on the new table. No await: the
-   dispatcher installs the table right after, so no call sees half of it;
+   their policy state; the others get new ones. Fallbacks of removed versions, and
+   those changed versions no longer have, are forgotten and the manifest's rollouts
+   are set up on the new table. No await: the dispatcher installs the table right
+   after, so no call sees half of it;
 3. ``serve``: fallbacks point at the installed table; fleets stop serving the targets of
    removed and changed versions and serve those of added and changed ones;
 4. ``finish``: take the new attachments into the ledger, retire what the manifest no
@@ -33,7 +34,7 @@ to happen to the parts around that install is here, in the order the dispatcher 
    or is gone) or whose version now has other inbound targets (it dials again, and joins
    all their fleets), and detach the rest: retired attachments, discovered instances
    from the versions no longer calling them, fleets, the policy state of removed
-   versions. What an earlier reload retired and left when its caller gave up after its
+   versions and of the methods changed ones dropped. What an earlier reload retired and left when its caller gave up after its
    swap (attachments, connections, policy state) is ended with this reload's, unless
    this one runs it again. A caller giving up once the wait is over waits for these to
    end.
@@ -139,6 +140,9 @@ class ReloadSteps:
     ) -> RouteTable:
         """Step 2: the routing table of ``manifest``, for the dispatcher to install at once."""
         kept = {plugin.key for plugin in plan.kept}
+        # A changed version's methods get their fallbacks again as they are rebuilt: one
+        # it dropped, or whose fallback it dropped, must not stay listed by ``stats()``.
+        self._fallbacks.forget(old for old, _ in plan.changed)
         routes = RouteTable()
         for plugin in manifest.plugins:
             if plugin.key in kept:
@@ -221,10 +225,7 @@ class ReloadSteps:
         await self._attachments.detach_retired()
         await self._fleets.release()  # discovered instances, from versions gone
         await self._fleets.forget(used)
-        # Not those ``manifest`` runs: changed ones were rebuilt, and a version a given-up
-        # reload removed may be back, with the state its routes were built with now.
-        running = {plugin.key for plugin in manifest.plugins}
-        await self._policies.forget([plugin for plugin in left if plugin.key not in running])
+        await self._policies.forget(_methods_gone(left, manifest))
         self.forget_dead_targets(manifest)
 
     async def _close_connections(
@@ -310,6 +311,19 @@ class ReloadSteps:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
             )
+
+
+def _methods_gone(left: list[PluginSpec[Any]], manifest: Manifest[Any]) -> set[tuple[str, str]]:
+    """The methods, by ``(plugin key, method)``, of the versions ``left`` (removed or
+    changed, as they ran) that ``manifest`` no longer runs: every method of a version it
+    removed, those a changed version dropped. Not those it runs: their routes were built
+    anew, with state of their own, and a version a given-up reload removed may be back."""
+    running = {plugin.key: plugin.methods for plugin in manifest.plugins}
+    gone: set[tuple[str, str]] = set()
+    for plugin in left:
+        methods = running.get(plugin.key, {})
+        gone.update((plugin.key, method) for method in plugin.methods if method not in methods)
+    return gone
 
 
 def _live_targets(manifest: Manifest[Any]) -> set[str]:

@@ -383,6 +383,47 @@ async def test_reloads_that_replace_a_version_leave_none_of_its_policy_state() -
     assert not {task for task in asyncio.all_tasks() - before if not task.done()}
 
 
+async def test_a_changed_version_drops_the_state_of_the_methods_it_no_longer_has(
+    http_plugin_url: str,
+) -> None:
+    """A reload keeps the version and drops three of its methods: what they owned (a
+    limit, a bulkhead and a fallback; a retry counter and keyed-call records; a batcher
+    and its task) goes once their calls in flight have ended, as a removed version's
+    does. Before, only removed versions' state was dropped: the dropped methods' stayed
+    in ``stats()`` for the life of the process, and the batcher's task ran until the close."""
+    methods: dict[str, Any] = {
+        "say": {"pure": True, "cache": {"ttl_ms": 60_000}},
+        "withdraw": {
+            "rate_limit": {"rate": 1000, "burst": 10, "scope": "method"},
+            "concurrency": {"max_in_flight": 4, "scope": "method"},
+            "fallback": {"plugin": "backup", "on": ["target_unavailable"]},
+        },
+        "digest": {"idempotent": True, "retry": {"attempts": 2}},
+        "sleep": {"batch": {"max_size": 1}, "timeout_ms": 30_000},
+    }
+    target = {"provider": "http", "url": http_plugin_url}
+    backup = echo_plugin("backup", LOCAL_TARGET, methods={"withdraw": {}})
+    whole = echo_plugin("echo", target, methods=methods)
+    fewer = {**whole, "methods": {"say": methods["say"]}}
+    async with Dispatcher(manifest(whole, backup)) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        batcher = runtime.batchers[("echo@1.0.0", "sleep")]
+        sleeping = asyncio.create_task(dispatcher.call("echo", "sleep", {"seconds": 1.0}))
+        await asyncio.sleep(0.2)
+        summary = await dispatcher.reload(manifest(fewer, backup), grace=30)
+        assert summary["changed"] == ["echo@1.0.0"]
+        assert sleeping.done() and sleeping.result() > 0.5  # ended, before its batcher
+        assert batcher._closed
+        stats = dispatcher.stats()
+        assert list(stats["caches"]) == ["echo@1.0.0.say"]
+        assert not stats["retries"] and not stats["fallbacks"]
+        assert not stats["rate_limits"] and not stats["bulkheads"] and not stats["batchers"]
+        assert list(stats["idempotency"]) == ["echo@1.0.0.say", "backup@1.0.0.withdraw"]
+        assert set(runtime.gates) == {("echo@1.0.0", "say"), ("backup@1.0.0", "withdraw")}
+        assert (await dispatcher.call("echo", "say", {"text": "still"}))["text"] == "still"
+
+
 async def test_reloads_that_move_a_plugin_to_other_targets_leave_none_of_their_state() -> None:
     """Five reloads, each moving a plugin to another URL: its breaker, retry budget,
     bulkhead and rate limit are kept by target, not by version, and ``stats()`` listed

@@ -101,7 +101,7 @@ class PolicyRuntime:
         self.limiters: dict[tuple[str, RateLimit], Bucket] = {}
         # What one method of one plugin version owns, by ``(plugin key, method)`` (hedges
         # and retries by ``"plugin@version.method"``): dropped when a reload removes the
-        # version (``forget``), replaced when it rebuilds the method.
+        # version or the method (``forget``), replaced when it rebuilds the method.
         self.caches: dict[tuple[str, str], ResultCache] = {}
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.hedges: dict[str, HedgeStep] = {}
@@ -230,27 +230,27 @@ class PolicyRuntime:
         self.batchers[owner] = batcher
         return batcher
 
-    async def forget(self, removed: Iterable[PluginSpec[Any]]) -> None:
-        """Drop what the ``removed`` plugin versions' methods owned (a reload took them
-        away and their calls in flight have ended): caches and their entries, limits,
-        bulkheads, retry and hedge counters; batch tasks end. Kept, they would grow the
-        process and ``stats()`` with every reload, for good."""
+    async def forget(self, gone: Iterable[tuple[str, str]]) -> None:
+        """Drop what the ``gone`` methods, by ``(plugin key, method)``, owned (a reload
+        took them away, with their version or from a version it changed, and their calls
+        in flight have ended): caches and their entries, limits, bulkheads, retry and
+        hedge counters, keyed-call records; batch tasks end, those of the batchers reloads
+        replaced too. Kept, they would grow the process and ``stats()`` with every
+        reload, for good."""
         closing = [batcher for _, batcher in self._replaced]
         self._replaced = []
-        for plugin in removed:
-            for method in plugin.methods:
-                owner = (plugin.key, method)
-                name = f"{plugin.key}.{method}"
-                self.caches.pop(owner, None)
-                self.gates.pop(owner, None)
-                self.method_limits.pop(owner, None)
-                self.method_bulkheads.pop(owner, None)
-                self.retries.pop(name, None)
-                self.keyed.pop(name, None)
-                self.hedges.pop(name, None)
-                batcher = self.batchers.pop(owner, None)
-                if batcher is not None:
-                    closing.append(batcher)
+        for owner in gone:
+            name = f"{owner[0]}.{owner[1]}"
+            self.caches.pop(owner, None)
+            self.gates.pop(owner, None)
+            self.method_limits.pop(owner, None)
+            self.method_bulkheads.pop(owner, None)
+            self.retries.pop(name, None)
+            self.keyed.pop(name, None)
+            self.hedges.pop(name, None)
+            batcher = self.batchers.pop(owner, None)
+            if batcher is not None:
+                closing.append(batcher)
         for batcher in closing:
             await batcher.aclose()
 
