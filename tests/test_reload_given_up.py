@@ -19,6 +19,8 @@ reload must do with them, when it:
   limits, bulkheads, retry counters, keyed-call records; its batcher ends), unless it
   brings that version back. Before, the next reload dropped only what its own plan
   removed: the rest stayed for the life of the process, listed by ``stats()``.
+- whatever it is: close the batcher the given-up reload replaced (a version whose
+  batching it changed), once the batch in it has ended.
 
 The services are the Python SDK's gRPC server recording its lifecycle
 (``tests.recorded_grpc``), with ``lifecycle: dispatcher``, found by a real dnsmasq or
@@ -270,3 +272,37 @@ async def test_a_close_after_a_reload_given_up_ends_the_removed_version_s_batche
     assert batcher._closed
     await asyncio.gather(sleeping, return_exceptions=True)
     assert not {task for task in asyncio.all_tasks() - before if not task.done()}
+
+
+def batching(size: int, *others: dict[str, Any]) -> Any:
+    """echo@1.0.0 whose ``sleep`` sends batches of ``size``, and ``others``."""
+    methods = {**WITH_STATE, "sleep": {"batch": {"max_size": size}, "timeout_ms": 30_000}}
+    return manifest(echo_plugin("echo", LOCAL_TARGET, methods=methods), *others)
+
+
+@pytest.mark.parametrize("then", ["nothing", "another plugin", "batching again", "back"])
+async def test_the_next_reload_closes_the_batcher_a_given_up_one_replaced(then: str) -> None:
+    """A reload changes echo's batching (a new batcher) and is given up while a batched
+    call runs: the batcher it replaced stays open with that call in it. The next reload,
+    whatever it changes (nothing, another plugin, that batching again, back to the first
+    manifest), waits for the call and closes that batcher. ``ReloadSteps`` carries the
+    version it changed to that reload, which is what brings it to its end."""
+    first, changed = batching(1), batching(2)
+    after = {
+        "nothing": changed,
+        "another plugin": batching(2, echo_plugin("other", LOCAL_TARGET)),
+        "batching again": batching(3),
+        "back": first,
+    }[then]
+    async with Dispatcher(first) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        replaced = runtime.batchers[("echo@1.0.0", "sleep")]
+        sleeping = await _given_up_after_its_swap(dispatcher, changed)
+        assert runtime.batchers[("echo@1.0.0", "sleep")] is not replaced
+        assert not replaced._closed  # the given-up reload left it, with the call in it
+        await dispatcher.reload(after, grace=30)
+        assert sleeping.done() and sleeping.result() > 0.5  # waited for, ended well
+        assert replaced._closed
+        assert not runtime.replaced_versions()
+        assert await dispatcher.call("echo", "sleep", {"seconds": 0}) >= 0
