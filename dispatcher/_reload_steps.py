@@ -20,24 +20,26 @@ to happen to the parts around that install is here, in the order the dispatcher 
    after, so no call sees half of it;
 3. ``serve``: fallbacks point at the installed table; fleets stop serving the targets of
    removed and changed versions and serve those of added and changed ones;
-4. ``finish``: take the new attachments into the ledger, retire what the manifest no
-   longer uses, hand the providers the new entries of changed versions on the targets
-   they kept and on the instances discovery brought to their fleets (``Provider.update``:
-   the plugin's served methods are checked again against them, nothing reconnects; an
-   instance found that cannot take one leaves its fleet and joins again with it,
-   ``FleetRuntime.update``), log what the reload did. If anything is no longer used,
-   wait until the calls in flight at the swap that may reach a version it retires have
-   ended (``grace`` seconds at most: then calls still using it fail as it goes; a call
-   to a version kept whole does not hold it up: ``InFlight.wait_settled``), close the
-   connections of plugins that dialled in on targets no longer used (nothing calls them
-   any more: each plugin is told whether its id is still served, so that it dials again,
-   or is gone) or whose version now has other inbound targets (it dials again, and joins
-   all their fleets), and detach the rest: retired attachments, discovered instances
-   from the versions no longer calling them, fleets, the policy state of removed
-   versions and of the methods changed ones dropped. What an earlier reload retired and left when its caller gave up after its
-   swap (attachments, connections, policy state) is ended with this reload's, unless
-   this one runs it again. A caller giving up once the wait is over waits for these to
-   end.
+4. ``finish``: take the new attachments into the ledger, retire what the manifest no longer
+   uses, hand the providers the new entries of changed versions on the targets they kept
+   and on the instances discovery brought to their fleets (``Provider.update``: the
+   plugin's served methods are checked again against them, nothing reconnects; an instance
+   found that cannot take one leaves its fleet and joins again with it,
+   ``FleetRuntime.update``), log what the reload did. If anything is no longer used, wait
+   until the calls in flight at the swap that may reach a version it retires have ended
+   (``grace`` seconds at most: then calls still using it fail as it goes; a call to a
+   version kept whole does not hold it up: ``InFlight.wait_settled``; nor does one to a
+   version changed so that nothing of it ends, a timeout say: ``_ends_something``; with
+   none retired and no fleet ended, no call holds it up, fallbacks and events included),
+   close the connections of plugins that dialled in on targets no longer used (nothing
+   calls them any more: each plugin is told whether its id is still served, so that it
+   dials again, or is gone) or whose version now has other inbound targets (it dials again,
+   and joins all their fleets), and detach the rest: retired attachments, discovered
+   instances from the versions no longer calling them, fleets, the policy state of removed
+   versions and of the methods changed ones dropped. What an earlier reload retired and
+   left when its caller gave up after its swap (attachments, connections, policy state) is
+   ended with this reload's, unless this one runs it again. A caller giving up once the
+   wait is over waits for these to end.
 """
 
 from __future__ import annotations
@@ -198,7 +200,12 @@ class ReloadSteps:
             or self._left  # this reload's removed and changed versions, and such a one's
             or fleets.unused(used)
         ):
-            await self._settle(grace, self._retired_versions())
+            retired = self._retired_versions(manifest)
+            # None of them: the end detaches, closes and forgets nothing a call in flight
+            # may use (a changed version whose targets and methods stayed: a timeout, a
+            # retry policy), so waiting for calls would only hold the reload up.
+            if retired is None or retired or fleets.unused(used):
+                await self._settle(grace, retired)
             # A caller giving up from here would cut a detach in half (a service with its
             # Stop and no Destroy, and a channel open until the close, for nothing ends
             # it again): the rest runs to its end, then the cancel goes on.
@@ -271,19 +278,25 @@ class ReloadSteps:
             except Exception:  # as a failed detach: logged, the reload is done
                 log.exception("reload: closing the connections of %s failed", new.key)
 
-    def _retired_versions(self) -> Reaches:
+    def _retired_versions(self, manifest: Manifest[Any]) -> Reaches:
         """The plugin versions whose calls in flight what follows the wait may cut: those
-        this reload removed or changed, and what earlier reloads retired and is still
-        attached, open or owned (a replaced batcher, a connection, a cache: a reload given
-        up in its wait left it). None (every call) while a fleet holds a discovered
+        this reload removed, those it changed whose end ends something (a target left, a
+        method dropped: ``_ends_something``), and what earlier reloads retired and is
+        still attached, open or owned (a replaced batcher, a connection, a cache: a reload
+        given up in its wait left it). None (every call) while a fleet holds a discovered
         instance for a version that no longer calls it, which no version here names."""
         if self._fleets.retiring:
             return None
+        running = {plugin.key: plugin for plugin in manifest.plugins}
         return frozenset(
             {
                 *self._attachments.retired_versions(),
                 *self._policies.replaced_versions(),
-                *(plugin.key for plugin in self._left),
+                *(
+                    plugin.key
+                    for plugin in self._left
+                    if _ends_something(plugin, running.get(plugin.key))
+                ),
             }
         )
 
@@ -311,6 +324,30 @@ class ReloadSteps:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
             )
+
+
+def _ends_something(left: PluginSpec[Any], running: PluginSpec[Any] | None) -> bool:
+    """Whether the end of a reload ends anything of ``left`` (an entry a reload removed or
+    changed, as it ran) that its calls in flight may use, ``running`` being the entry the
+    manifest runs of its version now: everything, removed (its policy state, its
+    connections); the state of a method it dropped (``_methods_gone``); what it had on a
+    target it left (an attachment, connections dialled in, a fleet's instances). A
+    changed version keeps the rest where it was, its provider handed the new entry at the
+    swap (``Provider.update``), and a batcher its rebuilt routes replaced counts apart
+    (``PolicyRuntime.replaced_versions``)."""
+    if running is None:
+        return True
+    if any(method not in running.methods for method in left.methods):
+        return True
+    return _target_keys(left) != _target_keys(running)
+
+
+def _target_keys(plugin: PluginSpec[Any]) -> set[str]:
+    return {
+        key
+        for target in plugin.targets()
+        for key in (target.key, *(each.key for each in target.instance_targets()))
+    }
 
 
 def _methods_gone(left: list[PluginSpec[Any]], manifest: Manifest[Any]) -> set[tuple[str, str]]:

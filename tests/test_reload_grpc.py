@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -153,6 +154,35 @@ async def test_an_entry_leaving_a_service_run_with_an_equal_config_sends_it_noth
         await dispatcher.reload(manifest(one), grace=10)
         assert await kept == "127.0.0.1"
         assert service.plugin.steps == ["init", "start"] * 2
+
+
+async def test_a_reload_that_changes_only_a_timeout_returns_while_the_call_runs(
+    served: Serve,
+) -> None:
+    """A version whose entry changed in a method's timeout alone keeps its target: the
+    reload's end detaches nothing, so it does not wait for the call in flight (before, it
+    waited the call out), and the plugin sees nothing of it: no ``Init`` again, the call
+    ends well."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    first = entry("1.0.0", service.address)
+    longer = {**first, "methods": {**METHODS, "linger": {"timeout_ms": 20_000}}}
+    async with Dispatcher(manifest(first)) as dispatcher:
+        lingering = asyncio.create_task(dispatcher.call("svc", "linger", {"seconds": 3.0}))
+        await until(lambda: "linger 3.0 begins" in service.plugin.timeline, "the call")
+        started = time.monotonic()
+        summary = await dispatcher.reload(manifest(longer), grace=10)
+        took = time.monotonic() - started
+        assert summary["changed"] == ["svc@1.0.0"]
+        assert took < 1.5, f"the reload waited {took:.1f} s for a call it ends nothing of"
+        assert not lingering.done()
+        assert await lingering == "127.0.0.1"
+        assert service.plugin.timeline == [
+            "init {'version': '1.0.0'}",
+            "start",
+            "linger 3.0 begins",
+            "linger 3.0 ends",
+        ]
+        assert connections_to(service.address) == 1
 
 
 @pytest.mark.parametrize("failing_step", ["init", "start"])

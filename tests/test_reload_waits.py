@@ -56,6 +56,10 @@ class Waits:
     async def relay(self, seconds):
         """A call of another plugin from inside this one's call."""
         return await DISPATCHER.call("removed", "nap", {"seconds": seconds})
+
+
+class Elsewhere(Waits):
+    """The same plugin at another entrypoint: another target for one version."""
 '''
 
 #: Long enough that a reload waiting for it is told apart from one that does not.
@@ -119,6 +123,51 @@ async def test_an_open_stream_to_a_kept_plugin_does_not_hold_up_a_reload(folder:
         assert took < PROMPT, f"the reload waited {took:.1f} s for a stream to a kept plugin"
         await reading
         assert ticks == list(range(30))
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["plain", "with-a-fallback"])
+async def test_a_reload_that_changes_only_a_timeout_does_not_wait_for_the_calls(
+    folder: Path, caplog: pytest.LogCaptureFixture, fallback: bool
+) -> None:
+    # The version is changed, its targets and methods the same: its end detaches nothing,
+    # closes no connection and forgets no state, so nothing waits for its calls, nor for
+    # a call with a fallback (which may reach any version: none is ended). Before, the
+    # reload waited for the call, LONG.
+    svc, other = plugin(folder, "svc"), plugin(folder, "other")
+    svc["methods"]["nap"] = {"timeout_ms": 30_000}
+    if fallback:
+        svc["methods"]["nap"]["fallback"] = {"plugin": "other", "on": ["target_unavailable"]}
+    longer = {**svc, "methods": {**svc["methods"], "nap": {**svc["methods"]["nap"]}}}
+    longer["methods"]["nap"]["timeout_ms"] = 60_000
+    async with Dispatcher(manifest(svc, other)) as dispatcher:
+        napping = asyncio.create_task(dispatcher.call("svc", "nap", {"seconds": LONG}))
+        await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+        with caplog.at_level(logging.INFO, logger="dispatcher"):
+            took = await reload_time(dispatcher, longer, other)
+        assert "changed svc@1.0.0" in caplog.text
+        assert took < PROMPT, f"the reload waited {took:.1f} s for a call it ends nothing of"
+        assert not napping.done()
+        assert await napping == LONG
+        assert sys.modules["waits_plugin"].ENDS == [(None, "whole")]
+
+
+@pytest.mark.parametrize("change", ["another target", "a method dropped"])
+async def test_a_call_to_a_changed_version_is_waited_for_when_its_end_ends_something(
+    folder: Path, change: str
+) -> None:
+    # Its old target is detached (the plugin there stopped), or the dropped method's state
+    # forgotten, once the call has ended: not under it.
+    svc = plugin(folder, "svc")
+    if change == "another target":
+        changed = {**svc, "target": {**svc["target"], "entrypoint": "waits_plugin:Elsewhere"}}
+    else:
+        changed = {**svc, "methods": {"nap": {}}}
+    async with Dispatcher(manifest(svc)) as dispatcher:
+        napping = asyncio.create_task(dispatcher.call("svc", "nap", {"seconds": 1.0}))
+        await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+        assert await reload_time(dispatcher, changed) >= 0.6
+        assert await napping == 1.0
+        assert sys.modules["waits_plugin"].ENDS == [(None, "whole")]
 
 
 async def test_a_call_to_a_removed_plugin_is_still_waited_for(folder: Path) -> None:
