@@ -1,8 +1,9 @@
-"""Which calls in flight a reload waits for before it detaches what it retired: those that
-may reach a version it removed or changed, not a long call or an open stream to a plugin
-it keeps. (Before, every call and stream in flight at the swap held the detaching up, to
-the reload's grace: one subscription open for hours made every reload take its grace and
-warn that calls still ran.)"""
+"""Which calls in flight a reload waits for before it detaches what it retired: those that may
+reach a version it removed, or changed so that something of it ends (a target, a method),
+not a long call or an open stream to a plugin it keeps, nor a call to a version whose change
+ends nothing (a timeout). (Before, every call and stream in flight at the swap held the
+detaching up, to the reload's grace: one subscription open for hours made every reload take
+its grace and warn that calls still ran.)"""
 
 from __future__ import annotations
 
