@@ -4,6 +4,7 @@ One module per job, each using only those listed below it:
 
     provider     the driver: dial and reverse mode, the errors it maps
     dialer       dial mode: one connection kept up, redialled with backoff and jitter
+    admission    reverse mode: a plugin dialling in admitted and served; what reloads close
     inbound      reverse mode: the plugins connected in, an instance source per target
     sharing      who uses a dialled connection: the versions of one plugin on it
     hello        the first frame of a new connection, read and checked

@@ -9,14 +9,11 @@ it closes when the last of them is detached (``providers.websocket.sharing``).
 Reverse mode (``mode: inbound``): the gateway admits a plugin (``admit``: its token or
 principal) and hands the upgraded connection to ``accept``, which checks the plugin's
 ``hello`` and registers it as an instance of the target's fleet (``instance_source``);
-the fleet layer balances over them. An inbound target names its plugin version
-(``WebSocketTarget.plugin``): its fleet holds that version's connections only. A reload
-that leaves such a target out closes its connections once their calls are done
-(``close_connections``): 1012 when the plugin's id still takes connections (dial again),
-1001 when it is gone. One that gives a version other inbound targets, keeping some, closes
-its connections with 1012 too, once their calls are done (``retarget_connections``): each
-joined the fleets of the targets it was admitted to, and is admitted to the new ones when
-it dials again.
+the fleet layer balances over them. A reload that leaves such a target out, or gives a
+plugin version other inbound targets, closes their connections once their calls are done
+(``close_connections``, ``retarget_connections``). Admission and reloads are
+``providers.websocket.admission``'s; the provider hands them over and calls through the
+connections it registers (``Inbound``).
 
 Errors, as every provider maps them here and nowhere else:
 
@@ -48,27 +45,13 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from linchkit_plugin.errors import (
-    DispatchError,
-    Forbidden,
-    TargetUnavailable,
-    Unauthorized,
-)
-from linchkit_plugin.wire import PROTOCOL_VERSION
-from linchkit_plugin.ws_protocol import (
-    CLOSE_BAD_HELLO,
-    CLOSE_GOING_AWAY,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_WRONG_PLUGIN,
-    UnknownProtocol,
-    encode_frame,
-)
+from linchkit_plugin.errors import DispatchError, TargetUnavailable
+from linchkit_plugin.ws_protocol import encode_frame
 from providers.base import Health, Provider
 from providers.discovery import InstanceSource
 from providers.invocation import Invocation
-from providers.served import served_names
-from providers.target import connection_heartbeat
-from providers.websocket.inbound import ConnectionSource, Inbound, InboundConnection
+from providers.websocket.admission import InboundAdmission
+from providers.websocket.inbound import Inbound, InboundConnection
 from providers.websocket.sharing import DialUsers
 from providers.websocket.target import WebSocketTarget
 
@@ -93,14 +76,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         #: Dial mode, by plugin id and ``target.key``: the versions of a plugin on equal
         #: targets share one connection (``DialedPlugin.users``).
         self._dialed: dict[tuple[str, str], DialedPlugin] = {}
+        #: Reverse mode: the plugins connected in, by the key of each fleet they serve.
         self.inbound = Inbound()
-        #: Inbound targets a reload left out, by key: the close code and reason their
-        #: connections got, for one whose handshake ends after that (``close_connections``).
-        self._left_out: dict[str, tuple[int, str]] = {}
-        #: Plugin versions a reload gave other inbound targets, by ``id@version``: the
-        #: keys of those targets, which a connection must have been admitted to
-        #: (``retarget_connections``), until a reload makes their fleets anew.
-        self._retargeted: dict[str, frozenset[str]] = {}
+        self._admission = InboundAdmission(
+            self.inbound, report_served=self.report_served, sink_of=self.event_sink_of
+        )
 
     async def start(self) -> None:
         # aiohttp and the modules built on it load here, not with the target model.
@@ -112,8 +92,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         dialed, self._dialed = self._dialed, {}
         for plugin in dialed.values():
             await plugin.close()
-        for connection in self.inbound.all():
-            await connection.channel.close(CLOSE_GOING_AWAY)
+        await self._admission.aclose()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -145,10 +124,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             if dialed is not None and dialed.users.update(plugin) and dialed.served is not None:
                 self.report_served(plugin, target, dialed.served)
             return
-        for connection in self.inbound.of_fleet(target.key):
-            if connection.version == plugin.version:
-                place = f"websocket inbound {connection.key}"
-                self.report_served(plugin, target, connection.served, place=place)
+        self._admission.update(plugin, target)
 
     def _dial(self, plugin_id: str, target: WebSocketTarget) -> DialedPlugin:
         for destination in target.destinations():
@@ -281,33 +257,15 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         connection = self.inbound.get(target.connection) if target.connection else None
         return None if connection is None else connection.served
 
-    # -- reverse mode ----------------------------------------------------------------------
+    # -- reverse mode (``providers.websocket.admission``) ------------------------------------
 
     def instance_source(self, target: WebSocketTarget) -> InstanceSource | None:
-        if not target.accepts_connections():
-            return None
-        # Its fleet is watched (again): a reload that left the target out was undone,
-        # and one that adds the target, or its version again, says its targets anew.
-        self._left_out.pop(target.key, None)
-        if target.plugin is not None:
-            self._retargeted.pop(target.plugin, None)
-        return ConnectionSource(
-            self.inbound, target.key, f"inbound connections ({target.describe()})"
-        )
+        return self._admission.instance_source(target)
 
     async def admit(
         self, target: WebSocketTarget, *, bearer: str | None, principal: str | None
     ) -> None:
-        """Whether a plugin with these credentials may connect as an instance of
-        ``target``; raises ``Unauthorized`` (no or wrong credential) or ``Forbidden``
-        (authenticated as someone else)."""
-        if not target.accepts_connections():
-            raise Forbidden(f"{target.describe()} takes no inbound connections")
-        if target.admits(bearer, principal):
-            return
-        if principal is not None and target.token is None:
-            raise Forbidden("this principal may not connect as this plugin")
-        raise Unauthorized("missing or wrong credentials for this plugin")
+        self._admission.admit(target, bearer=bearer, principal=principal)
 
     async def accept(
         self,
@@ -316,176 +274,16 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         connection: Any,
         peer: tuple[str, int],
     ) -> None:
-        """Serve an admitted, upgraded connection as an instance of each of ``targets``
-        until it closes. Its first frame must be the ``hello`` of ``plugin``. ``targets``
-        are ``plugin``'s own (each names it: ``WebSocketTarget.plugin``), so the
-        connection joins that version's fleets and no other's."""
-        from providers.websocket.channel import Channel
-
-        socket = connection
-        first = targets[0]
-        hello = await self._hello(socket, plugin)
-        if hello is None:
-            return
-        key = self.inbound.new_key(plugin.id, peer)
-        channel = Channel(
-            socket,
-            f"websocket inbound {key}",
-            # The one the gateway pings the connection by (``Admission.heartbeat``).
-            heartbeat=connection_heartbeat(targets) or first.heartbeat_ms / 1000,
-            # The largest message the gateway reads of it (``Admission.max_message_bytes``);
-            # each call is held to its own target's limits (``limits_of``).
-            max_in_flight=max(target.max_in_flight for target in targets),
-            max_message_bytes=max(target.max_message_bytes for target in targets),
-            # One the targets agree on: the manifest refuses them otherwise.
-            max_events_per_second=first.max_events_per_second,
-            sink=self.event_sink_of(plugin),
-        )
-        served = served_names(hello.get("methods", ()))
-        fleets = frozenset(target.key for target in targets)
-        inbound = InboundConnection(
-            key, channel, plugin.id, plugin.version, peer, hello, served, fleets=fleets
-        )
-        try:
-            await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
-        except TargetUnavailable:
-            await channel.close()  # and its writer with it
-            raise
-        # No await from here to the registration: a reload's ``close_connections`` (or
-        # ``retarget_connections``) either ran before (and is read here) or finds the
-        # connection registered.
-        left_out = next((self._left_out[t.key] for t in targets if t.key in self._left_out), None)
-        retargeted = self._retargeted.get(plugin.key)
-        if left_out is None and retargeted is not None and retargeted != fleets:
-            # Admitted to the targets its version had before a reload gave it others:
-            # it would be missing from the fleets of the targets added.
-            left_out = CLOSE_SERVICE_RESTART, _retargeted_reason(plugin.key)
-        if left_out is not None:
-            # Admitted before a reload left its target out (or gave its version other
-            # targets), said hello after: closed as the connections open then were, or
-            # it would serve a fleet nothing calls (or miss one that is).
-            await channel.close(*left_out)
-            log.info("%s closed at once: %s", key, channel.close_reason)
-            return
-        for target in targets:
-            self.report_served(plugin, target, served, place=f"websocket inbound {key}")
-            self.inbound.register(target.key, inbound)
-        log.info("%s connected as an instance of %s", key, plugin.key)
-        reader = asyncio.get_running_loop().create_task(channel.run())
-        try:
-            # Closed, or the plugin said goaway: either way the fleet lets the instance
-            # go now, and a goaway's calls in flight finish before the channel closes.
-            await channel.leaving.wait()
-            for target in targets:
-                self.inbound.unregister(target.key, inbound)
-            await asyncio.wait([reader])
-        finally:
-            reader.cancel()
-            await asyncio.wait([reader])
-            for target in targets:
-                self.inbound.unregister(target.key, inbound)
-            await channel.close()
-            log.info("%s left: %s", key, channel.close_reason)
+        # ``connection``: the gateway's upgraded aiohttp WebSocket.
+        await self._admission.accept(plugin, targets, connection, peer)
 
     async def close_connections(self, target: WebSocketTarget, *, replaced: bool) -> None:
-        """Close the connections of an inbound target a reload left out: 1012 (service
-        restart) when ``replaced``, so the plugin dials again and is admitted as whatever
-        the manifest serves now, or refused at the upgrade; 1001 (going away) when no
-        version of its id takes connections any more."""
-        code, reason = _reload_close(target, replaced)
-        self._left_out[target.key] = (code, reason)
-        connections = self.inbound.of_fleet(target.key)
-        if connections:
-            log.info(
-                "%s: closing %d connection(s), %d: %s",
-                target.describe(),
-                len(connections),
-                code,
-                reason,
-            )
-        await asyncio.gather(*(each.channel.close(code, reason) for each in connections))
+        await self._admission.close_connections(target, replaced=replaced)
 
     async def retarget_connections(
         self, plugin: PluginInfo, targets: Sequence[WebSocketTarget]
     ) -> None:
-        """A reload gave ``plugin``'s version the inbound ``targets``, another set than its
-        connections were admitted to. Each connection joined the fleets of its targets
-        when it was admitted, and settled its heartbeat, message bound and compression
-        from them: one left open would never be called through a target added (its
-        fleet empty for as long as the plugin stays connected: every call failing "no
-        instance"). So each goes away: it leaves its fleets now, its calls in flight
-        finish (the targets it serves are still called, unlike one a reload leaves out:
-        closed at once, a call made since the reload's swap would fail ``in_flight``),
-        then it closes with 1012, and is admitted to ``targets`` when its plugin dials
-        again. One admitted before the reload whose ``hello`` comes after is closed at
-        once (``accept``): nothing was sent on it."""
-        wanted = frozenset(target.key for target in targets)
-        self._retargeted[plugin.key] = wanted
-        reason = _retargeted_reason(plugin.key)
-        for each in self.inbound.all():
-            if (each.plugin_id, each.version) == (plugin.id, plugin.version) and (
-                each.fleets != wanted and each.channel.usable
-            ):
-                each.channel.go_away(CLOSE_SERVICE_RESTART, reason)
-
-    async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
-        """The plugin's ``hello``, checked against the plugin admitted; None (and the
-        connection closed with the reason) when it is not one."""
-        from providers.websocket.hello import read_hello
-
-        # A close frame holds 123 bytes of reason, and the reason quotes the plugin: cut in
-        # characters, one not in ASCII made a frame the plugin refused (1002), unread
-        # (``hang_up`` cuts it so). Each refusal drops the connection at once: a plugin that
-        # sent a wrong hello and then neither reads nor closes held its socket and this
-        # handler for aiohttp's close timeout (10 s).
-        try:
-            hello = await read_hello(socket)
-        except UnknownProtocol as error:
-            # A refusal, as a hello naming another plugin is: the SDKs dial a 4400 again
-            # (a hello that came late may have been a slow link), which would send the same
-            # hello for ever; a 4403 ends their dial with this reason in one line.
-            spoken = error.details.get("protocol")
-            refusal = f"this gateway speaks protocol {PROTOCOL_VERSION}; the hello said {spoken}"
-            await _refuse(socket, CLOSE_WRONG_PLUGIN, refusal)
-            return None
-        except DispatchError as error:
-            await _refuse(socket, CLOSE_BAD_HELLO, error.message)
-            return None
-        wrong = (
-            f"admitted as {plugin.id!r}, said it is {hello['id']!r:.60}"
-            if hello["id"] != plugin.id
-            else f"admitted as version {plugin.version}, said {hello['version']!r:.40}"
-            if hello["version"] != plugin.version
-            else None
-        )
-        if wrong is not None:
-            await _refuse(socket, CLOSE_WRONG_PLUGIN, wrong)
-            return None
-        return hello
+        self._admission.retarget_connections(plugin, targets)
 
     def __repr__(self) -> str:
-        return (
-            f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}"
-            f" left_out={len(self._left_out)} retargeted={len(self._retargeted)}>"
-        )
-
-
-async def _refuse(socket: Any, code: int, reason: str) -> None:
-    """Refuse a connection's hello: the close frame handed over, the connection dropped."""
-    from providers.websocket.closing import close_message, hang_up
-
-    await hang_up(socket, code, reason)
-    await socket.close(code=code, message=close_message(reason))  # returns at once now
-
-
-def _retargeted_reason(plugin_key: str) -> str:
-    """The close reason of a connection whose version a reload gave other inbound targets."""
-    return f"a reload changed the inbound targets of {plugin_key}; connect again"
-
-
-def _reload_close(target: WebSocketTarget, replaced: bool) -> tuple[int, str]:
-    """The close code and reason of a connection whose target a reload left out."""
-    plugin = target.plugin or target.describe()
-    if replaced:
-        return CLOSE_SERVICE_RESTART, f"a reload replaced {plugin}; connect again"
-    return CLOSE_GOING_AWAY, f"a reload removed {plugin}; no version of it takes connections here"
+        return f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self._admission!r}>"
