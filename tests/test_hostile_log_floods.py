@@ -78,7 +78,7 @@ async def test_frames_a_websocket_plugin_sends_that_cannot_be_used_are_logged_sp
         }
         async with Dispatcher(manifest(entry)) as dispatcher:
             assert await dispatcher.call("noisy", "echo", {}) == "after the flood"
-            (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+            (dialed,) = dispatcher.providers["websocket"].dialed  # type: ignore[attr-defined]
             assert dialed.channel.protocol_errors == 2 * FRAMES  # every one counted
     lines = lines_of(caplog, "dispatcher.providers.websocket")
     assert 2 <= len(lines) <= 6, len(lines)  # the first, the 1,000th

@@ -284,7 +284,7 @@ async def until(condition: Callable[[], Any], timeout: float) -> None:
 
 
 async def dialled_channel(dispatcher: Dispatcher) -> Any:
-    (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+    (dialed,) = dispatcher.providers["websocket"].dialed  # type: ignore[attr-defined]
     await until(lambda: dialed.channel is not None, 5)
     return dialed.channel
 
@@ -634,7 +634,7 @@ async def test_a_dialled_plugin_whose_hello_lies_is_let_go_at_once() -> None:
         raw_plugin_server("127.0.0.5", silent, plugin_id="impostor", hello_after=0.3) as plugin,
         dialling(plugin, heartbeat_ms=10_000) as dispatcher,
     ):
-        (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+        (dialed,) = dispatcher.providers["websocket"].dialed  # type: ignore[attr-defined]
         await until(lambda: tcp_inodes_to(plugin), 5)
         dialled = tcp_inodes_to(plugin)
         await until(lambda: not any(held(inode) for inode in dialled), 2)
@@ -657,7 +657,7 @@ async def test_closing_three_dialled_plugins_that_never_answer_the_close_waits_f
         dispatcher = Dispatcher(manifest(*entries))
         await dispatcher.start()
         try:
-            dialed = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+            dialed = dispatcher.providers["websocket"].dialed  # type: ignore[attr-defined]
             await until(lambda: all(each.channel is not None for each in dialed), 5)
         finally:
             started = time.monotonic()

@@ -64,7 +64,7 @@ async def scripted(script: Script, **target: Any) -> AsyncIterator[Dispatcher]:
 
 
 def channel_of(dispatcher: Dispatcher) -> Any:
-    (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+    (dialed,) = dispatcher.providers["websocket"].dialed  # type: ignore[attr-defined]
     return dialed.channel
 
 

@@ -45,7 +45,7 @@ class Rig:
         return self.dispatcher.providers["websocket"]
 
     def dialed(self) -> Any:
-        (dialed,) = self.provider()._dialed.values()
+        (dialed,) = self.provider().dialed
         return dialed
 
 

@@ -224,16 +224,16 @@ async def test_a_detach_that_leaves_another_version_attached_never_waits() -> No
         try:
             await provider.attach(first, target)
             await provider.attach(second, target)
-            (dialed,) = provider._dialed.values()
+            (dialed,) = provider.dialed
             channel = await dialed.ready(None)
             detach = provider.detach(first, target)
             with pytest.raises(StopIteration):
                 detach.send(None)  # done at its first step: it never awaited anything
-            assert channel.usable and provider._dialed
+            assert channel.usable and provider.dialed
             await provider.detach(first, target)  # again: a no-op
             assert channel.usable
             await provider.detach(second, target)
-            assert channel.closed and not provider._dialed
+            assert channel.closed and not provider.dialed
             await until(lambda: not plugin.server.sessions)
         finally:
             await provider.aclose()

@@ -82,6 +82,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             self.inbound, report_served=self.report_served, sink_of=self.event_sink_of
         )
 
+    @property
+    def dialed(self) -> tuple[DialedPlugin, ...]:
+        """Dial mode's connections, one per plugin id and target, as they are now."""
+        return tuple(self._dialed.values())
+
     async def start(self) -> None:
         # aiohttp and the modules built on it load here, not with the target model.
         from providers._aiohttp import open_session

@@ -146,7 +146,7 @@ class SocketView:
 
     def _dialled(self, target_key: str) -> Any:
         """The dialled connection to the target (one plugin dials it: by id and target)."""
-        (dialed,) = [each for (_, key), each in self.provider._dialed.items() if key == target_key]
+        (dialed,) = [each for each in self.provider.dialed if each.target.key == target_key]
         return dialed
 
     async def describe_plugin(self, timeout: float) -> dict[str, Any]:

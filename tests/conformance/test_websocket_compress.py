@@ -83,7 +83,7 @@ def negotiated_window(dispatcher: Dispatcher, mode: str) -> int:
     to (aiohttp's ``compress``: 0 when none was)."""
     provider: Any = dispatcher.providers["websocket"]
     if mode == "websocket":
-        (dialled,) = provider._dialed.values()
+        (dialled,) = provider.dialed
         channel = dialled.channel
     else:
         (connection,) = provider.inbound.all()

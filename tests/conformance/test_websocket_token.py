@@ -215,7 +215,7 @@ async def test_a_dispatcher_offering_deflate_with_the_token_is_served(language: 
         text = "deflate me " * 10_000
         assert await dispatcher.call("example", "echo", text) == text
         provider: Any = dispatcher.providers["websocket"]
-        (dialled,) = provider._dialed.values()
+        (dialled,) = provider.dialed
         assert dialled.channel.socket.compress == 15
 
 
