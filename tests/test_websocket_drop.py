@@ -807,7 +807,7 @@ async def test_a_channel_closed_before_it_reads_leaves_no_read_watch_behind(
             with caplog.at_level(logging.WARNING, "dispatcher.providers.websocket"):
                 await channel.run()
                 await asyncio.sleep(0.5)  # three bounds of 0.15 s
-            assert channel._read_watch._handle is None
+            assert not channel._read_watch.watching
             assert not [r for r in caplog.records if "dropping" in r.getMessage()]
     finally:
         await runner.cleanup()

@@ -266,7 +266,7 @@ async def test_a_plugin_flooding_calls_it_never_reads_refusals_of_costs_bounded_
             while channel is None or channel.protocol_errors < flood:
                 await asyncio.sleep(0.02)
                 channel = channel_of(d)
-        assert len(channel._life._background) <= MAX_REFUSALS_WAITING
+        assert channel.background_tasks <= MAX_REFUSALS_WAITING
         reading.set()
         assert await d.call("liar", "echo", {}) == "answered"
         assert refusals > 0  # told, as far as it reads
@@ -395,8 +395,8 @@ async def test_a_plugin_that_reads_nothing_but_keeps_talking_is_dropped_and_hold
         async def watch() -> None:
             nonlocal most_tasks, most_queued
             while True:
-                most_tasks = max(most_tasks, len(stalled._life._background))
-                most_queued = max(most_queued, len(stalled._writer))
+                most_tasks = max(most_tasks, stalled.background_tasks)
+                most_queued = max(most_queued, stalled.to_write)
                 await asyncio.sleep(0.005)
 
         async def callers() -> list[Any]:
@@ -425,7 +425,7 @@ async def test_a_plugin_that_reads_nothing_but_keeps_talking_is_dropped_and_hold
         kinds = {type(outcome) for outcome in outcomes}
         assert kinds <= {DeadlineExceeded, TargetUnavailable}, kinds
         assert most_queued <= 256, most_queued
-        assert not stalled._life._background
+        assert not stalled.background_tasks
 
 
 async def test_an_error_frame_for_a_stream_whose_queue_is_full_ends_the_stream_at_once() -> None:

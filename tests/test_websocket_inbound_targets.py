@@ -291,7 +291,7 @@ async def test_a_plugin_with_two_heartbeats_is_held_to_the_shortest_everywhere()
         dialled_in(dispatcher, url, pongs=False),
     ):
         channel = channel_of(dispatcher)
-        assert channel._read_watch._bound == pytest.approx(0.3)
+        assert channel._read_watch.bound == pytest.approx(0.3)
         assert channel._writer.stall_after == pytest.approx(0.3)
         await until(lambda: channel.closed, 3)
         assert "1006" in channel.close_reason, channel.close_reason

@@ -176,6 +176,18 @@ class Channel:
         return len(self._in_flight)
 
     @property
+    def to_write(self) -> int:
+        """Frames waiting for the writer (``FrameWriter``), given-up ones not yet pruned."""
+        return len(self._writer)
+
+    @property
+    def background_tasks(self) -> int:
+        """Tasks the channel started beside its reader and writer that still run: a refusal
+        sent, a probe, a close once drained or a drop (``ChannelLifecycle.spawn``);
+        ``close`` ends them."""
+        return self._life.background_tasks
+
+    @property
     def unknown_ids(self) -> int:
         """Answers for ids not in flight (late, or made up), dropped (``FrameReader``)."""
         return self._reader.unknown_ids
@@ -437,5 +449,5 @@ class Channel:
         state = "closed" if self.closed else "going away" if self.going_away else "open"
         return (
             f"<Channel {self.describe} {state} in_flight={self.in_flight}"
-            f" to_write={len(self._writer)} unknown_ids={self.unknown_ids}>"
+            f" to_write={self.to_write} unknown_ids={self.unknown_ids}>"
         )

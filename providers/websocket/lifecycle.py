@@ -92,6 +92,11 @@ class ChannelLifecycle:
         #: (set where ``leaving`` is) so that every call reads one attribute, not two.
         self.usable = True
 
+    @property
+    def background_tasks(self) -> int:
+        """The tasks started on the way (``spawn``) that still run."""
+        return len(self._background)
+
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task of the channel's, which ``close`` cancels if it still runs."""
         task = self._loop.create_task(work)
@@ -214,6 +219,6 @@ class ChannelLifecycle:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "going away" if self.going_away else "open"
         return (
-            f"<ChannelLifecycle {self._describe} {state} tasks={len(self._background)}"
+            f"<ChannelLifecycle {self._describe} {state} tasks={self.background_tasks}"
             f" letting_go={self._letting_go is not None}>"
         )

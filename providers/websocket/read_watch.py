@@ -45,6 +45,16 @@ class ReadWatch:
         self._stalled = stalled
         self._handle: asyncio.TimerHandle | None = None
 
+    @property
+    def bound(self) -> float:
+        """Seconds between two looks."""
+        return self._bound
+
+    @property
+    def watching(self) -> bool:
+        """Whether a look is due: started, and neither stopped nor stalled since."""
+        return self._handle is not None
+
     def start(self) -> None:
         """Look every ``bound`` seconds from now on (the reader starts reading)."""
         if self._handle is None:
