@@ -18,8 +18,8 @@ One module per job, each using only those listed below it:
     writer       the one task that writes a connection's frames, in order
     target       the manifest's model
 
-aiohttp is imported with this package, which the dispatcher loads only for manifests that
-use it.
+aiohttp is imported when the provider first dials or accepts a connection, not with this
+package: a manifest that names no WebSocket target never loads it.
 """
 
 from __future__ import annotations
