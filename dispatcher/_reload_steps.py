@@ -146,11 +146,12 @@ class ReloadSteps:
         # it dropped, or whose fallback it dropped, must not stay listed by ``stats()``.
         self._fallbacks.forget(old for old, _ in plan.changed)
         routes = RouteTable()
-        for plugin in manifest.plugins:
-            if plugin.key in kept:
-                routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
-            else:
-                routes.add(plugin, self._build.routes_of(plugin, routes))
+        with self._policies.building():  # what a target's policies are set to now applies
+            for plugin in manifest.plugins:
+                if plugin.key in kept:
+                    routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
+                else:
+                    routes.add(plugin, self._build.routes_of(plugin, routes))
         self._fallbacks.forget(plan.removed)
         self._rollouts.configure(manifest.rollouts, routes)
         return routes

@@ -119,6 +119,21 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         self.listeners: list[StateListener] = list(listeners)
 
+    def configure(
+        self,
+        *,
+        fail_max: int,
+        reset_timeout: float,
+        half_open_max_calls: int,
+        success_threshold: int,
+    ) -> None:
+        """New settings (a reload changed them), read from the next call on; where the
+        breaker stands (closed with its failures, open since when) stays."""
+        self.fail_max = fail_max
+        self.reset_timeout = reset_timeout
+        self.half_open_max_calls = half_open_max_calls
+        self.success_threshold = success_threshold
+
     @property
     def state(self) -> BreakerState:
         return BreakerState(self._storage.state)

@@ -87,12 +87,7 @@ class SharedBreaker:
         self.local = local
         self.name = local.name
         self.key = digest(key)
-        self.args = BreakerPolicyArgs(
-            policy.fail_max,
-            policy.reset_timeout_ms / 1000,
-            policy.half_open_max_calls,
-            policy.success_threshold,
-        )
+        self.args = _args_of(policy)
         self.backend = backend
         self.store: SharedStore = backend.store
         self.sync = sync
@@ -105,6 +100,16 @@ class SharedBreaker:
         #: The store did not answer the last admit (fail_open): the local breaker decides.
         self.local_decides = False
         self.store.breaker_watch(self.key, self._saw)
+
+    def configure(self, policy: BreakerPolicy) -> None:
+        """New settings (a reload changed them): the store applies them from this
+        replica's next operation on (its local breaker is configured apart)."""
+        self.args = _args_of(policy)
+
+    def close(self) -> None:
+        """No route calls through this breaker any more: the store stops watching it (a
+        call still in flight through it goes on, reading the store as it admits)."""
+        self.store.breaker_unwatch(self.key)
 
     async def admit(self, invocation: Invocation) -> int:
         """A ticket (``PROBE``, ``QUIET``, ``LOCAL`` bits) or ``CircuitOpen``; with the
@@ -217,3 +222,12 @@ class SharedBreaker:
             f" local_decides={self.local_decides}"
             f" local={self.local!r}>"
         )
+
+
+def _args_of(policy: BreakerPolicy) -> BreakerPolicyArgs:
+    return BreakerPolicyArgs(
+        policy.fail_max,
+        policy.reset_timeout_ms / 1000,
+        policy.half_open_max_calls,
+        policy.success_threshold,
+    )

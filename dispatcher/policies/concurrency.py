@@ -25,12 +25,33 @@ class Bulkhead:
         self.max_in_flight = max_in_flight
         self.max_waiting = max_waiting
         self._slots = asyncio.Semaphore(max_in_flight)
+        #: Slots calls hold beyond ``max_in_flight`` since ``resize`` lowered it: given
+        #: back as those calls end, not to the semaphore.
+        self._owed = 0
         self.waiting = 0
         self.rejected = 0
 
     @property
     def in_flight(self) -> int:
-        return self.max_in_flight - self._slots._value
+        return self.max_in_flight + self._owed - self._slots._value
+
+    def resize(self, max_in_flight: int, max_waiting: int) -> None:
+        """New limits (a reload changed them). More slots let waiting calls in at once;
+        fewer take free slots away now and the rest from calls as they end: calls in
+        flight are never cut, and none starts until the count is under the new limit."""
+        change = max_in_flight - self.max_in_flight
+        self.max_in_flight = max_in_flight
+        self.max_waiting = max_waiting
+        slots = self._slots
+        if change > 0:
+            forgiven = min(change, self._owed)
+            self._owed -= forgiven
+            for _ in range(change - forgiven):
+                slots.release()
+        elif change < 0:
+            taken = min(-change, slots._value)
+            slots._value -= taken  # free slots: no waiter can be woken for them
+            self._owed += -change - taken
 
     async def acquire(self, invocation: Invocation) -> None:
         slots = self._slots
@@ -57,7 +78,10 @@ class Bulkhead:
             self.waiting -= 1
 
     def release(self) -> None:
-        self._slots.release()
+        if self._owed:
+            self._owed -= 1
+        else:
+            self._slots.release()
 
     def __repr__(self) -> str:
         return (

@@ -49,6 +49,12 @@ class RetryBudget:
         self.spent = 0
         self.refused = 0
 
+    def configure(self, ratio: float) -> None:
+        """A new ratio (a reload changed it): the tokens held stay, up to the new capacity."""
+        self.ratio = ratio
+        self.capacity = max(1.0, ratio * BUDGET_RESERVE_CALLS)
+        self.tokens = min(self.tokens, self.capacity)
+
     def deposit(self) -> None:
         tokens = self.tokens + self.ratio
         self.tokens = tokens if tokens < self.capacity else self.capacity

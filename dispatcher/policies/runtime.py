@@ -11,7 +11,8 @@ reload that keeps a version keeps its state. It owns every task the policies sta
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -107,6 +108,9 @@ class PolicyRuntime:
         self.hedges: dict[str, HedgeStep] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
+        #: While a reload builds routes (``building``): the targets (by kind and key)
+        #: whose breaker, bulkhead or retry budget one of its methods has configured.
+        self._configured: set[tuple[str, str]] | None = None
         #: Told the name of each breaker ``forget_targets`` drops whose name no breaker
         #: kept shares (what telemetry counted by that name may go).
         self.breakers_forgotten: list[Callable[[str], None]] = []
@@ -157,9 +161,7 @@ class PolicyRuntime:
                 step = BreakerStep(breaker, step)
         if policies.may_retry:
             assert policies.retry is not None
-            budget = self.budgets.setdefault(
-                key, RetryBudget(target.describe(), policies.retry.budget_ratio)
-            )
+            budget = self._budget(key, target.describe(), policies.retry.budget_ratio)
             step = self.retries[f"{plugin.key}.{method}"] = RetryStep(policies.retry, budget, step)
         bulkhead = (
             self._bulkhead(owner, name, key, target, policies) if policies.concurrency else None
@@ -254,6 +256,28 @@ class PolicyRuntime:
         for batcher in closing:
             await batcher.aclose()
 
+    @contextmanager
+    def building(self) -> Iterator[None]:
+        """Around a reload's building of routes: the first of its methods to configure a
+        target's breaker, bulkhead or retry budget gives them its settings, as the first of
+        the manifest's did at start, and they stay the same objects, with their state
+        (calls in flight, failures, tokens) and every method of the target sharing them.
+        Before, a reload that changed those settings left them as they were, unsaid."""
+        self._configured = set()
+        try:
+            yield
+        finally:
+            self._configured = None
+
+    def _configures(self, kind: str, key: str) -> bool:
+        """Whether this method, in a reload's build, is the first to configure ``kind`` of
+        target ``key`` (outside a build, or after the first: it takes them as they are)."""
+        configured = self._configured
+        if configured is None or (kind, key) in configured:
+            return False
+        configured.add((kind, key))
+        return True
+
     def forget_targets(self, live: set[str]) -> None:
         """Drop the breakers, retry budgets, bulkheads and target-scoped rate limits of
         the targets and fleet instances whose key is not in ``live`` (a reload's end: no
@@ -262,12 +286,23 @@ class PolicyRuntime:
         ``stats()`` for good. A chain still running holds what it uses; a target that
         comes back starts with a closed breaker and full budgets, as a new one."""
         dropped = {breaker.name for key, breaker in self.breakers.items() if key not in live}
-        for table in (self.breakers, self.shared_breakers, self.budgets, self.bulkheads):
+        for key in [key for key in self.shared_breakers if key not in live]:
+            self.shared_breakers.pop(key).close()
+        for table in (self.breakers, self.budgets, self.bulkheads):
             for key in [key for key in table if key not in live]:
                 del table[key]
-        for limits in (self.limiters, self.target_limits):
-            for key, spec in [each for each in limits if each[0] not in live]:
-                del limits[key, spec]
+        # A target's limits are keyed by their spec too: one a reload changed is another
+        # limit, and the old one (no method's gate holds it) went on limiting host events.
+        held = {id(limit) for gate in self.gates.values() for limit in gate.limits}
+        for key, spec in [
+            each
+            for each, limit in self.target_limits.items()
+            if each[0] not in live or id(limit) not in held
+        ]:
+            del self.target_limits[key, spec]
+            self.limiters.pop((key, spec), None)
+        for key, spec in [each for each in self.limiters if each[0] not in live]:
+            del self.limiters[key, spec]
         if dropped and self.breakers_forgotten:
             dropped -= {breaker.name for breaker in self.breakers.values()}
             for name in dropped:
@@ -279,12 +314,21 @@ class PolicyRuntime:
         retry budget; without a retry step to fill it, the hedge step fills it."""
         assert policies.hedge is not None
         ratio = (policies.retry or RetryPolicy()).budget_ratio
-        budget = self.budgets.setdefault(key, RetryBudget(fleet.name, ratio))
+        budget = self._budget(key, fleet.name, ratio)
         hedge = HedgeStep(
             name, policies.hedge, fleet, budget, step, deposits=not policies.may_retry
         )
         self.hedges[name] = hedge
         return hedge
+
+    def _budget(self, key: str, name: str, ratio: float) -> RetryBudget:
+        """The retry budget of target ``key``, which its retries and hedges share."""
+        budget = self.budgets.get(key)
+        if budget is None:
+            budget = self.budgets[key] = RetryBudget(name, ratio)
+        elif self._configures("retry budget", key):
+            budget.configure(ratio)
+        return budget
 
     def _invoke(self, provider: Provider[Any]) -> Invoke:
         boundary = self.boundary
@@ -476,6 +520,8 @@ class PolicyRuntime:
             shared = self.shared_breakers[key] = SharedBreaker(
                 local, key, policy, self.state, self.breaker_sync, self.clock
             )
+        elif self._configures("shared breaker", key):
+            shared.configure(policy)
         return shared
 
     def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:
@@ -491,6 +537,13 @@ class PolicyRuntime:
                 success_threshold=policy.success_threshold,
                 clock=self.clock,
                 listeners=self.breaker_listeners,
+            )
+        elif self._configures("breaker", key):
+            breaker.configure(
+                fail_max=policy.fail_max,
+                reset_timeout=policy.reset_timeout_ms / 1000,
+                half_open_max_calls=policy.half_open_max_calls,
+                success_threshold=policy.success_threshold,
             )
         return breaker
 
@@ -514,6 +567,8 @@ class PolicyRuntime:
             bulkhead = self.bulkheads[key] = Bulkhead(
                 target.describe(), spec.max_in_flight, spec.max_waiting
             )
+        elif self._configures("bulkhead", key):
+            bulkhead.resize(spec.max_in_flight, spec.max_waiting)
         return bulkhead
 
     def _limit(

@@ -91,10 +91,10 @@ class RedisBreakers:
             int(wait_us) / 1_000_000,
             int(generation),
         )
-        if self._may_keep(key, view, sent):
-            self._views[key] = (view, sent)
         seen = self._watchers.get(key)
-        if seen is not None:
+        if seen is not None:  # else unwatched while this ran: nothing is kept of it
+            if self._may_keep(key, view, sent):
+                self._views[key] = (view, sent)
             seen(view.state, view.failures, view.generation)
         return view
 
@@ -153,6 +153,18 @@ class RedisBreakers:
             except ValueError:
                 number = 0
             seen(state.decode(errors="replace") if state else "closed", count, number)
+
+    @property
+    def watched(self) -> int:
+        """How many breakers this replica follows (one per breaker its routes hold)."""
+        return len(self._watchers)
+
+    def unwatch(self, key: str) -> None:
+        """Forget ``key``: its watcher, its kept answer, when it was last pushed. Kept,
+        every breaker a replica ever dropped was read again at each reconnect."""
+        self._watchers.pop(key, None)
+        self._views.pop(key, None)
+        self._pushed_at.pop(key, None)
 
     def pushed(self, key: str) -> None:
         """A transition of breaker ``key`` was pushed."""

@@ -204,6 +204,9 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     def breaker_watch(self, key: str, seen: Callable[[str, int, int], None]) -> None:
         self._breakers.watch(key, seen)
 
+    def breaker_unwatch(self, key: str) -> None:
+        self._breakers.unwatch(key)
+
     # -- cache -----------------------------------------------------------------------------------
 
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
@@ -356,6 +359,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             "late_reads": self._redis.late_reads,
             "fallbacks": self._redis.fallbacks,
             "dropped_entries": self.dropped_entries,
+            "breakers_watched": self._breakers.watched,
             "available": self._redis.available,
         }
 

@@ -101,6 +101,11 @@ class SharedStore(ABC):
         this replica shows of the breaker (metrics, logs), never for admitting calls."""
 
     @abstractmethod
+    def breaker_unwatch(self, key: str) -> None:
+        """Stop watching the breaker ``key`` and forget what was kept of it: no call goes
+        through it any more (a fleet instance that left, a target a reload moved off)."""
+
+    @abstractmethod
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
         """The cached value of ``key`` in the cache ``name`` and the cache's generation."""
 
