@@ -194,3 +194,26 @@ async def test_a_reload_sets_a_shared_breaker_s_settings_and_lets_go_of_those_it
             await dispatcher.reload(shared(redis_server, redis_prefix, f"127.0.0.{number}", 2))
         assert dispatcher.stats()["state"]["breakers_watched"] == 1
         assert len(dispatcher.stats()["shared_breakers"]) == 1
+
+
+async def test_a_reload_sets_the_breakers_of_a_fleet_s_instances_too() -> None:
+    """Each instance of a fleet has its own breaker, made once and kept on the instance:
+    a reload's settings reach it as they reach a plain target's."""
+
+    def fleet(fail_max: int) -> Any:
+        urls = [{"url": "http://127.0.0.8:9"}, {"url": "http://127.0.0.9:9"}]
+        target = {"provider": "http", "instances": urls, "balance": "round_robin"}
+        methods = {"say": {"breaker": {"fail_max": fail_max, "reset_timeout_ms": 60_000}}}
+        return manifest({"id": "down", "version": "1.0.0", "target": target, "methods": methods})
+
+    async with Dispatcher(fleet(5)) as dispatcher:
+        await dispatcher.reload(fleet(1))
+        runtime = dispatcher.policies
+        assert runtime is not None
+        assert [each.fail_max for each in runtime.breakers.values()] == [1, 1]
+        # Neither connects: the call fails over to the other, one failure each, both open.
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("down", "say", {"text": "x"})
+        assert [str(each.state) for each in runtime.breakers.values()] == ["open", "open"]
+        with pytest.raises(CircuitOpen):
+            await dispatcher.call("down", "say", {"text": "x"})

@@ -83,9 +83,14 @@ class FleetStep:
         self.invoke = invoke
         self.breaker_for = breaker_for
         self.shared_for = shared_for
-        for instance in fleet.instances:  # so reports show them before the first call
-            self._breaker(instance)
-            self._shared(instance)
+        # Made now, so reports show them before the first call; and asked again of the
+        # policies for instances that have them already, which gives them this chain's
+        # settings when a reload changed them (``PolicyRuntime.building``).
+        for instance in fleet.instances:
+            if breaker_for is not None:
+                instance.breaker = breaker_for(instance)
+            if shared_for is not None:
+                instance.shared_breaker = shared_for(instance)
 
     def _shared(self, instance: Instance) -> SharedBreaker | None:
         if self.shared_for is None:
