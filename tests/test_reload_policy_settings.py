@@ -12,6 +12,7 @@ state (failures, calls in flight, tokens).
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import pytest
@@ -217,3 +218,32 @@ async def test_a_reload_sets_the_breakers_of_a_fleet_s_instances_too() -> None:
         assert [str(each.state) for each in runtime.breakers.values()] == ["open", "open"]
         with pytest.raises(CircuitOpen):
             await dispatcher.call("down", "say", {"text": "x"})
+
+
+async def test_a_bulkhead_resized_under_load_never_admits_past_its_limit_and_ends_whole() -> None:
+    """Calls acquiring and releasing at random while the limit moves up and down: no more
+    than the limit start once what was owed is given back, every waiter admitted ends,
+    and the bulkhead ends as a new one of its last size (every slot back, none owed)."""
+    rng = random.Random(7)
+    bulkhead = Bulkhead("t", 4, 1_000)
+    holding = 0
+    most_over_limit = 0
+
+    async def call() -> None:
+        nonlocal holding, most_over_limit
+        await bulkhead.acquire(invocation())
+        holding += 1
+        if not bulkhead._owed:  # nothing owed: the limit holds exactly
+            most_over_limit = max(most_over_limit, holding - bulkhead.max_in_flight)
+        await asyncio.sleep(rng.random() / 200)
+        holding -= 1
+        bulkhead.release()
+
+    calls = [asyncio.ensure_future(call()) for _ in range(300)]
+    for _ in range(60):
+        await asyncio.sleep(rng.random() / 100)
+        bulkhead.resize(rng.randint(1, 8), 1_000)
+    await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert most_over_limit <= 0
+    assert (bulkhead.in_flight, bulkhead._owed, bulkhead.waiting) == (0, 0, 0)
+    assert bulkhead._slots._value == bulkhead.max_in_flight
