@@ -493,7 +493,7 @@ class Dispatcher:
         During a reload, its end does it: the routes it builds are not the table's yet."""
         steps = self._reload_steps
         if steps is not None and self._state == "running" and not self._reloading.locked():
-            steps.forget_dead_targets(self.manifest)
+            steps.forget_dead_targets()
 
     def _reload_waiting(self) -> asyncio.Task[Any] | None:
         """The task whose reload waits now for the calls in flight at its swap, if any."""

@@ -103,8 +103,6 @@ class ReloadSteps:
         #: has not come yet: this reload's, and those of reloads given up in their wait,
         #: which left their connections open and their policy state for the next to end.
         self._left: list[PluginSpec[Any]] = []
-        #: The target keys a manifest calls (``_live_targets``), for the last one asked.
-        self._live: tuple[Manifest[Any] | None, set[str]] = (None, set())
 
     async def attach(self, plan: ReloadPlan) -> list[Attachment]:
         """Step 1: what the versions added or changed newly need, attached (not yet in
@@ -212,18 +210,16 @@ class ReloadSteps:
             # it again): the rest runs to its end, then the cancel goes on.
             await _to_its_end(self._end_retired(manifest, used))
         else:  # nothing retired: instances detached while this reload ran may be dead
-            self.forget_dead_targets(manifest)
+            self.forget_dead_targets()
 
-    def forget_dead_targets(self, manifest: Manifest[Any]) -> None:
-        """Drop the breakers, budgets and limits of the targets and fleet instances no
-        route of ``manifest`` calls (``PolicyRuntime.forget_targets``): those a reload
-        moved away from, and the instances discovery listed and no longer lists, once
-        detached. Called at a reload's end, and when such an instance is detached outside
-        a reload (within one, the routes being built hold breakers of targets the manifest
-        running now does not name yet: its end does it)."""
-        if self._live[0] is not manifest:  # a fixed instance's key is a target built anew
-            self._live = (manifest, _live_targets(manifest))
-        self._policies.forget_targets(self._live[1] | self._fleets.instance_keys())
+    def forget_dead_targets(self) -> None:
+        """Drop the breakers, budgets and limits kept by target that no route holds
+        (``PolicyRuntime.forget_targets``): those of targets a reload moved away from or
+        whose policies it changed, and those of the instances discovery listed and no
+        longer lists, once detached. Called at a reload's end, and when such an instance is
+        detached outside a reload (within one, the routes being built hold what the routes
+        installed do not: its end does it)."""
+        self._policies.forget_targets(self._fleets.instance_keys())
 
     async def _end_retired(self, manifest: Manifest[Any], used: set[str]) -> None:
         """What the swap retired, and what reloads given up in their wait left, ended once
@@ -234,7 +230,7 @@ class ReloadSteps:
         await self._fleets.release()  # discovered instances, from versions gone
         await self._fleets.forget(used)
         await self._policies.forget(_methods_gone(left, manifest))
-        self.forget_dead_targets(manifest)
+        self.forget_dead_targets()
 
     async def _close_connections(
         self, manifest: Manifest[Any], left: list[PluginSpec[Any]], used: set[str]
@@ -362,16 +358,6 @@ def _methods_gone(left: list[PluginSpec[Any]], manifest: Manifest[Any]) -> set[t
         methods = running.get(plugin.key, {})
         gone.update((plugin.key, method) for method in plugin.methods if method not in methods)
     return gone
-
-
-def _live_targets(manifest: Manifest[Any]) -> set[str]:
-    """The keys of the targets ``manifest`` calls, and of their fixed instances."""
-    return {
-        key
-        for plugin in manifest.plugins
-        for target in plugin.targets()
-        for key in (target.key, *(each.key for each in target.instance_targets()))
-    }
 
 
 def _inbound(plugin: PluginSpec[Any]) -> list[TargetConfig]:

@@ -247,3 +247,53 @@ async def test_a_bulkhead_resized_under_load_never_admits_past_its_limit_and_end
     assert most_over_limit <= 0
     assert (bulkhead.in_flight, bulkhead._owed, bulkhead.waiting) == (0, 0, 0)
     assert bulkhead._slots._value == bulkhead.max_in_flight
+
+
+async def test_a_reload_that_takes_a_target_s_policies_off_drops_what_they_kept() -> None:
+    """A method whose breaker, bulkhead, retry and target limit a reload took off: what
+    they kept by target goes (before: it stayed in ``stats()``, and host events to the
+    target still passed that breaker and that limit)."""
+    policies = {
+        "breaker": {"fail_max": 1},
+        "concurrency": {"max_in_flight": 2, "scope": "target"},
+        "rate_limit": {"rate": 1, "burst": 1, "scope": "target"},
+        "idempotent": True,
+        "retry": {"attempts": 2},
+    }
+    async with Dispatcher(refusing(**policies)) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        (target,) = dispatcher.manifest.plugins[0].targets()
+        assert runtime.event_gate(target).breaker is not None
+        await dispatcher.reload(refusing(timeout_ms=1_000))
+        stats = dispatcher.stats()
+        assert not stats["breakers"] and not stats["bulkheads"] and not stats["rate_limits"]
+        assert not stats["retry_budgets"]
+        gate = runtime.event_gate(target)
+        assert (gate.breaker, gate.bulkhead, tuple(gate.limits)) == (None, None, ())
+
+
+async def test_a_reload_that_takes_a_method_s_policies_off_drops_what_they_kept() -> None:
+    """The same for what a method keeps of its own: its cache, limits and bulkhead, its
+    retry counters, its batcher (closed). Before, a rebuilt chain only replaced them, so
+    a policy taken off left them in ``stats()``, the batcher open, for good."""
+    policies = {
+        "pure": True,
+        "cache": {"ttl_ms": 60_000},
+        "concurrency": {"max_in_flight": 2},
+        "rate_limit": {"rate": 100},
+        "idempotent": True,
+        "retry": {"attempts": 2},
+        "batch": {"max_size": 10, "max_wait_ms": 5},
+    }
+    async with Dispatcher(refusing(**policies)) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        before = dispatcher.stats()
+        assert before["caches"] and before["retries"] and before["batchers"]
+        assert before["bulkheads"] and before["rate_limits"]
+        await dispatcher.reload(refusing(timeout_ms=1_000))
+        stats = dispatcher.stats()
+        for kind in ("caches", "retries", "batchers", "bulkheads", "rate_limits"):
+            assert not stats[kind], (kind, stats[kind])
+        assert not runtime.replaced_versions()  # its batcher was closed at the reload's end

@@ -132,6 +132,7 @@ class PolicyRuntime:
         policies = plugin.policies_of(method)
         name = f"{plugin.id}.{method}"
         owner = (plugin.key, method)
+        self._rebuilding(owner)
         fleet = self.fleets.fleet_of(target, provider)
         if fleet is None:
             (target,) = target.instance_targets()  # itself, or its one instance
@@ -225,10 +226,24 @@ class PolicyRuntime:
             return DeadlineGuard(name, fleet_step)
         return fleet_step
 
+    def _rebuilding(self, owner: tuple[str, str]) -> None:
+        """``owner``'s chain is built (again, when a reload changed its version's entry):
+        what the last one kept by method goes, and this one sets what its policies ask
+        for. Only replaced before, a policy the reload took off left its cache, limits,
+        bulkhead, retry and hedge counters in ``stats()``, and its batcher open, for good.
+        A batcher goes once its calls in flight have ended (``replaced_versions``); the
+        keyed calls answered stay, as the target's breaker does."""
+        name = f"{owner[0]}.{owner[1]}"
+        self.caches.pop(owner, None)
+        self.method_limits.pop(owner, None)
+        self.method_bulkheads.pop(owner, None)
+        self.retries.pop(name, None)
+        self.hedges.pop(name, None)
+        batcher = self.batchers.pop(owner, None)
+        if batcher is not None:
+            self._replaced.append((owner[0], batcher))
+
     def _batcher(self, owner: tuple[str, str], batcher: Batcher) -> Batcher:
-        replaced = self.batchers.get(owner)
-        if replaced is not None:
-            self._replaced.append((owner[0], replaced))
         self.batchers[owner] = batcher
         return batcher
 
@@ -278,36 +293,51 @@ class PolicyRuntime:
         configured.add((kind, key))
         return True
 
-    def forget_targets(self, live: set[str]) -> None:
-        """Drop the breakers, retry budgets, bulkheads and target-scoped rate limits of
-        the targets and fleet instances whose key is not in ``live`` (a reload's end: no
-        route calls them now). Kept by target, not by plugin version, ``forget`` never
-        reached them, and every reload that moved a plugin to another URL grew them and
-        ``stats()`` for good. A chain still running holds what it uses; a target that
-        comes back starts with a closed breaker and full budgets, as a new one."""
-        dropped = {breaker.name for key, breaker in self.breakers.items() if key not in live}
-        for key in [key for key in self.shared_breakers if key not in live]:
+    def forget_targets(self, instances: set[str]) -> None:
+        """Drop the breakers, retry budgets, bulkheads and target-scoped rate limits no
+        route holds any more (a reload's end; a fleet instance detached): those of the
+        targets a reload moved away from, of the policies it took off, of a limit it
+        changed (another limit: its spec is part of its key). Kept by target, not by plugin
+        version, ``forget`` never reached them: every reload that moved a plugin to
+        another URL grew them and ``stats()`` for good, and host events to a target still
+        passed a breaker or a limit its methods no longer had. A fleet instance's breaker
+        is held by the instance, not by a route: it stays while its key is one of
+        ``instances``. A chain still running holds what it uses; a target that comes back
+        starts with a closed breaker and full budgets, as a new one."""
+        held = self._held()
+
+        def dead(key: str, kept: object) -> bool:
+            return key not in instances and id(kept) not in held
+
+        dropped = {breaker.name for key, breaker in self.breakers.items() if dead(key, breaker)}
+        for key in [key for key, shared in self.shared_breakers.items() if dead(key, shared)]:
             self.shared_breakers.pop(key).close()
-        for table in (self.breakers, self.budgets, self.bulkheads):
-            for key in [key for key in table if key not in live]:
+        tables: tuple[dict[str, Any], ...] = (self.breakers, self.budgets, self.bulkheads)
+        for table in tables:
+            for key in [key for key, kept in table.items() if dead(key, kept)]:
                 del table[key]
-        # A target's limits are keyed by their spec too: one a reload changed is another
-        # limit, and the old one (no method's gate holds it) went on limiting host events.
-        held = {id(limit) for gate in self.gates.values() for limit in gate.limits}
-        for key, spec in [
-            each
-            for each, limit in self.target_limits.items()
-            if each[0] not in live or id(limit) not in held
-        ]:
-            del self.target_limits[key, spec]
-            self.limiters.pop((key, spec), None)
-        for key, spec in [each for each in self.limiters if each[0] not in live]:
-            del self.limiters[key, spec]
+        for each in [each for each, limit in self.target_limits.items() if id(limit) not in held]:
+            del self.target_limits[each]
+        for each in [each for each in self.limiters if each not in self.target_limits]:
+            del self.limiters[each]
         if dropped and self.breakers_forgotten:
             dropped -= {breaker.name for breaker in self.breakers.values()}
             for name in dropped:
                 for listener in self.breakers_forgotten:
                     listener(name)
+
+    def _held(self) -> set[int]:
+        """The ``id`` of everything kept by target that the routes' chains hold: what each
+        method's gate holds (its breaker, shared breaker, bulkhead, limits), and the retry
+        budgets its retry and hedge steps spend."""
+        held: set[int] = set()
+        for gate in self.gates.values():
+            held.update(id(limit) for limit in gate.limits)
+            kept = (gate.breaker, gate.shared, gate.bulkhead)
+            held.update(id(each) for each in kept if each is not None)
+        held.update(id(retry.budget) for retry in self.retries.values())
+        held.update(id(hedge.budget) for hedge in self.hedges.values())
+        return held
 
     def _hedge(self, name: str, key: str, fleet: Fleet, policies: Policies, step: Step) -> Step:
         """Hedging, inside the retry step and around the fleet's: hedges spend the target's
