@@ -19,16 +19,17 @@ written whole. A refused client certificate is named as such either way.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
-from providers._http_client import ConnectionCheck, HttpClient, HttpPool, Reply
+from providers._http_client import ConnectionCheck, HttpClient, HttpPool, Reply, closed_client
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig
@@ -205,9 +206,15 @@ class AiohttpClient(HttpClient):
             # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
             raise connect_error(error, target.describe()) from error
         except aiohttp.ClientError as error:
-            raise in_flight_error(
-                error, target.describe(), None if tls is None else tls.tls
-            ) from error
+            raise self._failed(error, target, tls) from error
+        except RuntimeError:
+            if not self._session.closed:
+                raise  # not aiohttp's refusal of a closed session: a bug to see
+            raise closed_client(target.describe(), sent=False) from None
+        except asyncio.CancelledError:
+            if not self._cut_waiting():
+                raise
+            raise closed_client(target.describe(), sent=False) from None
 
     async def get(
         self,
@@ -237,12 +244,41 @@ class AiohttpClient(HttpClient):
         except aiohttp.ClientConnectorError as error:
             raise connect_error(error, target.describe()) from error
         except aiohttp.ClientError as error:
-            raise in_flight_error(
-                error, target.describe(), None if tls is None else tls.tls
-            ) from error
+            raise self._failed(error, target, tls) from error
+        except RuntimeError:
+            if not self._session.closed:
+                raise  # not aiohttp's refusal of a closed session: a bug to see
+            raise closed_client(target.describe(), sent=False) from None
+        except asyncio.CancelledError:
+            if not self._cut_waiting():
+                raise
+            raise closed_client(target.describe(), sent=False) from None
 
     async def aclose(self) -> None:
+        self._urls.clear()
         await self._session.close()
+
+    async def forget(self, urls: Collection[str]) -> None:
+        for url in urls:
+            self._urls.pop(url, None)
+
+    def urls_held(self) -> frozenset[str]:
+        return frozenset(self._urls)
+
+    def _failed(
+        self, error: aiohttp.ClientError, target: TargetConfig, tls: ClientTlsContext | None
+    ) -> TargetUnavailable:
+        """A failure once the connection was open; a closed session's cut is its own."""
+        if self._session.closed:  # it closed the connection itself: no peer hung up
+            return closed_client(target.describe(), sent=True)
+        return in_flight_error(error, target.describe(), None if tls is None else tls.tls)
+
+    def _cut_waiting(self) -> bool:
+        """Whether the ``CancelledError`` being handled is the session's close, not the
+        caller's cancel: a closing connector cancels the requests waiting for one of its
+        connections (a full ``pool:``), which sent nothing."""
+        task = asyncio.current_task()
+        return self._session.closed and task is not None and not task.cancelling()
 
     def _url(self, url: str) -> URL:
         """Parsed once per URL: yarl's parse is a measurable part of a call."""

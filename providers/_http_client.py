@@ -29,6 +29,10 @@ What every client guarantees, so the providers above it never see a vendor excep
 Redirects are never followed by either client: a 3xx comes back as a ``Reply`` with its
 ``Location`` header, for the provider to refuse (``providers._http_common.status_error``).
 
+A client that was closed (``aclose``, or the client of a target's own when the last plugin
+attached to the target is detached) refuses a call with ``TargetUnavailable``, and one it
+carried when it closed ends so too: never a vendor's "closed" error.
+
 A ``ConnectionCheck`` (aiohttp only) is asked before each new connection is opened, and
 again once it is open, before a byte of the request is written; the ``DispatchError`` it
 raises reaches the caller as it is, and nothing of the request goes out.
@@ -38,12 +42,14 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import Annotated, Any, Literal, NamedTuple, Protocol, Self
 
 from pydantic import AfterValidator, Field
 
+from linchkit_plugin.errors import TargetUnavailable
+from providers.base import CONNECT_STAGE
 from providers.target import StrictModel, TargetConfig
 from providers.tls import ClientTlsContext
 
@@ -58,6 +64,7 @@ __all__ = [
     "HttpPool",
     "Reply",
     "checked_http2",
+    "closed_client",
 ]
 
 #: Which client a target's calls go through (``client:`` of an http or knative target).
@@ -109,6 +116,19 @@ def checked_http2(http2: bool, client: ClientKind | None) -> None:
     speaks HTTP/1.1 only, and the provider's default client may be either."""
     if http2 and client != "reqwest":
         raise ValueError("http2: true needs client: reqwest (aiohttp speaks HTTP/1.1 only)")
+
+
+def closed_client(where: str, *, sent: bool) -> TargetUnavailable:
+    """A call on a client that was closed, as the seam's error: ``sent`` when the client
+    closed under it (it may have reached the plugin), otherwise it went nowhere (the
+    connect stage: a fleet may send it to another instance)."""
+    why = (
+        "its HTTP client was closed: no plugin is attached to the target any more (it left"
+        " its fleet, or a reload took it out), or the dispatcher closed"
+    )
+    if sent:
+        return TargetUnavailable(f"{where}: the call was cut off: {why}")
+    return TargetUnavailable(f"{where}: not called: {why}", details=CONNECT_STAGE)
 
 
 class HttpPool(StrictModel):
@@ -197,6 +217,16 @@ class HttpClient(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Close every connection; the client is not used again."""
+
+    async def forget(self, urls: Collection[str]) -> None:  # noqa: B027 - a client keeping nothing per URL skips it
+        """No target calls ``urls`` through this client any more (the last plugin attached
+        to it was detached): drop what the client keeps for each (reqwest: its pyreqwest
+        client, closed, with its connections). A call to one of them later builds it
+        again. The default keeps nothing per URL."""
+
+    def urls_held(self) -> frozenset[str]:
+        """The URLs the client keeps something for (``forget``); the default: none."""
+        return frozenset()
 
     async def __aenter__(self) -> Self:
         return self

@@ -8,7 +8,9 @@ than aiohttp for less CPU per call, every thread of the process counted
 (``bench/bench_http_clients.py``; figures in ``docs/architecture.md``).
 
 One pyreqwest ``Client`` per target URL (and per TLS generation): its own pool sized by the
-target's ``pool:``, its own client certificate, and its own resolved addresses.
+target's ``pool:``, its own client certificate, and its own resolved addresses. It is
+closed once no target calls its URL any more (``forget``: the provider says so when the
+last plugin attached to the last such target is detached), or with the provider.
 
 * **Egress.** reqwest resolves names itself and cannot be handed a resolver from Python, so
   a name is resolved here when the target's client is built, every address is checked
@@ -18,8 +20,9 @@ target's ``pool:``, its own client certificate, and its own resolved addresses.
 * **TLS.** ``ca_file`` is trusted besides the built-in roots (rustls); ``cert_file`` and
   ``key_file`` are presented as the client identity; TLS 1.2 at least. A reload of the
   files (``ClientTlsContext``) gives a new context, and a new client is built for it; the
-  old one is closed with the provider. ``server_name`` is sent and verified by putting it
-  in the request URL and pinning it to the real host's addresses.
+  old one is closed with the URL's others (``forget``) or the provider. ``server_name``
+  is sent and verified by putting it in the request URL and pinning it to the real
+  host's addresses.
 * **Authority.** A client made with ``authority`` (a Knative service on HTTP/2, which its
   ingress routes by ``:authority``; HTTP/2 has no ``Host`` header to set) puts that name
   in the request URL the same way: the requests name the service and go to the ingress.
@@ -61,16 +64,21 @@ import gc
 import ipaddress
 import math
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pyreqwest.client import ClientBuilder, SyncClientBuilder
-from pyreqwest.exceptions import NetworkError, PyreqwestError, RequestTimeoutError
+from pyreqwest.exceptions import (
+    ClientClosedError,
+    NetworkError,
+    PyreqwestError,
+    RequestTimeoutError,
+)
 from pyreqwest.http import Url
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
-from providers._http_client import HttpClient, HttpPool, Reply
+from providers._http_client import HttpClient, HttpPool, Reply, closed_client
 from providers._in_flight import InFlightLimit
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
@@ -151,9 +159,10 @@ def _timeout(seconds: float) -> timedelta:
 
 
 class ReqwestClient(HttpClient):
-    """pyreqwest clients, one per target URL and TLS generation, closed in ``aclose``."""
+    """pyreqwest clients, one per target URL and TLS generation, closed by ``forget`` (a
+    URL no target calls any more) or ``aclose``."""
 
-    __slots__ = ("_authority", "_closed", "_egress", "_entries", "_every", "_http2", "_pool")
+    __slots__ = ("_authority", "_closed", "_egress", "_entries", "_http2", "_pool")
 
     def __init__(
         self,
@@ -170,8 +179,8 @@ class ReqwestClient(HttpClient):
         #: The host every request names (its :authority, its Host), sent to the URL's
         #: host's addresses: a Knative service behind its ingress.
         self._authority = authority
-        self._entries: dict[object, _Entry] = {}
-        self._every: list[Client] = []
+        #: Every client built and not closed, by URL, or by URL and TLS context.
+        self._entries: dict[str | tuple[str, object], _Entry] = {}
         self._closed = False
 
     async def post(
@@ -273,10 +282,22 @@ class ReqwestClient(HttpClient):
 
     async def aclose(self) -> None:
         self._closed = True
-        every, self._every = self._every, []
+        entries = list(self._entries.values())
         self._entries.clear()
-        for client in every:
-            await client.close()
+        for entry in entries:
+            await entry.client.close()
+
+    async def forget(self, urls: Collection[str]) -> None:
+        """Close the clients of ``urls`` (each TLS generation's), their connections with
+        them. A call under way on one ends as the seam's ``TargetUnavailable``; the next
+        call to such a URL builds its client again."""
+        gone = [key for key in self._entries if _url_of(key) in urls]
+        entries = [self._entries.pop(key) for key in gone]  # before any await: a call
+        for entry in entries:  # that comes meanwhile builds a client of its own
+            await entry.client.close()
+
+    def urls_held(self) -> frozenset[str]:
+        return frozenset(_url_of(key) for key in self._entries)
 
     async def _entry(self, url: str, tls: ClientTlsContext | None, target: TargetConfig) -> _Entry:
         """Build the client of ``url`` (resolving and checking its host first)."""
@@ -317,7 +338,6 @@ class ReqwestClient(HttpClient):
             raise ProviderError(f"the client of {target.describe()} is closed")
         client = builder.build()
         _settle_before_exit()
-        self._every.append(client)
         entry = self._entries[key] = _Entry(
             client, parsed_url, InFlightLimit(self._pool.max_connections)
         )
@@ -378,7 +398,7 @@ class ReqwestClient(HttpClient):
 
     def __repr__(self) -> str:
         return (
-            f"<ReqwestClient clients={len(self._every)}"
+            f"<ReqwestClient clients={len(self._entries)}"
             f" max_connections={self._pool.max_connections}"
             f"{' http2' if self._http2 else ''} closed={self._closed}>"
         )
@@ -424,6 +444,11 @@ async def _read_streamed(response: Response, limit: int, target: TargetConfig) -
     return b"".join(chunks)
 
 
+def _url_of(key: str | tuple[str, object]) -> str:
+    """The URL of a key of ``ReqwestClient._entries``."""
+    return key if isinstance(key, str) else key[0]
+
+
 def _unsendable(target: TargetConfig) -> ProviderError:
     """reqwest refused to build the request: a header it cannot send (its message quotes
     the value, which may be a secret; the manifest's check refuses such headers first)."""
@@ -451,6 +476,8 @@ def _causes(error: BaseException) -> list[str]:
 
 def _translate(error: BaseException, where: str, tls: ClientTlsContext | None) -> TargetUnavailable:
     """A pyreqwest failure as the seam's ``TargetUnavailable`` (connect stage or mid-call)."""
+    if isinstance(error, ClientClosedError):  # ``forget`` or ``aclose`` closed it under the call
+        return closed_client(where, sent=True)
     causes = _causes(error)
     text = "; ".join(causes)
     last = causes[-1] if causes else str(error)
