@@ -5,6 +5,12 @@ answers; these are the pieces they have in common, public in one place so neithe
 reaches into the other's privates. ``HttpClients`` opens each client kind's module when a
 target first needs it (``providers._aiohttp``, ``providers._reqwest``).
 
+What a target holds is let go once no plugin is attached to it (``TargetRoutes``): its
+route, a client of its own (closed), and what a shared client keeps for its URLs that no
+other target calls (``HttpClient.forget``). Without that, a fleet whose instances come
+from DNS or a registry, or reloads moving a plugin from URL to URL, would grow the process
+with every address they were ever given.
+
 No client follows a redirect: a 3xx is ``ProviderError`` naming the ``Location`` (password
 masked).
 
@@ -23,9 +29,10 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import orjson
 
@@ -57,7 +64,10 @@ if TYPE_CHECKING:
     from yarl import URL
 
 __all__ = [
+    "HeldRoutes",
     "HttpClients",
+    "HttpRoute",
+    "TargetRoutes",
     "basic_authorization",
     "envelope_error",
     "redirect_detail",
@@ -75,7 +85,8 @@ class HttpClients:
     """The clients of one provider: a shared one per kind, and one per target with a ``pool``.
 
     Opened lazily, when a target first needs one (so pyreqwest is imported only by a
-    dispatcher that uses it); every one is closed in ``aclose``.
+    dispatcher that uses it); a target's own is closed once no plugin is attached to the
+    target (``release``), every one still open in ``aclose``.
     """
 
     __slots__ = (
@@ -106,7 +117,7 @@ class HttpClients:
         self._unix_socket = unix_socket
         self._connection_check = connection_check
         self._shared: dict[tuple[ClientKind, bool], HttpClient] = {}
-        self._own: list[HttpClient] = []
+        self._own: set[HttpClient] = set()
 
     def for_target(
         self,
@@ -130,7 +141,7 @@ class HttpClients:
             )
         if pool is not None or authority is not None:
             client = self._open(chosen, pool or self._shared_pool, http2, authority)
-            self._own.append(client)
+            self._own.add(client)
             return client
         shared = self._shared.get((chosen, http2))
         if shared is None:
@@ -138,6 +149,30 @@ class HttpClients:
                 chosen, self._shared_pool, http2, None
             )
         return shared
+
+    async def release(self, route: HttpRoute, kept: Iterable[HttpRoute]) -> None:
+        """No plugin is attached to ``route``'s target any more: close its client if it is
+        the target's own (a call still on it ends as ``TargetUnavailable``); on a shared
+        client, drop what it keeps for the URLs of ``route`` that none of ``kept`` (the
+        routes still kept) calls through it."""
+        client = route.client
+        if client in self._own:
+            self._own.discard(client)
+            await client.aclose()
+        elif client in self._shared.values():  # else closed already, with the provider
+            used = {url for other in kept if other.client is client for url in other.urls}
+            await client.forget([url for url in route.urls if url not in used])
+
+    @property
+    def own_clients(self) -> int:
+        """Clients of a target's own, open."""
+        return len(self._own)
+
+    def urls_held(self) -> frozenset[str]:
+        """The URLs some client keeps something for (``HttpClient.urls_held``)."""
+        return frozenset().union(
+            *(client.urls_held() for client in (*self._shared.values(), *self._own))
+        )
 
     async def aclose(self) -> None:
         clients = [*self._shared.values(), *self._own]
@@ -169,6 +204,92 @@ class HttpClients:
     def __repr__(self) -> str:
         shared = [f"{kind}+h2" if http2 else kind for kind, http2 in self._shared]
         return f"<HttpClients default={self._default} shared={shared} own={len(self._own)}>"
+
+
+class HttpRoute(Protocol):
+    """What ``TargetRoutes`` and ``HttpClients.release`` read of a provider's route."""
+
+    @property
+    def client(self) -> HttpClient:
+        """The client the target's calls go through."""
+
+    @property
+    def invoke_url(self) -> str:
+        """Where a call goes."""
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every URL the route calls (a call, the health probe, ``/describe``)."""
+
+
+RouteT = TypeVar("RouteT", bound=HttpRoute)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRoutes:
+    """What a provider speaking HTTP holds for its targets now (``HttpProvider.held``,
+    ``KnativeProvider.held``), read-only: once the last plugin attached to a target is
+    detached, none of it is that target's any more."""
+
+    #: The URL each kept route calls, sorted: one per target a call or a probe needed
+    #: since its last release (two targets may call one URL).
+    routes: tuple[str, ...]
+    #: Targets some plugin is attached to (two plugins on one target count once).
+    attached: int
+    #: Clients of a target's own (a ``pool:``, a Knative service's ``authority``), open.
+    own_clients: int
+    #: The URLs a client keeps something for (reqwest: a pyreqwest client each).
+    client_urls: frozenset[str]
+
+
+class TargetRoutes(Generic[RouteT]):
+    """A provider's routes by target key, and how many attachments hold each target.
+
+    ``routes`` is what a call reads (one ``dict.get`` on the hot path); the provider puts a
+    target's route there when a call first needs it, attached or not. Each ``attach`` of a
+    plugin to a target counts (several plugins, or a rollout's two versions, on one target
+    share its route); the ``detach`` that ends the last takes the route out and hands it
+    back, for the provider to release its clients (``HttpClients.release``). A call that
+    comes later (a late one, or a host's that never attached) builds the route again: it
+    is then kept until the target's next last detach, or the provider's close.
+    """
+
+    __slots__ = ("_attached", "routes")
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteT] = {}
+        self._attached: dict[str, int] = {}
+
+    def attach(self, key: str) -> None:
+        self._attached[key] = self._attached.get(key, 0) + 1
+
+    def detach(self, key: str) -> RouteT | None:
+        """One attachment of target ``key`` ended: the target's route, taken out, when it
+        was the last (None: another holds the target, no call built its route, or it was
+        never attached, whose routes this does not end)."""
+        count = self._attached.get(key)
+        if count is None:
+            return None
+        if count > 1:
+            self._attached[key] = count - 1
+            return None
+        del self._attached[key]
+        return self.routes.pop(key, None)
+
+    def held(self, clients: HttpClients | None) -> HeldRoutes:
+        return HeldRoutes(
+            routes=tuple(sorted(route.invoke_url for route in self.routes.values())),
+            attached=len(self._attached),
+            own_clients=0 if clients is None else clients.own_clients,
+            client_urls=frozenset() if clients is None else clients.urls_held(),
+        )
+
+    def clear(self) -> None:
+        self.routes.clear()
+        self._attached.clear()
+
+    def __repr__(self) -> str:
+        return f"<TargetRoutes routes={len(self.routes)} attached={len(self._attached)}>"
 
 
 def basic_authorization(url: URL) -> str | None:

@@ -10,6 +10,12 @@ concurrency 64 for less CPU per call; httpx was 16x slower than aiohttp and is n
 Each client is imported when a target first uses it, not when the module loads.
 ``pool: {max_connections, max_per_host, idle_timeout_s}`` sizes a target's own pool.
 
+What a target holds (its route, a client of its own, what the shared client keeps for its
+URLs) is let go when the last plugin attached to it is detached: an instance that left its
+fleet, a URL a reload moved a plugin off (``providers._http_common.TargetRoutes``). A call
+still under way on a client so closed ends as ``TargetUnavailable``; a call that comes
+later builds the route again. ``held()`` says what is held now.
+
 Credentials: ``user:password@`` in the URL is sent as ``Authorization: Basic`` and taken
 out of the URL before aiohttp sees it (so no message of aiohttp's can print it);
 ``bearer_token`` as ``Authorization: Bearer``. Two sources of ``Authorization`` are
@@ -78,7 +84,9 @@ from providers._http_client import (
     checked_http2,
 )
 from providers._http_common import (
+    HeldRoutes,
     HttpClients,
+    TargetRoutes,
     basic_authorization,
     redirect_detail,
     served_at,
@@ -103,6 +111,7 @@ from providers.tls import ClientTls, ClientTlsContext
 __all__ = [
     "CONNECT_STAGE",
     "DEFAULT_CLIENT",
+    "HeldRoutes",
     "HttpInstance",
     "HttpPool",
     "HttpProvider",
@@ -259,6 +268,10 @@ class _Route:
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
         self.client = client
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.invoke_url, self.health_url, self.describe_url
+
 
 class HttpProvider(Provider[HttpTarget]):
     name = "http"
@@ -288,7 +301,9 @@ class HttpProvider(Provider[HttpTarget]):
         self._unix_socket = unix_socket
         self._connection_check = connection_check
         self._clients: HttpClients | None = None
-        self._routes: dict[str, _Route] = {}
+        self._targets: TargetRoutes[_Route] = TargetRoutes()
+        #: The same dict as ``_targets.routes``, read once per call.
+        self._routes = self._targets.routes
         #: The running loop's clock. ``start`` binds it: ``asyncio.get_running_loop()``
         #: costs 0.14 µs a call on Python 3.11 (it asks the kernel for the process id each
         #: time, to notice a fork), 0.04 µs bound, and ``invoke`` reads it on every call.
@@ -307,10 +322,27 @@ class HttpProvider(Provider[HttpTarget]):
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, None
-        self._routes.clear()
+        self._targets.clear()
         self._loop_time = running_loop_time  # a later start may be in another loop
         if clients is not None:
             await clients.aclose()
+
+    async def attach(self, plugin: PluginInfo, target: HttpTarget) -> None:
+        """Count ``plugin`` among those calling ``target``; its route is built by the
+        first call, as for a target called without an attach."""
+        self._targets.attach(target.key)
+
+    async def detach(self, plugin: PluginInfo, target: HttpTarget) -> None:
+        """Once no plugin is attached to ``target`` any more, drop its route and release
+        its clients (``HttpClients.release``)."""
+        route = self._targets.detach(target.key)
+        clients = self._clients
+        if route is not None and clients is not None:
+            await clients.release(route, self._routes.values())
+
+    def held(self) -> HeldRoutes:
+        """What the provider holds for its targets now (routes, clients, per-URL state)."""
+        return self._targets.held(self._clients)
 
     async def invoke(self, target: HttpTarget, invocation: Invocation) -> Any:
         # The hot path (bench/bench_http.py, bench_hot_path.py): one clock reading serves
@@ -445,6 +477,9 @@ class HttpProvider(Provider[HttpTarget]):
             client = clients.for_target(target.client, target.pool, http2=target.http2)
             route = self._routes[target.key] = _Route(target, client)
         return route
+
+    def __repr__(self) -> str:
+        return f"<HttpProvider {self._targets!r} clients={self._clients!r}>"
 
 
 def _late(target: HttpTarget, remaining: float) -> DeadlineExceeded:

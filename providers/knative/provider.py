@@ -71,7 +71,9 @@ from linchkit_plugin.errors import (
 from providers._compression import Negotiation, post_compressed, request_headers
 from providers._http_client import DEFAULT_CLIENT, HttpClient, HttpPool
 from providers._http_common import (
+    HeldRoutes,
     HttpClients,
+    TargetRoutes,
     basic_authorization,
     redirect_detail,
     retry_after_seconds,
@@ -148,6 +150,10 @@ class _Route:
             self.headers["Authorization"] = authorization
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.invoke_url, self.health_url, self.describe_url
+
 
 class KnativeProvider(Provider[KnativeTarget]):
     """Calls Knative services; deploys them as ``serving.knative.dev/v1`` Services."""
@@ -170,7 +176,10 @@ class KnativeProvider(Provider[KnativeTarget]):
             max_connections=max_connections, idle_timeout_s=keepalive_seconds
         )
         self._clients: HttpClients | None = None
-        self._routes: dict[str, _Route] = {}
+        #: Routes by target key, let go at a target's last detach (``TargetRoutes``).
+        self._targets: TargetRoutes[_Route] = TargetRoutes()
+        #: The same dict as ``_targets.routes``, read on every attempt.
+        self._routes = self._targets.routes
         self._random = rng or random.Random()
         self.infra_dir = Path(infra_dir)
         self.stats = KnativeStats()
@@ -181,9 +190,27 @@ class KnativeProvider(Provider[KnativeTarget]):
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, None
-        self._routes.clear()
+        self._targets.clear()
         if clients is not None:
             await clients.aclose()
+
+    async def attach(self, plugin: PluginInfo, target: KnativeTarget) -> None:
+        """Count ``plugin`` among those calling ``target`` (one ingress of a service);
+        its route is built by the first call."""
+        self._targets.attach(target.key)
+
+    async def detach(self, plugin: PluginInfo, target: KnativeTarget) -> None:
+        """Once no plugin is attached to ``target`` any more, drop its route and release
+        its clients: its own (a ``pool:``, HTTP/2's ``authority``) closed, the shared
+        one's state for its URLs dropped where no other target calls them."""
+        route = self._targets.detach(target.key)
+        clients = self._clients
+        if route is not None and clients is not None:
+            await clients.release(route, self._routes.values())
+
+    def held(self) -> HeldRoutes:
+        """What the provider holds for its targets now (routes, clients, per-URL state)."""
+        return self._targets.held(self._clients)
 
     def deployer(self) -> KnativeDeployer:
         """Renders Services into ``infra_dir`` and applies them where ``deploy.cluster`` is set."""
