@@ -304,7 +304,7 @@ class ReqwestClient(HttpClient):
         from yarl import URL
 
         if self._closed:
-            raise ProviderError(f"the client of {target.describe()} is closed")
+            raise closed_client(target.describe(), sent=False)
         key = url if tls is None else (url, tls.current())
         parsed = URL(url, encoded=True)
         host, port = parsed.host or "", parsed.port or 0
@@ -335,7 +335,7 @@ class ReqwestClient(HttpClient):
         if built is not None:  # another call built it while this one resolved
             return built
         if self._closed:  # closed while this one resolved: a client now would stay open
-            raise ProviderError(f"the client of {target.describe()} is closed")
+            raise closed_client(target.describe(), sent=False)
         client = builder.build()
         _settle_before_exit()
         entry = self._entries[key] = _Entry(

@@ -505,7 +505,8 @@ async def test_a_call_that_resolves_its_host_while_the_client_closes_leaves_no_c
 ):
     """A first call to a name resolves it before it builds its pyreqwest client; a close
     that comes during the lookup found nothing to close, and the call then built a client
-    (a pool, connections) nobody would close. It is refused instead, as after the close."""
+    (a pool, connections) nobody would close. It is refused instead, as after the close:
+    as a call that went nowhere (a fleet may send it to another instance)."""
     from providers._http_client import HttpPool
     from providers._reqwest import ReqwestClient
     from providers.egress import EgressPolicy
@@ -520,6 +521,7 @@ async def test_a_call_that_resolves_its_host_while_the_client_closes_leaves_no_c
     )
     await asyncio.sleep(0)  # the call waits for the resolver
     await client.aclose()
-    with pytest.raises(ProviderError, match="closed"):
+    with pytest.raises(TargetUnavailable, match="closed") as caught:
         await call
+    assert caught.value.details == {"stage": "connect"}  # nothing went out
     assert "clients=0" in repr(client)

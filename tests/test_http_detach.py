@@ -377,11 +377,10 @@ async def test_a_client_closed_under_its_calls_ends_them_typed(kind: str) -> Non
         )
         assert [type(outcome) for outcome in outcomes] == [TargetUnavailable] * 2, outcomes
         assert client.urls_held() == frozenset()
-        if kind == "aiohttp":
-            (late,) = await asyncio.gather(post(), return_exceptions=True)
-            assert isinstance(late, TargetUnavailable), repr(late)
-            assert late.details == {"stage": "connect"}  # nothing went out
         await client.aclose()
+        (late,) = await asyncio.gather(post(), return_exceptions=True)
+        assert isinstance(late, TargetUnavailable), repr(late)
+        assert late.details == {"stage": "connect"}  # nothing went out
 
 
 # -- Knative ------------------------------------------------------------------------------
