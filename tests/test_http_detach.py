@@ -214,28 +214,40 @@ def gated(release: asyncio.Event, received: asyncio.Event) -> Handler:
     return handle
 
 
+@pytest.mark.parametrize("sharing", ["plugins", "versions"])
 @pytest.mark.parametrize("client", CLIENTS)
-async def test_two_plugins_on_one_target_keep_it_until_both_are_gone(client: str) -> None:
-    """The target's own pool stays while one plugin still calls it: a reload that removes
-    the other neither cuts its call in flight nor its next calls; removing it too lets go."""
+async def test_two_plugins_on_one_target_keep_it_until_both_are_gone(
+    client: str, sharing: str
+) -> None:
+    """The target's own pool stays while one plugin (or version) still calls it: a reload
+    that removes the other neither cuts its call in flight nor its next calls; removing it
+    too lets go."""
     release, received = asyncio.Event(), asyncio.Event()
     async with (
         server_on("127.0.0.2", gated(release, received)) as (host, port),
         server_on("127.0.0.3", replying(200, OK)) as (other, other_port),
     ):
         shared = at(f"http://{host}:{port}", client, pool=True)
+        if sharing == "plugins":
+            gone, staying = echo_plugin("a", shared), echo_plugin("b", shared)
+        else:
+            gone = echo_plugin("b", shared, version="1.0.0")
+            staying = echo_plugin("b", shared, version="2.0.0")
         elsewhere = echo_plugin("c", at(f"http://{other}:{other_port}", client, pool=True))
-        both = manifest(echo_plugin("a", shared), echo_plugin("b", shared), elsewhere)
-        async with Dispatcher(both) as dispatcher:
+        async with Dispatcher(manifest(gone, staying, elsewhere)) as dispatcher:
             provider = dispatcher.providers["http"]
             assert isinstance(provider, HttpProvider)
-            held_call = asyncio.create_task(dispatcher.call("b", "say", {"text": "hi"}))
+
+            def call() -> Any:
+                return dispatcher.call("b", "say", {"text": "hi"}, version=staying["version"])
+
+            held_call = asyncio.create_task(call())
             await asyncio.wait_for(received.wait(), timeout=10)
-            await dispatcher.reload(manifest(echo_plugin("b", shared), elsewhere), grace=5)
+            await dispatcher.reload(manifest(staying, elsewhere), grace=5)
             assert not held_call.done()
             release.set()
             assert await asyncio.wait_for(held_call, timeout=10) == {"text": "hi"}
-            assert await dispatcher.call("b", "say", {"text": "hi"}) == {"text": "hi"}
+            assert await call() == {"text": "hi"}
             held = provider.held()
             assert hosts_of(held.routes) == {host}
             assert (held.attached, held.own_clients) == (2, 1)  # "c" attached, not called
