@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import orjson
@@ -249,7 +250,7 @@ class _Route:
         "tls",
     )
 
-    def __init__(self, target: HttpTarget, client: HttpClient) -> None:
+    def __init__(self, target: HttpTarget, open_client: Callable[[], HttpClient]) -> None:
         from yarl import URL
 
         invoke_url = URL(target.endpoint(target.invoke_path))
@@ -266,7 +267,9 @@ class _Route:
         self.headers = request_headers(headers, self.negotiation)
         #: None: the client's default verification against the system's roots.
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
-        self.client = client
+        # Last, once nothing above can fail (TLS files unreadable now): a client of the
+        # target's own opened before a failure was left open, one more per call.
+        self.client = open_client()
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -474,8 +477,10 @@ class HttpProvider(Provider[HttpTarget]):
             # is never resolved, so this is where it is checked.
             for destination in target.destinations():
                 self.egress.check(destination)
-            client = clients.for_target(target.client, target.pool, http2=target.http2)
-            route = self._routes[target.key] = _Route(target, client)
+            route = self._routes[target.key] = _Route(
+                target,
+                partial(clients.for_target, target.client, target.pool, http2=target.http2),
+            )
         return route
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -424,3 +425,29 @@ async def test_a_knative_service_moved_to_another_ingress_lets_the_old_one_go() 
         assert [origin(url) for url in held.routes] == [origin(second)]
         assert (held.attached, held.own_clients) == (1, 1)
         assert {origin(url) for url in held.client_urls} <= {origin(second)}
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "reqwest"])
+async def test_a_route_that_cannot_be_built_leaves_no_client_of_its_own_open(
+    tmp_path: Path, client: str
+) -> None:
+    """A target with a ``pool:`` of its own whose TLS file cannot be read when a call needs
+    its route: every call fails typed, and none leaves a client open (before: the client
+    was opened first, then the route failed, one more open client per call)."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("not read before a call")
+    target = {
+        "provider": "http",
+        "url": "https://127.0.0.8:9",
+        "client": client,
+        "pool": {"max_connections": 2},
+        "tls": {"ca_file": str(ca_file)},
+    }
+    entry = {"id": "tls", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        provider = dispatcher.providers["http"]
+        ca_file.unlink()
+        for _ in range(3):
+            with pytest.raises(DispatchError):
+                await dispatcher.call("tls", "say", {"text": "x"})
+        assert provider.held().own_clients == 0

@@ -56,7 +56,9 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +130,7 @@ class _Route:
         "tls",
     )
 
-    def __init__(self, target: KnativeTarget, client: HttpClient) -> None:
+    def __init__(self, target: KnativeTarget, open_client: Callable[[], HttpClient]) -> None:
         from yarl import URL
 
         base = str(target.ingress_url()).rstrip("/")
@@ -137,7 +139,6 @@ class _Route:
         self.invoke_url = str(invoke_url.with_user(None))
         self.health_url = str(URL(base + target.effective_readiness_path).with_user(None))
         self.describe_url = str(URL(base + "/describe").with_user(None))
-        self.client = client
         self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
         # Routed by Host: on HTTP/2 the host travels as the request's :authority, which
         # the client takes from the URL it sends to (``authority`` of its client).
@@ -149,6 +150,9 @@ class _Route:
         if authorization is not None:
             self.headers["Authorization"] = authorization
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
+        # Last, once nothing above can fail (TLS files unreadable now): a client of the
+        # target's own opened before a failure was left open, one more per call.
+        self.client = open_client()
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -395,13 +399,14 @@ class KnativeProvider(Provider[KnativeTarget]):
                 raise ProviderError(
                     "the knative provider is not started (use the Dispatcher as a context manager)"
                 )
-            client = clients.for_target(
+            open_client = partial(
+                clients.for_target,
                 target.client,
                 target.pool,
                 http2=target.http2,
                 authority=target.host if target.http2 else None,
             )
-            route = self._routes[target.key] = _Route(target, client)
+            route = self._routes[target.key] = _Route(target, open_client)
         return route
 
     def __repr__(self) -> str:
