@@ -151,12 +151,13 @@ async def test_calls_past_max_grpc_calls_are_refused_resource_exhausted_at_once(
     ):
         gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
         sleep = gateway_pb2.GatewayCall(
-            plugin="echo", method="sleep", params_json=orjson.dumps({"seconds": 6})
+            plugin="echo", method="sleep", params_json=orjson.dumps({"seconds": 10})
         )
         running = [asyncio.ensure_future(gateway.Call(sleep, timeout=30)) for _ in range(4)]
         # Until the four run at once: each sleeps long enough that the first is still
-        # running when the last starts on a loaded machine (1.5 s was not, in a full run).
-        async with asyncio.timeout(5):
+        # running when the last starts on a loaded machine (1.5 s was not, in a full run;
+        # the four took over 5 s to start in another, beside other work).
+        async with asyncio.timeout(9):
             while dispatcher.stats()["dispatcher"]["calls_in_flight"] < 4:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         started = time.monotonic()
