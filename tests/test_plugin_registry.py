@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from dispatcher.fleet.sources.etcd import EtcdSource
+from linchkit_plugin import cli
 from linchkit_plugin._registry_options import (
     add_registry_options,
+    flags_given,
     registry_settings,
     websocket_refusal,
 )
@@ -359,31 +361,33 @@ def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_a_websocket_server_refuses_every_registry_flag_given_a_value() -> None:
+def test_a_websocket_server_is_given_the_registry_flags_it_must_refuse() -> None:
     """Not only --register-etcd: any registry flag tells a WebSocket server something it
-    will not do, and was dropped before. An empty flag says "none" (over a variable) and
-    stays allowed; a plugin that dials the gateway takes no registry flag at all."""
-    parser = argparse.ArgumentParser()
-    add_registry_options(parser, kind="url")
+    will not do, and was dropped before. ``flags_given`` names those its command line gave
+    a value (``dispatcher-plugin serve --websocket`` refuses them as a usage error:
+    tests/conformance/test_command_line_refusals_show_no_value.py); an empty flag says
+    "none" (over a variable) and stays allowed. --register-etcd, flag or variable, is
+    ``websocket_refusal``'s: the other flags alone do not make it one told to register."""
+    serve = cli._parsers()[1]
     variable = {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"}
-    for flags, environment, named in [
-        (["--register-prefix", "/p"], {}, "--register-prefix"),
+    for flags, named in [
+        (["--register-prefix", "/p"], ["--register-prefix"]),
         (
             ["--register-etcd=", "--advertise", "h:1", "--register-ttl", "4"],
-            variable,
-            "--advertise",
+            ["--advertise", "--register-ttl"],
         ),
-        (["--leave-delay=2"], {}, "--leave-delay"),
+        (["--leave-delay=2", "--register-etcd", "http://127.0.0.1:1"], ["--leave-delay"]),
+        (["--register-etcd=", "--advertise="], []),
     ]:
-        refusal = websocket_refusal(parser.parse_args(flags), environment)
-        assert refusal is not None, flags
-        assert refusal.startswith(f"{named}: a WebSocket server is not registered, "), refusal
+        options = serve.parse_args(["module:Class", *flags])
+        assert flags_given(options, options.given) == named, flags
     assert (
-        websocket_refusal(parser.parse_args(["--register-etcd=", "--advertise="]), variable) is None
+        websocket_refusal(serve.parse_args(["module:Class", "--register-etcd="]), variable) is None
     )
-    assert (
-        websocket_refusal(parser.parse_args(["--register-prefix", "/p"]), {}, dialling=True) is None
-    )
+    options = serve.parse_args(["module:Class", "--register-prefix", "/p"])
+    assert websocket_refusal(options, {}) is None
+    refusal = websocket_refusal(options, variable)
+    assert refusal is not None and refusal.startswith("LINCHKIT_REGISTER_ETCD: a WebSocket")
 
 
 @pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])

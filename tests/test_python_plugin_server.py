@@ -418,6 +418,29 @@ def unix_post(path: Path, token: str | None) -> int:
         return client.post("/invoke", content=body, headers=headers).status_code
 
 
+def assert_a_usage_error(done: subprocess.CompletedProcess[str], said: str) -> None:
+    """``serve`` refused its command line as argparse refuses one (status 2, its usage line,
+    then ``said``), before anything started."""
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("usage: dispatcher-plugin serve "), done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith(f"dispatcher-plugin serve: error: {said}")
+    ), done.stderr
+    assert "listening" not in done.stderr and done.stdout == ""
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], said: str) -> None:
+    """``serve`` refused a setting of its environment: status 1, one line, ``said``."""
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"Error: {said}"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+#: How ``serve --websocket`` refuses a flag of the HTTP server given on its command line.
+NOT_OVER_WEBSOCKET = "not used over WebSocket (--websocket)"
+
+
 @pytest.mark.parametrize("source", ["file", "environment"])
 def test_serve_takes_its_token_from_a_file_or_the_environment(tmp_path: Path, source: str) -> None:
     socket_path = tmp_path / "plugin.sock"
@@ -563,18 +586,31 @@ def test_serve_refuses_a_log_level_it_does_not_know(websocket: bool) -> None:
 @pytest.mark.parametrize(
     ("given", "environment", "said"),
     [
-        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], {}, "--tls-cert, --tls-key:"),
-        (["--client-ca", "ca.pem"], {}, "--client-ca:"),
-        ([], {"LINCHKIT_PLUGIN_TLS_CERT": "c.pem"}, "LINCHKIT_PLUGIN_TLS_CERT:"),
-        (["--uds", "/tmp/linchkit-never.sock"], {}, "--uds:"),
+        (
+            ["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+            {},
+            f"arguments --tls-cert, --tls-key: {NOT_OVER_WEBSOCKET}",
+        ),
+        (["--client-ca", "ca.pem"], {}, f"argument --client-ca: {NOT_OVER_WEBSOCKET}"),
+        (["--uds", "/tmp/linchkit-never.sock"], {}, f"argument --uds: {NOT_OVER_WEBSOCKET}"),
+        # Its variable with the same value does not make the flag the variable's.
+        (
+            ["--tls-cert", "c.pem"],
+            {"LINCHKIT_PLUGIN_TLS_CERT": "c.pem"},
+            f"argument --tls-cert: {NOT_OVER_WEBSOCKET}",
+        ),
+        (["--ud", "/tmp/linchkit-never.sock"], {}, f"argument --uds: {NOT_OVER_WEBSOCKET}"),
     ],
-    ids=["tls-pair", "client-ca", "tls-variable", "uds"],
+    ids=["tls-pair", "client-ca", "uds", "flag-as-its-variable", "abbreviated"],
 )
-def test_serve_websocket_refuses_what_only_the_http_server_does(
+def test_serve_websocket_refuses_the_http_server_s_tls_and_socket_flags(
     given: list[str], environment: dict[str, str], said: str
 ) -> None:
-    """Before: ``serve --websocket`` dropped the TLS files and the Unix socket unsaid, and
-    served plain ws:// on --host/--port: an operator who asked for TLS got none."""
+    """A usage error, as ``--http`` with ``--websocket``: the flag named, never its value.
+    Before: ``serve --websocket`` dropped the TLS files and the Unix socket unsaid, and
+    served plain ws:// on --host/--port (an operator who asked for TLS got none); then it
+    refused them with status 1, and a flag given the value of its variable was named as
+    the variable."""
     done = subprocess.run(
         serve_command("--websocket", "--port", "0", *given),
         capture_output=True,
@@ -582,32 +618,56 @@ def test_serve_websocket_refuses_what_only_the_http_server_does(
         timeout=30,
         env={**os.environ, **environment},
     )
-    assert done.returncode == 1, done.stderr
-    assert said in done.stderr and "Traceback" not in done.stderr
-    assert "listening" not in done.stderr
+    assert_a_usage_error(done, said)
+    assert ".pem" not in done.stderr and "never.sock" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LINCHKIT_PLUGIN_TLS_CERT", "c.pem"), ("LINCHKIT_PLUGIN_UDS", "/tmp/linchkit-never.sock")],
+)
+def test_serve_websocket_refuses_the_http_server_s_tls_and_socket_variables(
+    variable: str, value: str
+) -> None:
+    """From the environment they are no usage error: one line naming the variable, status
+    1, as a WebSocket server told to register by ``LINCHKIT_REGISTER_ETCD`` is refused."""
+    done = subprocess.run(
+        serve_command("--websocket", "--port", "0"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, variable: value},
+    )
+    assert_one_error_line(done, f"{variable}: serve --websocket listens on --host/--port")
 
 
 @pytest.mark.parametrize(
     ("given", "environment", "said"),
     [
-        (["--max-body-bytes", "1000"], {}, "--max-body-bytes:"),
+        (["--max-body-bytes", "1000"], {}, "argument --max-body-bytes:"),
         (
             ["--keep-alive-timeout", "5", "--body-timeout", "3"],
             {},
-            "--body-timeout, --keep-alive-timeout:",
+            "arguments --body-timeout, --keep-alive-timeout:",
         ),
-        (["--max-header-bytes", "4096"], {}, "--max-header-bytes:"),
-        ([], {"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES": "100"}, "LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES:"),
-        (["--max-connections", "0"], {}, "max_connections must be at least 1"),
-        (["--header-timeout", "0"], {}, "header_timeout must be a positive number"),
+        (["--max-header-bytes", "4096"], {}, "argument --max-header-bytes:"),
+        # Given at its default it is still given: before, it was taken and dropped.
+        (["--max-batch-items", "1000"], {}, "argument --max-batch-items:"),
+        (
+            ["--max-body-bytes", "1000"],
+            {"LINCHKIT_PLUGIN_MAX_BODY_BYTES": "1000"},
+            "argument --max-body-bytes:",
+        ),
     ],
-    ids=["body", "timeouts", "header-bytes", "compress-variable", "no-connections", "no-time"],
+    ids=["body", "timeouts", "header-bytes", "at-its-default", "flag-as-its-variable"],
 )
-def test_serve_websocket_refuses_a_limit_it_would_not_apply(
+def test_serve_websocket_refuses_a_limit_flag_it_would_not_apply(
     given: list[str], environment: dict[str, str], said: str
 ) -> None:
     """Before: ``serve --websocket`` took every limit of the HTTP server and applied none,
-    unsaid: an operator who set --max-body-bytes believed it in force."""
+    unsaid: an operator who set --max-body-bytes believed it in force. Then it refused one
+    with status 1 when its value was not the default, named as its variable when the
+    variable had the same value."""
     done = subprocess.run(
         serve_command("--websocket", "--port", "0", *given),
         capture_output=True,
@@ -615,10 +675,33 @@ def test_serve_websocket_refuses_a_limit_it_would_not_apply(
         timeout=30,
         env={**os.environ, **environment},
     )
-    assert done.returncode == 1, done.stderr
-    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert "listening" not in done.stderr
+    assert_a_usage_error(done, f"{said} {NOT_OVER_WEBSOCKET}")
+
+
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (
+            [],
+            {"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES": "100"},
+            "LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES: serve --websocket does not apply it",
+        ),
+        (["--max-connections", "0"], {}, "max_connections must be at least 1"),
+        (["--header-timeout", "0"], {}, "header_timeout must be a positive number"),
+    ],
+    ids=["compress-variable", "no-connections", "no-time"],
+)
+def test_serve_websocket_refuses_a_limit_variable_or_a_limit_it_cannot_apply(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    done = subprocess.run(
+        serve_command("--websocket", "--port", "0", *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert_one_error_line(done, said)
 
 
 async def test_serve_websocket_applies_max_connections_and_header_timeout() -> None:

@@ -265,18 +265,28 @@ def test_dispatcher_plugin_names_what_it_refuses_without_its_text(
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    ("arguments", "named"),
     [
-        pytest.param(["--register-prefix", PREFIX], id="registry prefix"),
-        pytest.param([f"--advertise=http://{SECRET}.example:1"], id="advertised URL"),
+        pytest.param(["--register-prefix", PREFIX], "--register-prefix", id="registry prefix"),
+        pytest.param(
+            [f"--advertise=http://{SECRET}.example:1"], "--advertise", id="advertised URL"
+        ),
+        pytest.param([f"--tls-key=/run/{SECRET}/key.pem"], "--tls-key", id="TLS key"),
+        pytest.param(["--uds", f"/run/{SECRET}.sock"], "--uds", id="Unix socket"),
+        pytest.param([f"--max-body-bytes={len(SECRET)}"], "--max-body-bytes", id="HTTP limit"),
     ],
 )
-def test_dispatcher_plugin_serve_websocket_refuses_a_registry_flag(arguments: list[str]) -> None:
-    """Refused as ``serve --websocket`` refuses ``--register-etcd`` and the HTTP server's
-    options (status 1), rather than dropped: before, it served."""
+def test_dispatcher_plugin_serve_websocket_refuses_a_flag_it_would_not_use(
+    arguments: list[str], named: str
+) -> None:
+    """A registry flag (but ``--register-etcd``, refused as its variable is: status 1),
+    the HTTP server's TLS files, Unix socket and limits (but the two the WebSocket server
+    applies) are refused as a usage error, as ``--http`` is, rather than dropped: before,
+    it served past a registry flag, then refused each with status 1 and "Error: …"."""
     done = refused([*PLUGIN_CLI, "serve", *ENTRY, "--websocket", "--port", "0", *arguments])
-    # Its refusals read "Error: …": no crash.
-    assert_refused_naming(done, 1, arguments[0].split("=")[0], ("Traceback",))
+    said = f"serve: error: argument {named}: not used over WebSocket (--websocket)"
+    assert_refused_naming(done, 2, said)
+    assert "usage: dispatcher-plugin serve" in done.stderr
     assert "listening" not in done.stderr, "it must not serve"
 
 

@@ -13,7 +13,8 @@ error, status 2), its value never repeated, rather than met as an unknown option
 
 A WebSocket server registers nowhere: a dispatcher dials a ``websocket`` target at its
 one ``url`` (a fleet of them has no ``instances``), so ``websocket_refusal`` says so to
-one that was told to register, rather than letting it believe it did.
+one that was told to register, rather than letting it believe it did, and
+``flags_given`` names the other registry flags its command line gave, for it to refuse.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,7 +45,13 @@ from linchkit_plugin.registry import (
     check_prefix,
 )
 
-__all__ = ["RegistrySettings", "add_registry_options", "registry_settings", "websocket_refusal"]
+__all__ = [
+    "RegistrySettings",
+    "add_registry_options",
+    "flags_given",
+    "registry_settings",
+    "websocket_refusal",
+]
 
 #: What a server registers: ``{"url": …}`` (HTTP) or ``{"address": …}`` (gRPC).
 Kind = Literal["url", "address"]
@@ -146,9 +153,12 @@ class _PasswordRefused(argparse.Action):
         )
 
 
-def add_registry_options(parser: argparse.ArgumentParser, *, kind: Kind) -> None:
+def add_registry_options(
+    parser: argparse.ArgumentParser, *, kind: Kind, action: type[argparse.Action] | str = "store"
+) -> None:
     """The registry's flags on ``parser``, in a group of their own; ``kind``: what the
-    server registers, which is what ``--advertise`` takes."""
+    server registers, which is what ``--advertise`` takes; ``action``: how each stores its
+    value (one that notes the flags given: ``flags_given``)."""
     group = parser.add_argument_group(
         "registry (a dispatcher fleet finds this server in etcd; docs/registry.md)"
     )
@@ -159,6 +169,7 @@ def add_registry_options(parser: argparse.ArgumentParser, *, kind: Kind) -> None
             text = text.replace("this server", f"this server, as {advertised}", 1)
         group.add_argument(
             option.flag,
+            action=action,
             dest=option.dest,
             default=None,
             metavar=metavar if option is _ADVERTISE else option.metavar,
@@ -275,6 +286,19 @@ def registry_settings(
     return settings
 
 
+def flags_given(options: argparse.Namespace, given: Collection[str]) -> list[str]:
+    """The registry flags the command line gave a value (``given``: the ``dest`` of each
+    option it gave), ``--register-etcd`` aside: what a server registered nowhere (a
+    WebSocket one) refuses rather than drop. ``--register-etcd`` is
+    ``websocket_refusal``'s, which names it or its variable; an empty flag says "none",
+    over a variable, and is not among them."""
+    return [
+        option.flag
+        for option in _OPTIONS
+        if option is not _ETCD and option.dest in given and getattr(options, option.dest, None)
+    ]
+
+
 def websocket_refusal(
     options: argparse.Namespace | None,
     environment: Mapping[str, str] | None = None,
@@ -282,20 +306,11 @@ def websocket_refusal(
     dialling: bool = False,
 ) -> str | None:
     """Why a WebSocket server (or, ``dialling``, a plugin that dials the gateway:
-    ``connect``) told to register (``options``' flags, if it has them, or the
-    environment) must not start; None when it was not told to. Refused, not ignored: an
-    operator who set it expects the plugin to be found there. A server given any other
-    registry flag with a value is refused too, rather than have it dropped; an empty one
-    says "none", over a variable."""
+    ``connect``) told to register (``--register-etcd`` in ``options``, if it has the
+    flag, or ``LINCHKIT_REGISTER_ETCD``) must not start; None when it was not told to.
+    Refused, not ignored: an operator who set it expects the plugin to be found there."""
     given = _Given(options, os.environ if environment is None else environment)
     if given.value(_ETCD) is None:
-        flagged = [option for option in _OPTIONS if getattr(options, option.dest, None)]
-        if flagged and not dialling:
-            return (
-                f"{flagged[0].flag}: a WebSocket server is not registered, as a dispatcher"
-                " dials a websocket target at its one url and finds none in a registry:"
-                " serve over HTTP or gRPC to be registered, or leave the flag out"
-            )
         return None
     if dialling:
         return (

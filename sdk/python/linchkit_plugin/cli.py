@@ -3,11 +3,12 @@
 argparse, not click: a deployed plugin installs nothing it does not need. Every option
 can also come from a ``LINCHKIT_PLUGIN_*`` variable, because the docker provider and
 container orchestrators configure a server through its environment (the registry's from
-``LINCHKIT_REGISTER_*`` ones: ``_registry_options``, shared with the gRPC service); the
-bearer token and etcd's password can only come from a file or the environment, never the
-command line (``ps`` shows it). How long a stop waits comes from the environment alone
-(``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``, ``linchkit_plugin.stopping``),
-as in every executable of every SDK.
+``LINCHKIT_REGISTER_*`` ones: ``_registry_options``, shared with the gRPC service). A
+flag given on the command line that its mode would not use is a usage error
+(``_unused_flag``). The bearer token and etcd's password can only come from a file or the
+environment, never the command line (``ps`` shows it). How long a stop waits comes from
+the environment alone (``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``,
+``linchkit_plugin.stopping``), as in every executable of every SDK.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import (
     RegistrySettings,
     add_registry_options,
+    flags_given,
     registry_settings,
     websocket_refusal,
 )
@@ -150,7 +152,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="port, 0 for any (default: %(default)s)",
     )
     serve.add_argument(
-        "--uds", default=env(_ENV + "UDS"), help="listen on this Unix socket, not --host/--port"
+        "--uds",
+        action=_Given,
+        default=env(_ENV + "UDS"),
+        help="listen on this Unix socket, not --host/--port",
     )
     serve.add_argument(
         "--path",
@@ -188,18 +193,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     tls = serve.add_argument_group("TLS (HTTPS, and client certificates: mTLS)")
     tls.add_argument(
         "--tls-cert",
+        action=_Given,
         default=env(_ENV + "TLS_CERT"),
         metavar="PEM",
         help=f"certificate (chain) to serve HTTPS with [{_ENV}TLS_CERT]",
     )
     tls.add_argument(
         "--tls-key",
+        action=_Given,
         default=env(_ENV + "TLS_KEY"),
         metavar="PEM",
         help=f"private key of --tls-cert [{_ENV}TLS_KEY]",
     )
     tls.add_argument(
         "--client-ca",
+        action=_Given,
         default=env(_ENV + "CLIENT_CA"),
         metavar="PEM",
         help="require a client certificate signed by this CA: a dispatcher without one"
@@ -226,7 +234,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="the plugin's version, which /describe says (--websocket: its hello)"
         " [LINCHKIT_PLUGIN_VERSION]",
     )
-    add_registry_options(serve, kind="url")
+    add_registry_options(serve, kind="url", action=_Given)
     connect = commands.add_parser(
         "connect",
         help="dial a dispatcher's gateway and take calls over that connection (reverse mode)",
@@ -271,6 +279,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         variable = _ENV + field.upper()
         limits.add_argument(
             option,
+            action=_Given,
             dest=field,
             type=kind,
             default=kind(env(variable, getattr(_DEFAULTS, field))),
@@ -359,11 +368,11 @@ def _serve_websocket(options: argparse.Namespace) -> None:
 
 
 def serve(options: argparse.Namespace) -> None:
-    if options.websocket:
+    if options.websocket:  # what the command line gave was refused (_unused_flag)
         refusal = (
             websocket_refusal(options)
-            or _http_only_refusal(options)
-            or _http_limit_refusal(options)
+            or _http_only_variable_refusal(options)
+            or _http_limit_variable_refusal(options)
         )
         if refusal is not None:
             _fail(refusal)
@@ -468,18 +477,59 @@ def serve(options: argparse.Namespace) -> None:
 
 
 def _unused_flag(options: argparse.Namespace) -> str | None:
-    """Why ``serve`` must not start with a flag on its command line that the mode it
-    serves in would not use, rather than drop it unsaid: ``--http`` (uvicorn's HTTP
-    implementation) with ``--websocket``, whose server is aiohttp's. Its variable,
-    ``LINCHKIT_PLUGIN_HTTP``, is not refused: an image may set it for every mode, and it
-    is not read where it does not apply."""
-    if options.websocket and "http" in options.given:
+    """Why ``serve`` must not start with a flag on its command line (``options.given``)
+    that the mode it serves in would not use, rather than drop it unsaid: with
+    ``--websocket``, ``--http`` (uvicorn's HTTP implementation; the WebSocket server is
+    aiohttp's), the TLS files and ``--uds`` (it serves plain ws:// on --host/--port), the
+    limits it does not apply and the registry's flags but ``--register-etcd`` (it
+    registers nowhere). A usage error, as a flag of another command is: the flags named,
+    never their values. An empty flag says "none" over its variable, and is taken.
+
+    Their variables are not the command line's: ``LINCHKIT_PLUGIN_HTTP`` may be set for
+    every run of an image and is not read where it does not apply; ``serve --websocket``
+    refuses the others in one line, naming the variable, as it refuses
+    ``--register-etcd`` and ``LINCHKIT_REGISTER_ETCD`` (``serve``)."""
+    given = options.given
+    if not options.websocket:
+        return None
+    unused = "not used over WebSocket (--websocket)"
+    if "http" in given:
         return (
-            "argument --http: not used over WebSocket (--websocket): it picks uvicorn's"
-            " HTTP implementation, and the WebSocket server is aiohttp's; leave it out, or"
-            " serve over HTTP"
+            f"argument --http: {unused}: it picks uvicorn's HTTP implementation, and the"
+            " WebSocket server is aiohttp's; leave it out, or serve over HTTP"
+        )
+    if flags := [
+        flag for flag, _, field in _HTTP_ONLY if field in given and getattr(options, field)
+    ]:
+        return (
+            f"{_arguments(flags)}: {unused}, whose server {_PLAIN_WS}; leave {_them(flags)}"
+            " out, or serve over HTTP for HTTPS, client certificates or a Unix socket"
+        )
+    if flags := [
+        option
+        for option, field, _, _ in _LIMIT_OPTIONS
+        if field in given and field not in _WEBSOCKET_LIMITS
+    ]:
+        return (
+            f"{_arguments(flags)}: {unused}, which applies {_LIMITS_IT_APPLIES};"
+            f" leave {_them(flags)} out, or serve over HTTP"
+        )
+    if flags := flags_given(options, given):
+        return (
+            f"{_arguments(flags)}: {unused}: a WebSocket server is not registered, as a"
+            " dispatcher dials a websocket target at its one url and finds none in a"
+            f" registry; leave {_them(flags)} out, or serve over HTTP or gRPC to be registered"
         )
     return None
+
+
+def _arguments(flags: Sequence[str]) -> str:
+    """``argument --a`` or ``arguments --a, --b``, as argparse names what it refuses."""
+    return f"argument{'s' if len(flags) > 1 else ''} {', '.join(flags)}"
+
+
+def _them(named: Sequence[str]) -> str:
+    return "them" if len(named) > 1 else "it"
 
 
 #: ``serve`` settings only its HTTP server takes: (option, variable, attribute).
@@ -489,23 +539,29 @@ _HTTP_ONLY = (
     ("--client-ca", _ENV + "CLIENT_CA", "client_ca"),
     ("--uds", _ENV + "UDS", "uds"),
 )
+#: What ``serve --websocket`` does instead of what ``_HTTP_ONLY`` asks, as every SDK's
+#: WebSocket server does.
+_PLAIN_WS = (
+    "listens on --host/--port and serves plain ws:// only (put a TLS terminator in front"
+    " of it for wss://)"
+)
 
 
-def _http_only_refusal(options: argparse.Namespace) -> str | None:
-    """Why ``serve --websocket`` must not start with TLS files or a Unix socket: its
-    server listens on --host/--port and serves plain ws://, as every SDK's WebSocket
-    server does; starting anyway would serve without the TLS the operator asked for."""
-    given = [
-        name if os.environ.get(variable) != getattr(options, field) else variable
-        for name, variable, field in _HTTP_ONLY
-        if getattr(options, field)
+def _http_only_variable_refusal(options: argparse.Namespace) -> str | None:
+    """Why ``serve --websocket`` must not start with TLS files or a Unix socket from its
+    environment (from its command line: ``_unused_flag``): starting anyway would serve
+    without the TLS the operator asked for."""
+    variables = [
+        variable
+        for _, variable, field in _HTTP_ONLY
+        if field not in options.given and getattr(options, field)
     ]
-    if not given:
+    if not variables:
         return None
     return (
-        f"{', '.join(given)}: serve --websocket listens on --host/--port and serves plain"
-        " ws:// only; put a TLS terminator in front of it for wss://, or serve over HTTP"
-        " (without --websocket) for HTTPS, client certificates or a Unix socket"
+        f"{', '.join(variables)}: serve --websocket {_PLAIN_WS}; unset {_them(variables)},"
+        " or serve over HTTP (without --websocket) for HTTPS, client certificates or a Unix"
+        " socket"
     )
 
 
@@ -513,37 +569,30 @@ def _http_only_refusal(options: argparse.Namespace) -> str | None:
 #: (past them an upgrade is refused 503), and --header-timeout, the time a connection has
 #: for its upgrade's head. The others guard what a WebSocket server does not do (bodies,
 #: batches, keep-alive, compressed answers) or does otherwise (its heads' size is aiohttp's
-#: per-line limit): ``_http_limit_refusal`` refuses them.
+#: per-line limit), and are refused: from the command line by ``_unused_flag``, from the
+#: environment by ``_http_limit_variable_refusal``.
 _WEBSOCKET_LIMITS = ("max_connections", "header_timeout")
+_LIMITS_IT_APPLIES = "only --max-connections and --header-timeout of the limits"
 
 
-def _http_limit_refusal(options: argparse.Namespace) -> str | None:
-    """Why ``serve --websocket`` must not start with a limit it would not apply: the
-    operator would believe it in force. A limit at its default is not given."""
-    given = []
-    for option, field, kind, _ in _LIMIT_OPTIONS:
-        if field in _WEBSOCKET_LIMITS or getattr(options, field) == getattr(_DEFAULTS, field):
-            continue
-        variable = _ENV + field.upper()
-        from_environment = os.environ.get(variable)
-        by_variable = from_environment is not None and _parsed(kind, from_environment) == getattr(
-            options, field
-        )
-        given.append(variable if by_variable else option)
-    if not given:
+def _http_limit_variable_refusal(options: argparse.Namespace) -> str | None:
+    """Why ``serve --websocket`` must not start with a limit from its environment that it
+    would not apply: the operator would believe it in force. A variable that says the
+    default asks nothing of it, and is taken."""
+    variables = [
+        _ENV + field.upper()
+        for _, field, _, _ in _LIMIT_OPTIONS
+        if field not in _WEBSOCKET_LIMITS
+        and field not in options.given
+        and getattr(options, field) != getattr(_DEFAULTS, field)
+    ]
+    if not variables:
         return None
     return (
-        f"{', '.join(given)}: serve --websocket does not apply it (of the limits it takes only"
-        " --max-connections and --header-timeout); leave it out, or serve over HTTP (without"
+        f"{', '.join(variables)}: serve --websocket does not apply it (it applies"
+        f" {_LIMITS_IT_APPLIES}); unset {_them(variables)}, or serve over HTTP (without"
         " --websocket)"
     )
-
-
-def _parsed(kind: type[int] | type[float], text: str) -> int | float | None:
-    try:
-        return kind(text)
-    except ValueError:
-        return None
 
 
 def _check_listening(options: argparse.Namespace) -> None:
