@@ -229,8 +229,10 @@ def test_registration_mistakes_fail_before_serving(arguments: list[str], message
     for flag, value in defaults.items():
         if flag not in arguments:
             arguments = [*arguments, flag, value]
+    # A port beside a Unix socket is a usage error of its own.
+    port = [] if "--uds" in arguments else ["--port", "0"]
     done = subprocess.run(
-        [*PLUGIN, "--port", "0", *arguments],
+        [*PLUGIN, *port, *arguments],
         capture_output=True,
         text=True,
         timeout=120,

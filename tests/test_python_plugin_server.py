@@ -529,6 +529,63 @@ def test_serve_refuses_where_it_cannot_listen_as_asked(where: list[str], said: s
 
 
 @pytest.mark.parametrize(
+    ("given", "socket_from_variable", "said"),
+    [
+        (["--port", "0"], False, "argument --port: not used with a Unix socket (--uds)"),
+        (
+            ["--host", "never.example", "--port", "0"],
+            False,
+            "arguments --host, --port: not used with a Unix socket (--uds)",
+        ),
+        (
+            ["--host=never.example"],
+            True,
+            "argument --host: not used with a Unix socket (LINCHKIT_PLUGIN_UDS)",
+        ),
+    ],
+    ids=["port", "host-and-port", "socket-from-its-variable"],
+)
+def test_serve_on_a_unix_socket_refuses_a_host_or_port_on_its_command_line(
+    tmp_path: Path, given: list[str], socket_from_variable: bool, said: str
+) -> None:
+    """A usage error, as ``--http`` with ``--websocket``. Before, it listened on the
+    socket and dropped them unsaid: an operator who typed them believed it reachable
+    there."""
+    path = tmp_path / "plugin.sock"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LINCHKIT_PLUGIN")}
+    if socket_from_variable:
+        environment["LINCHKIT_PLUGIN_UDS"] = str(path)
+    unix_socket = [] if socket_from_variable else ["--uds", str(path)]
+    done = subprocess.run(
+        serve_command(*unix_socket, *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=environment,
+    )
+    assert_a_usage_error(done, said)
+    assert "never.example" not in done.stderr
+    assert not path.exists()
+
+
+def test_serve_on_a_unix_socket_leaves_the_host_and_port_variables_alone(tmp_path: Path) -> None:
+    """``LINCHKIT_PLUGIN_HOST`` and ``_PORT`` may be set for every run of an image (the
+    docker provider sets them or ``_UDS``): with a socket they are not read, nor refused."""
+    path = tmp_path / "plugin.sock"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LINCHKIT_PLUGIN")}
+    environment |= {"LINCHKIT_PLUGIN_HOST": "0.0.0.0", "LINCHKIT_PLUGIN_PORT": "1"}
+    process = subprocess.Popen(
+        serve_command("--uds", str(path)), env=environment, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_socket(path, process)
+        assert unix_post(path, None) == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(
     ("flags", "environment", "identity"),
     [
         (["--id", "echo", "--version", "2.0.0"], {}, ("echo", "2.0.0")),

@@ -293,6 +293,25 @@ def test_dispatcher_plugin_serve_websocket_refuses_a_flag_it_would_not_use(
 @pytest.mark.parametrize(
     "arguments",
     [
+        pytest.param(["--host", SECRET], id="host"),
+        pytest.param([f"--port={len(SECRET)}"], id="port"),
+    ],
+)
+def test_dispatcher_plugin_serve_on_a_unix_socket_refuses_a_host_or_port(
+    arguments: list[str],
+) -> None:
+    """It listens on the socket, not on --host/--port: given with it they are refused as
+    a usage error, naming the flag, never its value. Before, they were dropped."""
+    done = refused([*PLUGIN_CLI, "serve", *ENTRY, "--uds", f"/nowhere/{SECRET}.sock", *arguments])
+    said = f"serve: error: argument {arguments[0].split('=')[0]}: not used with a Unix socket"
+    assert_refused_naming(done, 2, said)
+    assert "usage: dispatcher-plugin serve" in done.stderr
+    assert "listening" not in done.stderr, "it must not serve"
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
         pytest.param(["--http", "h11"], id="http"),
         pytest.param(["--http=auto"], id="http with its value"),
         pytest.param(["--ht", "httptools"], id="http abbreviated"),

@@ -142,11 +142,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     env = os.environ.get
     serve.add_argument(
         "--host",
+        action=_Given,
         default=env(_ENV + "HOST", "127.0.0.1"),
         help="interface to bind (default: %(default)s)",
     )
     serve.add_argument(
         "--port",
+        action=_Given,
         type=int,
         default=int(env(_ENV + "PORT", "8081")),
         help="port, 0 for any (default: %(default)s)",
@@ -478,20 +480,31 @@ def serve(options: argparse.Namespace) -> None:
 
 def _unused_flag(options: argparse.Namespace) -> str | None:
     """Why ``serve`` must not start with a flag on its command line (``options.given``)
-    that the mode it serves in would not use, rather than drop it unsaid: with
-    ``--websocket``, ``--http`` (uvicorn's HTTP implementation; the WebSocket server is
-    aiohttp's), the TLS files and ``--uds`` (it serves plain ws:// on --host/--port), the
-    limits it does not apply and the registry's flags but ``--register-etcd`` (it
-    registers nowhere). A usage error, as a flag of another command is: the flags named,
-    never their values. An empty flag says "none" over its variable, and is taken.
+    that the mode it serves in would not use, rather than drop it unsaid: with a Unix
+    socket, ``--host`` and ``--port``; with ``--websocket``, ``--http`` (uvicorn's HTTP
+    implementation; the WebSocket server is aiohttp's), the TLS files and ``--uds`` (it
+    serves plain ws:// on --host/--port), the limits it does not apply and the registry's
+    flags but ``--register-etcd`` (it registers nowhere). A usage error, as a flag of
+    another command is: the flags named, never their values. An empty flag says "none"
+    over its variable, and is taken.
 
-    Their variables are not the command line's: ``LINCHKIT_PLUGIN_HTTP`` may be set for
-    every run of an image and is not read where it does not apply; ``serve --websocket``
-    refuses the others in one line, naming the variable, as it refuses
-    ``--register-etcd`` and ``LINCHKIT_REGISTER_ETCD`` (``serve``)."""
+    Their variables are not the command line's: ``LINCHKIT_PLUGIN_HTTP``, ``_HOST`` and
+    ``_PORT`` may be set for every run of an image and are not read where they do not
+    apply; ``serve --websocket`` refuses the others in one line, naming the variable, as
+    it refuses ``--register-etcd`` and ``LINCHKIT_REGISTER_ETCD`` (``serve``)."""
     given = options.given
     if not options.websocket:
-        return None
+        flags = [flag for flag, field in (("--host", "host"), ("--port", "port")) if field in given]
+        if not (options.uds and flags):
+            return None
+        if "uds" in given:
+            unix_socket, instead = "--uds", "leave out --uds"
+        else:
+            unix_socket, instead = _ENV + "UDS", f"unset {_ENV}UDS"
+        return (
+            f"{_arguments(flags)}: not used with a Unix socket ({unix_socket}): the server"
+            f" listens on it, not on --host/--port; leave {_them(flags)} out, or {instead}"
+        )
     unused = "not used over WebSocket (--websocket)"
     if "http" in given:
         return (
