@@ -859,6 +859,47 @@ async def test_serve_websocket_logs_warnings_only_by_default() -> None:
     assert "the host could not use a frame" not in said, said
 
 
+NOISY_PLUGIN = """
+import logging
+
+from linchkit_plugin import Plugin
+
+
+class Noisy(Plugin):
+    async def init(self, config):
+        logging.getLogger("noisy_plugin").warning("the config is empty")
+"""
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
+async def test_serve_logs_the_plugin_s_lines_with_their_level_and_logger(
+    tmp_path: Path, websocket: bool
+) -> None:
+    """A plugin's own log lines reach stderr as ``LEVEL name: message`` in both modes, so a
+    host reading them keeps their level. Before, over HTTP they came through Python's
+    last-resort handler, the message alone (uvicorn's set up its own loggers only)."""
+    (tmp_path / "noisy_plugin.py").write_text(NOISY_PLUGIN)
+    command = [sys.executable, "-m", "linchkit_plugin.cli", "serve", "noisy_plugin:Noisy"]
+    process = await asyncio.create_subprocess_exec(
+        *command, "--path", str(tmp_path), "--port", "0", *(["--websocket"] if websocket else []),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    said = ""
+    try:
+        async with asyncio.timeout(30):
+            while "listening on" not in said:
+                line = (await process.stderr.readline()).decode()
+                assert line, said
+                said += line
+    finally:
+        process.terminate()
+        _, rest = await process.communicate()
+    said += rest.decode()
+    assert "WARNING noisy_plugin: the config is empty\n" in said, said
+
+
 @pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
 def test_serve_on_a_port_in_use_says_so_in_one_line(websocket: bool) -> None:
     """As every SDK's serve: one line, exit 1 (it was uvicorn's log line and exit 3)."""

@@ -403,6 +403,9 @@ def serve(options: argparse.Namespace) -> None:
         _fail(str(error))
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
+    # The plugin's own lines as over WebSocket, ``LEVEL name: message`` (uvicorn's loggers
+    # print on their own); after its import: a plugin that set up its logging keeps it.
+    log_to_stderr()
     registering = _registry_settings(options)
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
