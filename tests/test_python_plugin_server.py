@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -21,7 +22,7 @@ import pytest
 import uvicorn
 
 from dispatcher import Dispatcher, Unauthorized
-from linchkit_plugin import Plugin, PluginApp, PluginHost
+from linchkit_plugin import Plugin, PluginApp, PluginHost, cli
 from linchkit_plugin._automtls import der_from_handshake
 from tests.conftest import ROOT, bound_socket, manifest
 
@@ -934,6 +935,56 @@ def test_serve_on_a_unix_socket_it_cannot_make_says_so_in_one_line(tmp_path: Pat
         assert done.stderr.strip() == said, done.stderr
 
 
+def test_serve_help_names_the_variable_each_option_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each option's help names its variable in brackets, or says ``[no variable]``, and
+    says true: each ``LINCHKIT_PLUGIN_*`` variable named sets its option, an option said
+    to read none is not set by one (the registry's ``LINCHKIT_REGISTER_*`` are read when
+    it registers: tests/test_plugin_registry.py). Before, the help said every option but
+    four read ``LINCHKIT_PLUGIN_<OPTION>``, and --log-level and --path read none."""
+    for name in list(os.environ):
+        if name.startswith(("LINCHKIT_PLUGIN_", "LINCHKIT_REGISTER_")):
+            monkeypatch.delenv(name)
+    serve = cli._parsers()[1]
+    options = [
+        action
+        for action in serve._actions
+        if action.option_strings and action.help not in (None, argparse.SUPPRESS)
+    ]
+    reading_none = []
+    for action in options:
+        flag = action.option_strings[-1]
+        if flag == "--help":
+            continue
+        said = re.search(r"\[(LINCHKIT_\w+|no variable)\b", action.help or "")
+        assert said, f"{flag}'s help names no variable and does not say it reads none"
+        variable = said[1]
+        if variable == "no variable":
+            reading_none.append(flag)
+            variable = "LINCHKIT_PLUGIN_" + flag.removeprefix("--").replace("-", "_").upper()
+        elif not variable.startswith("LINCHKIT_PLUGIN_"):
+            continue
+        if action.choices:
+            text = next(str(choice) for choice in action.choices if choice != action.default)
+            value: Any = text
+        elif action.nargs == 0:  # a switch
+            text, value = "1", True
+        elif action.type in (int, float):
+            text = "7"
+            value = action.type(text)
+        else:
+            text = value = "/from/its/variable"
+        with monkeypatch.context() as environment:
+            environment.setenv(variable, text)
+            parsed = vars(cli._parsers()[1].parse_args(["module:Class"]))
+        if flag in reading_none:
+            assert parsed[action.dest] == action.default, flag
+        else:
+            assert parsed[action.dest] == value, (flag, variable)
+    assert reading_none == ["--path", "--log-level"]
+    assert serve.description is not None
+    assert "--path and --log-level read none" in serve.description, serve.description
+
+
 def test_serve_help_documents_every_limit_and_its_variable() -> None:
     shown = subprocess.run(
         [sys.executable, "-m", "linchkit_plugin.cli", "serve", "--help"],
@@ -1219,8 +1270,6 @@ def test_the_unix_socket_check_never_makes_the_served_name(
     removed it: a host pinning the first socket it found there (the Docker provider) saw
     it removed, read the plugin as tampering with its socket, and refused every call of
     the container (a full run of the suite caught it). The probe goes beside it now."""
-    from linchkit_plugin import cli
-
     bound: list[str] = []
     bind = socket.socket.bind
 

@@ -1,10 +1,12 @@
 """``dispatcher-plugin``: serve a plugin class as an HTTP function with uvicorn.
 
-argparse, not click: a deployed plugin installs nothing it does not need. Every option
-can also come from a ``LINCHKIT_PLUGIN_*`` variable, because the docker provider and
-container orchestrators configure a server through its environment (the registry's from
-``LINCHKIT_REGISTER_*`` ones: ``_registry_options``, shared with the gRPC service). A
-flag given on the command line that its mode would not use is a usage error
+argparse, not click: a deployed plugin installs nothing it does not need. ``serve``'s
+options but ``--path`` (it goes with the ENTRYPOINT, which only the command line names)
+and ``--log-level`` (no SDK reads a log level from a ``LINCHKIT_*`` variable) can also
+come from a ``LINCHKIT_PLUGIN_*`` variable, each named in its help, because the docker
+provider and container orchestrators configure a server through its environment (the
+registry's from ``LINCHKIT_REGISTER_*`` ones: ``_registry_options``, shared with the gRPC
+service). A flag given on the command line that its mode would not use is a usage error
 (``_unused_flag``). The bearer token and etcd's password can only come from a file or the
 environment, never the command line (``ps`` shows it). How long a stop waits comes from
 the environment alone (``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``,
@@ -125,10 +127,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="serve a plugin class over HTTP",
         description=(
             "Serve ENTRYPOINT (package.module:Class) over HTTP, speaking the dispatcher envelope."
-            " --host, --port, --uds and --config can also come from the environment as"
-            " LINCHKIT_PLUGIN_HOST, _PORT, _UDS and _CONFIG: that is how the docker provider"
-            " tells a plugin container where to listen and what to pass to init()."
-            " Every other option reads LINCHKIT_PLUGIN_<OPTION> (e.g. _MAX_BODY_BYTES)."
+            " Each option can also come from the variable its help names in brackets,"
+            " LINCHKIT_PLUGIN_<OPTION> (the registry's: LINCHKIT_REGISTER_<OPTION>,"
+            " LINCHKIT_ADVERTISE, LINCHKIT_LEAVE_DELAY), a flag given winning over it;"
+            " --path and --log-level read none. LINCHKIT_PLUGIN_HOST, _PORT, _UDS and _CONFIG"
+            " are how the docker provider tells a plugin container where to listen and what"
+            " to pass to init()."
             f" On SIGTERM the calls in flight get {STOP_GRACE_ENV} milliseconds to finish,"
             f" then the stop and destroy hooks {STOP_HOOKS_ENV} together"
             f" (0-{MAX_STOP_MS}; default 5000 each; 0 does not wait)."
@@ -144,32 +148,33 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--host",
         action=_Given,
         default=env(_ENV + "HOST", "127.0.0.1"),
-        help="interface to bind (default: %(default)s)",
+        help=f"interface to bind (default: %(default)s) [{_ENV}HOST]",
     )
     serve.add_argument(
         "--port",
         action=_Given,
         type=int,
         default=int(env(_ENV + "PORT", "8081")),
-        help="port, 0 for any (default: %(default)s)",
+        help=f"port, 0 for any (default: %(default)s) [{_ENV}PORT]",
     )
     serve.add_argument(
         "--uds",
         action=_Given,
         default=env(_ENV + "UDS"),
-        help="listen on this Unix socket, not --host/--port",
+        help=f"listen on this Unix socket, not --host/--port [{_ENV}UDS]",
     )
     serve.add_argument(
         "--path",
         dest="search_path",
         default=".",
-        help="folder to import the plugin from (default: the current folder, as uvicorn's)",
+        help="folder to import the plugin from (default: the current folder, as uvicorn's)"
+        " [no variable]",
     )
     serve.add_argument(
         "--config",
         dest="config_json",
         default=env(_ENV + "CONFIG", "{}"),
-        help="JSON object for init()",
+        help=f"JSON object for init() [{_ENV}CONFIG]",
     )
     serve.add_argument(
         "--log-level",
@@ -177,20 +182,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         choices=_LOG_LEVELS,
         default="warning",
         help="how much the server logs: uvicorn's log level, with --websocket the"
-        " WebSocket server's (default: %(default)s)",
+        " WebSocket server's (default: %(default)s) [no variable]",
     )
     serve.add_argument(
         "--token-file",
         default=env(TOKEN_FILE_ENV),
         metavar="PATH",
-        help=f"file holding the bearer token calls must carry (or {TOKEN_ENV}: the token)",
+        help=f"file holding the bearer token calls must carry [{TOKEN_FILE_ENV}; or"
+        f" {TOKEN_ENV}, the token]",
     )
     serve.add_argument(
         "--http",
         action=_Given,
         choices=["auto", "h11", "httptools"],
         default=env(_ENV + "HTTP", "auto"),
-        help="HTTP implementation; auto is httptools when installed (not with --websocket)",
+        help="HTTP implementation; auto is httptools when installed (not with --websocket)"
+        f" [{_ENV}HTTP]",
     )
     tls = serve.add_argument_group("TLS (HTTPS, and client certificates: mTLS)")
     tls.add_argument(
@@ -220,7 +227,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         action="store_true",
         default=env(_ENV + "WEBSOCKET", "") in ("1", "true"),
         help="serve over WebSocket instead of HTTP: the dispatcher dials ws://HOST:PORT/"
-        " (provider: websocket; needs the websocket extra)",
+        f" (provider: websocket; needs the websocket extra) [{_ENV}WEBSOCKET: 1 or true]",
     )
     serve.add_argument(
         "--id",
