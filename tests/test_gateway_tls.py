@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -296,3 +298,62 @@ def test_a_san_of_a_kind_cryptography_cannot_read_names_no_san_and_fails_nothing
         x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, edi_party_name
     )
     assert certificate_names(_self_signed(subject, extension=extension)) == ("CN=odd", ())
+
+
+def _refusal_read(port: int, context: ssl.SSLContext) -> str:
+    """What a blocking client reads when it sends a request on a handshake the gateway
+    refuses: the alert's reason (OpenSSL's words), or what it got instead."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                return f"read {tls.recv(64)!r}"
+        except ssl.SSLError as error:
+            return str(error.reason)
+        except OSError as error:
+            return type(error).__name__
+
+
+@pytest.mark.parametrize("event_loop_kind", ["asyncio", "uvloop"])
+def test_a_refused_client_certificate_is_told_why_by_the_tls_alert(
+    tmp_path: Path, event_loop_kind: str
+) -> None:
+    """asyncio's TLS transport, and uvloop's, closed a refused handshake without its alert
+    (CPython gh-98078): a client read an end of file and could not tell why (before, each
+    of these read ``read b''``)."""
+    server_ca, client_ca, stranger = trustme.CA(), trustme.CA(), trustme.CA()
+    cert, key = write_pair(tmp_path, server_ca.issue_cert("localhost"))
+    client_ca_path = tmp_path / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(client_ca_path))
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    presented = {
+        "none": None,
+        "another CA": stranger.issue_cert("plugin.example"),
+        "expired": client_ca.issue_cert(
+            "plugin.example", not_before=past - datetime.timedelta(days=1), not_after=past
+        ),
+    }
+    settings = GatewaySettings(
+        port=0, tls_cert=cert, tls_key=key, client_ca=client_ca_path, client_cert="required"
+    )
+
+    async def refusals() -> dict[str, str]:
+        async with running_gateway(settings=settings) as (_, server):
+            port = int(server.url.rsplit(":", 1)[1])
+            return {
+                name: await asyncio.to_thread(
+                    _refusal_read, port, client_context(server_ca, certificate)
+                )
+                for name, certificate in presented.items()
+            }
+
+    if event_loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        read = uvloop.run(refusals())
+    else:
+        read = asyncio.run(refusals())
+    assert read == {
+        "none": "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "another CA": "TLSV1_ALERT_UNKNOWN_CA",
+        "expired": "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    }

@@ -10,7 +10,8 @@ paying for it. So the gateway accepts for itself: the listening sockets are read
 
 - admitted, it is handed to ``loop.connect_accepted_socket`` with its ``Seat``, which the
   protocol that serves it (the call lane, or aiohttp's) gives back when it closes, or this
-  module when its TLS handshake fails or does not end within ``header_timeout``;
+  module when its TLS handshake fails (the client told why by TLS's alert:
+  ``dispatcher.gateway.tls_alerts``) or does not end within ``header_timeout``;
 - refused, on plain HTTP it is answered at once with what ``refusal_answer`` makes (the
   gateway's 503 ``overloaded`` with ``Connection: close`` and ``Retry-After``), written
   without waiting (a few hundred bytes into an empty socket buffer), after reading what
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from dispatcher.gateway.connections import LOG_INTERVAL, ConnectionLimit, Refusal, Seat, peer_of
+from dispatcher.gateway.tls_alerts import accept_tls
 
 __all__ = ["ACCEPT_RETRY_SECONDS", "Listener", "SeatedProtocols"]
 
@@ -166,12 +168,15 @@ class Listener:
     async def _connect(self, connection: socket.socket, seat: Seat) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(
-                lambda: self._protocols(seat=seat),
-                connection,
-                ssl=self._ssl,
-                ssl_handshake_timeout=self._handshake_timeout if self._ssl is not None else None,
-            )
+            if self._ssl is None:
+                await loop.connect_accepted_socket(lambda: self._protocols(seat=seat), connection)
+            else:  # a refused handshake tells the client why (dispatcher.gateway.tls_alerts)
+                await accept_tls(
+                    lambda: self._protocols(seat=seat),
+                    connection,
+                    self._ssl,
+                    self._handshake_timeout,
+                )
         except asyncio.CancelledError:
             seat.release()
             raise
