@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import os
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -398,3 +400,42 @@ async def test_the_sdk_command_line_logs_in_with_its_client_certificate(
             _, stderr = await asyncio.wait_for(refused.communicate(), 30)
             assert refused.returncode == 2, stderr
             assert b"BEGIN" not in stderr and b"Traceback" not in stderr
+
+
+def test_the_sdk_command_line_names_a_key_it_cannot_use_and_shows_none_of_it(
+    pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """``dispatcher-plugin connect`` reads its files before it dials: a key that is no key
+    names the option (or the variable) and the file, never a byte of it. Before, it said
+    ``[SSL] PEM lib (_ssl.c:3905)`` or ``[Errno 2] No such file or directory``."""
+    plugins_dir = str(ROOT / "tests" / "plugins")
+    cert = write(tmp_path, "sock.pem", pki["sock"].cert_chain_pems[0].bytes())
+    key_text = pki["sock"].private_key_pem.bytes()
+    broken = write(tmp_path, "broken.key", key_text.replace(b"\n", b"\n#", 2))
+    url = "wss://127.0.0.1:9/v1/plugins/connect"
+
+    def connect(*tls: str, **variables: str) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+             "--url", url, "--id", "sock", "--version", "1.0.0", "--path", plugins_dir, *tls],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, **variables},
+        )  # fmt: skip
+        said = done.stdout + done.stderr
+        assert "BEGIN" not in said and "Traceback" not in said, said
+        assert not any(line in said for line in key_text.decode().splitlines()[1:-1]), said
+        return done.returncode, said.strip()
+
+    assert connect("--cert-file", str(cert), "--key-file", str(broken)) == (
+        2,
+        f"Error: --key-file: {broken} holds no unencrypted PEM private key",
+    )
+    assert connect("--cert-file", str(cert), "--key-file", str(tmp_path / "none.key")) == (
+        2,
+        f"Error: --key-file: cannot read {tmp_path / 'none.key'}: no such file or directory",
+    )
+    assert connect("--cert-file", str(cert), LINCHKIT_PLUGIN_CLIENT_KEY=key_text.decode()) == (
+        2,
+        "Error: LINCHKIT_PLUGIN_CLIENT_KEY: the value is PEM text, not a file's path: write it"
+        " to a file and give that file's path",
+    )

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ssl
 import sys
 from typing import Any
-from urllib.parse import urlsplit
 
+from linchkit_plugin._connect_tls import ConnectTls
 from linchkit_plugin._masked_url import masked_url
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
@@ -83,8 +82,10 @@ def connect(
     when ``--url`` cannot name a gateway or its TLS files cannot be used."""
     try:
         checked_gateway_url(options.url)
-        context = tls_context(options.url, options.ca_file, options.cert_file, options.key_file)
-    except (OSError, ssl.SSLError, ValueError) as error:
+        context = ConnectTls.configured(
+            options.ca_file, options.cert_file, options.key_file
+        ).context(options.url)
+    except ValueError as error:  # ConnectTlsError's too: it names the file, not its bytes
         print(f"Error: {error}", file=sys.stderr)
         return 2
 
@@ -117,22 +118,3 @@ def connect(
         return 0
 
     return asyncio.run(main())
-
-
-def tls_context(
-    url: str, ca_file: str | None, cert_file: str | None, key_file: str | None
-) -> ssl.SSLContext | bool:
-    """What ``dial`` verifies the gateway with and presents to it: the system's roots
-    (``True``) unless a CA or a client pair is given. Raises ``ValueError`` for files
-    that would not be used (a ``ws://`` URL, half a pair), ``OSError``/``ssl.SSLError``
-    for files that cannot be loaded; neither quotes a file's contents."""
-    if (cert_file is None) != (key_file is None):
-        raise ValueError("--cert-file and --key-file go together")
-    if ca_file is None and cert_file is None:
-        return True
-    if urlsplit(url).scheme.lower() != "wss":
-        raise ValueError("--ca-file, --cert-file and --key-file need a wss:// --url")
-    context = ssl.create_default_context(cafile=ca_file)
-    if cert_file is not None and key_file is not None:
-        context.load_cert_chain(cert_file, key_file)
-    return context

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from linchkit_plugin._connect_tls import refusal_of
 from linchkit_plugin._masked_url import masked_url
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
@@ -203,8 +204,14 @@ def _unreachable_reason(error: BaseException) -> str:
     gateway whose certificate does not verify, which check failed (OpenSSL's words:
     ``certificate has expired``, ``self-signed certificate``, ``unable to get local issuer
     certificate``, a host name mismatch), so that an operator can tell a private CA not
-    trusted yet from a certificate that should be replaced; else the error's class (the
-    text of aiohttp's errors names the host and port, already on the line)."""
+    trusted yet from a certificate that should be replaced; for a gateway that refused
+    this plugin's client certificate, the alert it said why with (``certificate
+    required``, ``unknown ca``, ``certificate expired``: ``_connect_tls.refusal_of``);
+    else the error's class (the text of aiohttp's errors names the host and port, already
+    on the line)."""
+    alert = refusal_of(error)  # the gateway's verdict on this plugin's certificate
+    if alert is not None:
+        return alert
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         refused = error.certificate_error
         why = getattr(refused, "verify_message", None) or getattr(refused, "reason", None)

@@ -26,6 +26,11 @@ from typing import Any, NoReturn
 
 import orjson
 
+from linchkit_plugin._connect_tls import (
+    CLIENT_CERT_FILE_ENV,
+    CLIENT_KEY_FILE_ENV,
+    GATEWAY_CA_FILE_ENV,
+)
 from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import (
     RegistrySettings,
@@ -264,22 +269,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     connect.add_argument("--token-file", default=env(TOKEN_FILE_ENV), metavar="PATH")
     connect.add_argument(
         "--ca-file",
-        default=env(_ENV + "GATEWAY_CA"),
         metavar="PATH",
-        help=f"wss://: PEM roots that verify the gateway (default: the system's) [{_ENV}GATEWAY_CA]",
+        help="wss://: PEM roots that verify the gateway (default: the system's)"
+        f" [{GATEWAY_CA_FILE_ENV}]",
     )
     connect.add_argument(
         "--cert-file",
-        default=env(_ENV + "CLIENT_CERT"),
         metavar="PATH",
-        help="wss://: the client certificate (chain) to log in with, for a gateway whose"
-        f" auth.mtls names it as the target's principal [{_ENV}CLIENT_CERT]",
+        help="wss://: the client certificate (chain) to log in with, for a gateway that"
+        " requires one (gateway.tls.client_cert) or whose auth.mtls names it as the"
+        f" target's principal [{CLIENT_CERT_FILE_ENV}]",
     )
     connect.add_argument(
         "--key-file",
-        default=env(_ENV + "CLIENT_KEY"),
         metavar="PATH",
-        help=f"the private key of --cert-file [{_ENV}CLIENT_KEY]",
+        help=f"the unencrypted private key of --cert-file [{CLIENT_KEY_FILE_ENV}]",
     )
     connect.add_argument("--config", dest="config_json", default=env(_ENV + "CONFIG", "{}"))
     connect.add_argument("--path", dest="search_path", default=".")

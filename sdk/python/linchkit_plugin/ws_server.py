@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from linchkit_plugin._connect_tls import ConnectTls, ConnectTlsError
 from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
@@ -305,7 +306,10 @@ def main(
 
     * ``serve --websocket [--address HOST:PORT] [--config JSON]``: serve; prints one line
       ``1|1|tcp|HOST:PORT|websocket|`` once listening (as the gRPC service mode does);
-    * ``connect --url URL [--config JSON]``: reverse mode, dialling the gateway.
+    * ``connect --url URL [--config JSON] [--ca-file PEM] [--cert-file PEM --key-file PEM]``:
+      reverse mode, dialling the gateway; the TLS files as ``dispatcher-plugin connect``
+      takes them, or from ``LINCHKIT_PLUGIN_GATEWAY_CA``, ``_CLIENT_CERT`` and
+      ``_CLIENT_KEY`` (``linchkit_plugin._connect_tls``).
 
     The token comes from ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``: for
     ``serve``, the one callers must present; for ``connect``, the one it presents. How
@@ -334,6 +338,10 @@ def main(
         parser.add_argument("--address", default="127.0.0.1:0")
     else:
         parser.add_argument("--url")
+        # As ``dispatcher-plugin connect``'s (linchkit_plugin._connect_tls).
+        parser.add_argument("--ca-file")
+        parser.add_argument("--cert-file")
+        parser.add_argument("--key-file")
     parser.add_argument("--config", default="{}")
     options = parser.parse_args(argv[1:])
     # As the gRPC executable's lines are; a dialling plugin's connection lines too.
@@ -359,6 +367,13 @@ def main(
         if refusal is not None:
             sys.stderr.write(f"connect: {refusal}\n")
             return 1
+        try:  # checked before the plugin's hooks run, as the URL is
+            context = ConnectTls.configured(
+                options.ca_file, options.cert_file, options.key_file
+            ).context(options.url)
+        except ConnectTlsError as error:
+            sys.stderr.write(f"connect: {error}\n")
+            return 1
 
         async def connect() -> None:
             stopping = asyncio.Event()
@@ -370,6 +385,7 @@ def main(
                 version=version,
                 token=token.secret() if token is not None else None,
                 config=config,
+                ssl=context,
                 stopping=stopping,
                 stop_caps=stop_caps,
             )
