@@ -14,6 +14,7 @@ package plugin
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -76,18 +77,25 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("connect", flag.ContinueOnError)
 	url := flags.String("url", "", "the gateway's ws[s]://HOST/v1/plugins/connect")
 	config := flags.String("config", "{}", "JSON object for the init hook")
+	flags.String("ca-file", "", "wss://: `PEM` roots that verify the gateway (default: the system's) ["+EnvGatewayCA+"]")
+	flags.String("cert-file", "", "wss://: the client certificate (chain, `PEM`) to log in with, for a gateway that "+
+		"requires one or whose auth.mtls names it as the target's principal ["+EnvClientCert+"]")
+	flags.String("key-file", "", "the unencrypted private key (`PEM`) of -cert-file ["+EnvClientKey+"]")
 	flags.SetOutput(io.Discard) // a mistake is returned (and printed once); help goes to stdout
 	if err := flags.Parse(env.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			flags.SetOutput(env.Stdout)
-			fmt.Fprintf(env.Stdout, "usage: %s connect -url ws://HOST/v1/plugins/connect [-config JSON]\n\n"+
+			fmt.Fprintf(env.Stdout, "usage: %s connect -url ws://HOST/v1/plugins/connect [-config JSON] "+
+				"[-ca-file PEM] [-cert-file PEM -key-file PEM]\n\n"+
 				"Dial the dispatcher's gateway and take calls over that connection until SIGTERM.\n\n",
 				filepath.Base(os.Args[0]))
 			flags.PrintDefaults()
 			fmt.Fprintf(env.Stdout, "\nenvironment:\n  %s, %s\n      the bearer token presented to the gateway\n"+
+				"  %s, %s, %s\n      -ca-file, -cert-file and -key-file, where the flag is not given\n"+
 				"  %s, %s\n      on SIGTERM, the milliseconds the gateway gets to finish its calls after goaway,\n"+
 				"      then the stop and destroy hooks together, 0-%d (default %d each; 0 does not wait)\n",
-				EnvTokenFile, EnvToken, EnvStopGraceMs, EnvStopHooksMs, maxStopMs, defaultStopCaps.hooks.Milliseconds())
+				EnvTokenFile, EnvToken, EnvGatewayCA, EnvClientCert, EnvClientKey,
+				EnvStopGraceMs, EnvStopHooksMs, maxStopMs, defaultStopCaps.hooks.Milliseconds())
 			return nil
 		}
 		return fmt.Errorf("connect: %w (connect -help lists the flags)", withoutText(err, flags, env.Args))
@@ -104,6 +112,13 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	}
 	if env.Getenv(EnvRegisterEtcd) != "" {
 		return errDiallingRegisters
+	}
+	given := map[string]string{}
+	flags.Visit(func(f *flag.Flag) { given[f.Name] = f.Value.String() })
+	caFile, certFile, keyFile := connectTLSFiles(given, env.Getenv)
+	tlsConfig, err := connectTLSConfig(*url, caFile, certFile, keyFile)
+	if err != nil { // before the hooks run, as the URL is checked
+		return fmt.Errorf("connect: %w", err)
 	}
 	token, err := configuredToken(env.Getenv)
 	if err != nil {
@@ -129,7 +144,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	backoff := initialConnectBackoff
 	for {
 		dialled := &dialledConn{}
-		conn, response, err := websocket.Dial(ctx, *url, gatewayDialOptions(header, dialled))
+		conn, response, err := websocket.Dial(ctx, *url, gatewayDialOptions(header, dialled, tlsConfig))
 		dialled.idle() // a refused upgrade's connection is not kept for another request
 		if err != nil {
 			if ctx.Err() != nil {
@@ -138,9 +153,10 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			if response != nil && refusedAtUpgrade(response.StatusCode) {
 				return fmt.Errorf("connect: %w (%d)", ErrRefused, response.StatusCode)
 			}
-			// Masked: a token in the URL's query or userinfo is not for the log.
-			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", maskedURL(*url),
-				"err", maskedText(err.Error(), *url))
+			// One line naming the gateway once, masked: a token in the URL's query or
+			// userinfo is not for the log (dialFailure's words quote no URL).
+			sdkLog.Warn(fmt.Sprintf("linchkit plugin: cannot reach the gateway at %s: %s; retrying",
+				maskedURL(*url), dialFailure(err, *url)))
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
 			session := &wsSession{plugin: p, conn: conn, grace: caps.grace, abort: dialled.abort}
@@ -176,12 +192,17 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 // own side keeps it: repetitive JSON calls deflate best against the ones before. A deflated
 // message is inflated up to the read limit only (coder/websocket counts the inflated bytes,
 // and closes 1009 past it, as for a plain one): no bomb. The dial's TCP connection is kept
-// in dialled, so a stop can cut it.
-func gatewayDialOptions(header http.Header, dialled *dialledConn) *websocket.DialOptions {
+// in dialled, so a stop can cut it. tlsConfig (connecttls.go) verifies a wss:// gateway
+// and presents the client certificate; nil: the system's roots, no certificate.
+func gatewayDialOptions(header http.Header, dialled *dialledConn, tlsConfig *tls.Config) *websocket.DialOptions {
+	transport := dialled.newTransport()
+	if tlsConfig != nil {
+		transport.TLSClientConfig = tlsConfig.Clone()
+	}
 	return &websocket.DialOptions{
 		HTTPHeader:      header,
 		CompressionMode: websocket.CompressionContextTakeover,
-		HTTPClient:      &http.Client{Transport: dialled.newTransport()},
+		HTTPClient:      &http.Client{Transport: transport},
 	}
 }
 
