@@ -3,11 +3,13 @@
 //!
 //! * `serve --websocket [--address HOST:PORT] [--config JSON]`: serve; the dispatcher
 //!   dials in (`provider: websocket`, `url: ws://…`);
-//! * `connect --url ws://HOST/v1/plugins/connect [--config JSON]`: dial the gateway
-//!   (`provider: websocket`, `mode: inbound`).
+//! * `connect --url ws://HOST/v1/plugins/connect [--config JSON] [--ca-file PEM]
+//!   [--cert-file PEM --key-file PEM]`: dial the gateway (`provider: websocket`, `mode:
+//!   inbound`), over `wss://` with the TLS files of `client_tls`.
 //!
 //! A mistake is one line naming the flag and what it takes, before anything starts.
 
+use super::client_tls::{TlsFlags, ENV_CLIENT_CERT, ENV_CLIENT_KEY, ENV_GATEWAY_CA};
 use crate::auth::{ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::registry::settings as registry_settings;
 use crate::serve::{check_address, program_name, refused, ServeError, DEFAULT_ADDRESS};
@@ -15,8 +17,8 @@ use crate::stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 use crate::tracing::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 
 const SERVE_USAGE: &str = "serve --websocket [--address HOST:PORT] [--config JSON] [--help]";
-const CONNECT_USAGE: &str =
-    "connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] [--help]";
+const CONNECT_USAGE: &str = "connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] \
+     [--ca-file PEM] [--cert-file PEM --key-file PEM] [--help]";
 
 /// What the arguments ask for.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,8 +33,13 @@ pub(crate) enum Command {
         config: String,
         registry: Vec<(&'static str, String)>,
     },
-    /// Dial the gateway at `url`.
-    Connect { url: GatewayUrl, config: String },
+    /// Dial the gateway at `url`, with the TLS files given as flags (`client_tls`: the
+    /// variables fill in the others).
+    Connect {
+        url: GatewayUrl,
+        config: String,
+        tls: TlsFlags,
+    },
 }
 
 /// Whether `args` ask for a WebSocket mode: `connect`, or `serve` with `--websocket`.
@@ -63,6 +70,7 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
     let mut registry = Vec::new();
     let mut address = DEFAULT_ADDRESS.to_string();
     let mut url = None;
+    let mut tls = TlsFlags::default();
     let mut config = "{}".to_string();
     let mut help = false;
     // After the mode: the first is the command line's second (`$2`).
@@ -88,6 +96,9 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
             }
             "--address" if !connecting => address = value(flag)?,
             "--url" if connecting => url = Some(value(flag)?),
+            "--ca-file" if connecting => tls.ca_file = Some(value(flag)?),
+            "--cert-file" if connecting => tls.cert_file = Some(value(flag)?),
+            "--key-file" if connecting => tls.key_file = Some(value(flag)?),
             "--config" => config = value(flag)?,
             _ if !connecting && registry_settings::setting_of_flag(flag).is_some() => {
                 let setting = registry_settings::setting_of_flag(flag).expect("matched");
@@ -121,7 +132,7 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
             masked_url(&url)
         ))
     })?;
-    Ok(Command::Connect { url, config })
+    Ok(Command::Connect { url, config, tls })
 }
 
 /// A gateway's URL, as the plugin dials it.
@@ -300,9 +311,16 @@ status 1. The plugin runs its own lifecycle, as with serve --websocket.
 
 flags:
   --url ws://HOST:PORT/v1/plugins/connect
-      the gateway (wss:// verifies it by the system's certificates)
+      the gateway (wss:// verifies it by the system's certificates, or --ca-file's)
   --config JSON
       the config its init hook gets (default {{}})
+  --ca-file PEM
+      wss://: the roots that verify the gateway, instead of the system's [{ENV_GATEWAY_CA}]
+  --cert-file PEM
+      wss://: the client certificate (chain) to log in with, for a gateway that requires
+      one or whose auth.mtls names it as the target's principal [{ENV_CLIENT_CERT}]
+  --key-file PEM
+      the unencrypted private key of --cert-file [{ENV_CLIENT_KEY}]
   -h, --help
       print this help and exit
 
@@ -416,7 +434,7 @@ mod tests {
         ])
         .unwrap()
         {
-            Command::Connect { url, config } => {
+            Command::Connect { url, config, .. } => {
                 assert_eq!(config, "{}");
                 assert_eq!(
                     (url.host.as_str(), url.port, url.secure),

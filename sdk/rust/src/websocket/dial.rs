@@ -59,11 +59,14 @@ enum Failed {
 
 /// Dials `url` and serves each connection until the plugin stops (then the connection in
 /// use winds down: `goaway`, the gateway's close or the grace) or the gateway refuses it.
+/// `tls`: the client of a `wss` gateway made of `connect`'s TLS files (`client_tls`);
+/// `None`: the system's roots, no client certificate.
 pub(crate) async fn dial(
     core: Arc<Core>,
     url: GatewayUrl,
     headers: Vec<(String, String)>,
     mut stopping: Stopping,
+    tls: Option<TlsConnector>,
 ) -> Result<(), Refused> {
     let mut backoff = INITIAL_BACKOFF;
     loop {
@@ -71,7 +74,7 @@ pub(crate) async fn dial(
             return Ok(());
         }
         let attempt = tokio::select! {
-            attempt = open(&url, &headers) => attempt,
+            attempt = open(&url, &headers, tls.as_ref()) => attempt,
             _ = stopping.wait_for(Option::is_some) => return Ok(()),
         };
         match attempt {
@@ -144,8 +147,12 @@ fn jitter(backoff: Duration) -> Duration {
     backoff.mul_f64((hasher.finish() >> 11) as f64 / (1u64 << 53) as f64)
 }
 
-/// One dial: TCP, TLS for `wss`, the upgrade.
-async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, Failed> {
+/// One dial: TCP, TLS for `wss` (with `tls`, else the system's roots), the upgrade.
+async fn open(
+    url: &GatewayUrl,
+    headers: &[(String, String)],
+    tls: Option<&TlsConnector>,
+) -> Result<Opened, Failed> {
     let dialled = async {
         let tcp = TcpStream::connect((url.host.as_str(), url.port))
             .await
@@ -154,8 +161,11 @@ async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, 
         let mut socket: Box<dyn Socket> = if url.secure {
             let name = rustls::pki_types::ServerName::try_from(url.host.clone())
                 .map_err(|_| Failed::Again("the URL's host is no TLS server name".into()))?;
-            let tls = connector()
-                .map_err(Failed::Again)?
+            let connector = match tls {
+                Some(connector) => connector.clone(),
+                None => connector().map_err(Failed::Again)?,
+            };
+            let tls = connector
                 .connect(name, tcp)
                 .await
                 .map_err(|err| Failed::Again(tls_failure(&err)))?;
@@ -180,6 +190,9 @@ async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, 
         let (head, leftover) = read_head(&mut socket).await.map_err(|err| match err {
             HeadError::TooLarge => Failed::Again("the answer's head is too large".into()),
             HeadError::Closed => Failed::Again("the connection closed before an answer".into()),
+            // Over TLS, the gateway's alert (it refused this plugin's certificate).
+            HeadError::Failed(err) if url.secure => Failed::Again(tls_failure(&err)),
+            HeadError::Failed(err) => Failed::Again(err.to_string()),
         })?;
         match handshake::read_answer(&head, &key) {
             Answer::Upgraded(deflate) => Ok(Opened {
@@ -208,23 +221,97 @@ async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, 
 }
 
 /// Why the TLS handshake with the gateway failed, as the line of a dial that could not
-/// reach it says. rustls shows some certificate errors by their variant's name
-/// (`invalid peer certificate: UnknownIssuer`); the commonest, a certificate no root this
-/// plugin trusts signed (a private CA it was not given, a self-signed certificate), is put
-/// in words that say where its roots come from. Its other errors read as rustls writes them
-/// (`certificate expired: …`, `certificate not valid for name "gw"; …`).
+/// reach it says. rustls shows some errors by their variant's name (`invalid peer
+/// certificate: UnknownIssuer`, `received fatal alert: CertificateRequired`) and an expired
+/// certificate's times in Unix seconds; these are put in words, the same as every SDK's:
+/// a certificate no root this plugin trusts signed (a private CA it was not given, a
+/// self-signed certificate), one expired or not valid yet (with the date, in UTC), and the
+/// gateway's alert when it refused this plugin's client certificate. Other errors read as
+/// rustls writes them (`certificate not valid for name "gw"; …`).
 fn tls_failure(err: &std::io::Error) -> String {
+    use rustls::{AlertDescription, CertificateError, Error};
     let refused = err
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        .and_then(|inner| inner.downcast_ref::<Error>());
     match refused {
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
             "TLS: the gateway's certificate has an unknown issuer: no root this plugin trusts \
-             signed it (the system's, or those SSL_CERT_FILE or SSL_CERT_DIR name)"
+             signed it (--ca-file, or the system's: SSL_CERT_FILE or SSL_CERT_DIR name others)"
                 .into()
         }
+        Some(Error::InvalidCertificate(CertificateError::ExpiredContext { not_after, .. })) => {
+            format!(
+                "TLS: the gateway's certificate has expired (not valid after {})",
+                utc_date(not_after.as_secs())
+            )
+        }
+        Some(Error::InvalidCertificate(CertificateError::Expired)) => {
+            "TLS: the gateway's certificate has expired".into()
+        }
+        Some(Error::InvalidCertificate(CertificateError::NotValidYetContext {
+            not_before,
+            ..
+        })) => format!(
+            "TLS: the gateway's certificate is not valid yet (not before {})",
+            utc_date(not_before.as_secs())
+        ),
+        Some(Error::AlertReceived(alert)) => format!(
+            "TLS: {}",
+            match alert {
+                AlertDescription::CertificateRequired => "the gateway requires a client \
+                    certificate and got none (--cert-file and --key-file)"
+                    .to_string(),
+                AlertDescription::UnknownCA => "the gateway does not trust this plugin's \
+                    client certificate: no CA it trusts signed it"
+                    .to_string(),
+                AlertDescription::CertificateExpired => {
+                    "this plugin's client certificate has expired: the gateway refused it"
+                        .to_string()
+                }
+                other => format!("the gateway refused the handshake ({})", alert_words(other)),
+            }
+        ),
         _ => format!("TLS: {err}"),
     }
+}
+
+/// An alert's name in words: `BadCertificate` reads "bad certificate".
+fn alert_words(alert: &rustls::AlertDescription) -> String {
+    let name = format!("{alert:?}");
+    let mut words = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    words
+}
+
+/// Seconds since 1970 as a date and time in UTC, `2026-12-04 11:07:38 UTC` (the civil
+/// calendar from a day count, after Howard Hinnant's `civil_from_days`).
+fn utc_date(seconds: u64) -> String {
+    let (days, time) = ((seconds / 86_400) as i64, seconds % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        time / 3_600,
+        time % 3_600 / 60,
+        time % 60
+    )
 }
 
 /// The TLS client of a `wss` gateway, checked by the system's roots (`SSL_CERT_FILE` and
@@ -233,16 +320,7 @@ fn connector() -> Result<TlsConnector, String> {
     static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
     CONNECTOR
         .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert); // one the system trusts but rustls cannot read
-            }
-            if roots.is_empty() {
-                return Err(
-                    "no root certificate to check a wss:// gateway with: the system has none"
-                        .into(),
-                );
-            }
+            let roots = system_roots()?;
             let provider = Arc::new(rustls::crypto::ring::default_provider());
             let mut config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
@@ -253,6 +331,21 @@ fn connector() -> Result<TlsConnector, String> {
             Ok(TlsConnector::from(Arc::new(config)))
         })
         .clone()
+}
+
+/// The system's root certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` name others instead:
+/// rustls-native-certs), for a `wss` gateway `connect` was given no `--ca-file` for.
+pub(crate) fn system_roots() -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert); // one the system trusts but rustls cannot read
+    }
+    if roots.is_empty() {
+        return Err(
+            "no root certificate to check a wss:// gateway with: the system has none".into(),
+        );
+    }
+    Ok(roots)
 }
 
 #[cfg(test)]
@@ -278,13 +371,64 @@ mod tests {
         assert!(said.contains("unknown issuer"), "{said}");
         assert!(said.contains("SSL_CERT_FILE"), "{said}");
         assert!(!said.contains("UnknownIssuer"), "{said}");
-        let expired = std::io::Error::new(
+        let revoked = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked),
         );
-        assert!(tls_failure(&expired).starts_with("TLS: invalid peer certificate"));
+        assert!(tls_failure(&revoked).starts_with("TLS: invalid peer certificate"));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(tls_failure(&reset).starts_with("TLS: "));
+    }
+
+    #[test]
+    fn an_expired_certificate_is_said_with_its_date_not_unix_seconds() {
+        // Before: "certificate expired: verification time 1796555258 (UNIX), but
+        // certificate is not valid after 1796382458 (172800 seconds ago)".
+        let expired = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+                time: rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+                    1_796_555_258,
+                )),
+                not_after: rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+                    1_796_382_458,
+                )),
+            }),
+        );
+        assert_eq!(
+            tls_failure(&expired),
+            "TLS: the gateway's certificate has expired (not valid after 2026-12-04 11:07:38 UTC)"
+        );
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_date(4_107_542_399), "2100-02-28 23:59:59 UTC");
+    }
+
+    #[test]
+    fn the_gateways_alert_about_the_client_certificate_is_said_in_words() {
+        let alert = |description| {
+            tls_failure(&std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(description),
+            ))
+        };
+        use rustls::AlertDescription;
+        assert_eq!(
+            alert(AlertDescription::CertificateRequired),
+            "TLS: the gateway requires a client certificate and got none (--cert-file and --key-file)"
+        );
+        assert_eq!(
+            alert(AlertDescription::UnknownCA),
+            "TLS: the gateway does not trust this plugin's client certificate: no CA it trusts signed it"
+        );
+        assert_eq!(
+            alert(AlertDescription::CertificateExpired),
+            "TLS: this plugin's client certificate has expired: the gateway refused it"
+        );
+        assert_eq!(
+            alert(AlertDescription::BadCertificate),
+            "TLS: the gateway refused the handshake (bad certificate)"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! `dial`.
 
 mod cli;
+mod client_tls;
 mod dial;
 mod frames;
 mod handshake;
@@ -197,7 +198,10 @@ pub(crate) async fn run(
             stop(&core, caps).await;
             Ok(())
         }
-        Command::Connect { url, .. } => {
+        Command::Connect { url, tls, .. } => {
+            // Checked before the hooks run, as the URL is (client_tls).
+            let tls =
+                client_tls::connector(&url, &tls, &|name| var(name).to_string()).map_err(failed)?;
             let core = Core::new(plugin, tracer).await;
             core.open(config).await.map_err(failed)?;
             crate::log::info(&format!(
@@ -212,7 +216,7 @@ pub(crate) async fn run(
                 headers.push(("Authorization".to_string(), token.authorization()));
             }
             let (stop_dialling, stopping) = watch::channel(None);
-            let dialling = dial::dial(core.clone(), url, headers, stopping);
+            let dialling = dial::dial(core.clone(), url, headers, stopping, tls);
             tokio::pin!(dialling, shutdown);
             // A signal does not end the dialling: the connection says goaway, and the
             // gateway finishes the calls it sent within the grace.

@@ -123,6 +123,9 @@ impl Drop for SessionPlace {
 pub(crate) enum HeadError {
     TooLarge,
     Closed,
+    /// The read failed: for a dialled gateway over TLS, the alert it refused the
+    /// handshake with (read after the client's side of a TLS 1.3 handshake is over).
+    Failed(std::io::Error),
 }
 
 /// Reads an HTTP head (through its blank line, at most `MAX_HEAD_BYTES`): the head, and
@@ -133,10 +136,7 @@ pub(crate) async fn read_head(
     let mut read = Vec::with_capacity(4096);
     let mut buffer = [0u8; 4096];
     loop {
-        let n = socket
-            .read(&mut buffer)
-            .await
-            .map_err(|_| HeadError::Closed)?;
+        let n = socket.read(&mut buffer).await.map_err(HeadError::Failed)?;
         if n == 0 {
             return Err(HeadError::Closed);
         }
@@ -246,7 +246,7 @@ async fn connection(
             };
             return refuse(socket, too_large, types::INVALID_PARAMS).await;
         }
-        Ok(Err(HeadError::Closed)) | Err(_) => return,
+        Ok(Err(HeadError::Closed | HeadError::Failed(_))) | Err(_) => return,
     };
     let (authorization, upgrade) = match handshake::read_request(&head) {
         Request::Refused(refusal) => return refuse(socket, refusal, types::INVALID_PARAMS).await,
