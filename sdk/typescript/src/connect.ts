@@ -8,13 +8,19 @@
  * refuses in one line before anything starts, as every SDK's `connect` does
  * (`registrationRefusal`).
  */
+import type { TlsFlags } from './connecttls';
 import { HandshakeError, refusedArgument } from './handshake';
 import { REGISTER_ETCD_ENV } from './registryflags';
 
 /** The one-line reminder an argument mistake ends with; `connect --help` says more. */
-export const CONNECT_USAGE = 'connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] [--help]';
+export const CONNECT_USAGE =
+  'connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] [--ca-file PEM] [--cert-file PEM --key-file PEM] [--help]';
 
-export type ConnectCommand = { mode: 'connect'; url: string; config: string | undefined } | { mode: 'help' };
+/** `tls`: the TLS files given as flags (connecttls.ts: the variables fill in the others). */
+export type ConnectCommand = { mode: 'connect'; url: string; config: string | undefined; tls: TlsFlags } | { mode: 'help' };
+
+/** The TLS flags and the field of `TlsFlags` each sets. */
+const TLS_FLAGS: Record<string, keyof TlsFlags> = { '--ca-file': 'caFile', '--cert-file': 'certFile', '--key-file': 'keyFile' };
 
 /** The schemes the `ws` package dials with: http and https are the same as ws and wss there. */
 const SCHEMES = new Set(['ws:', 'wss:', 'http:', 'https:']);
@@ -23,6 +29,7 @@ const SCHEMES = new Set(['ws:', 'wss:', 'http:', 'https:']);
 export function parseConnectCommand(argv: readonly string[]): ConnectCommand {
   let url: string | undefined;
   let config: string | undefined;
+  const tls: TlsFlags = {};
   let help = false;
   const args = argv[0] === 'connect' ? argv.slice(1) : argv;
   const first = argv.length - args.length + 1; // where args[0] stands on the command line ($N)
@@ -33,12 +40,15 @@ export function parseConnectCommand(argv: readonly string[]): ConnectCommand {
     else if (arg === '--config') config = valueOf(arg, args[++i]);
     else if (arg.startsWith('--url=')) url = arg.slice('--url='.length);
     else if (arg.startsWith('--config=')) config = arg.slice('--config='.length);
-    else throw new HandshakeError(`connect: ${refusedArgument(arg, i + first)}; usage: ${CONNECT_USAGE}`);
+    else if (arg in TLS_FLAGS) tls[TLS_FLAGS[arg] as keyof TlsFlags] = valueOf(arg, args[++i]);
+    else if (arg.includes('=') && arg.slice(0, arg.indexOf('=')) in TLS_FLAGS) {
+      tls[TLS_FLAGS[arg.slice(0, arg.indexOf('='))] as keyof TlsFlags] = arg.slice(arg.indexOf('=') + 1);
+    } else throw new HandshakeError(`connect: ${refusedArgument(arg, i + first)}; usage: ${CONNECT_USAGE}`);
   }
   if (help) return { mode: 'help' };
   if (url === undefined) throw new HandshakeError(`connect: --url is required; usage: ${CONNECT_USAGE}`);
   parseGatewayUrl(url); // a URL that can never reach a gateway is refused before anything starts
-  return { mode: 'connect', url, config };
+  return { mode: 'connect', url, config, tls };
 }
 
 /**

@@ -35,6 +35,7 @@ import * as grpc from '@grpc/grpc-js';
 import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { type HandshakeConfig, HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
 import { CONNECT_USAGE, parseConnectCommand, registrationRefusal } from './connect';
+import { CLIENT_CERT_ENV, CLIENT_KEY_ENV, type ClientTls, GATEWAY_CA_ENV, clientTls } from './connecttls';
 import { DEFAULT_ADDRESS, ListenError, cannotListen, parseListenAddress } from './listen';
 import { Logger, log, routeConsole } from './log';
 import type { Plugin } from './plugin';
@@ -76,7 +77,10 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
       const refusal = command.mode === 'help' ? undefined : registrationRefusal(env);
       if (refusal !== undefined) throw refusal; // before the hooks, before the dial
       if (command.mode === 'help') process.stdout.write(connectHelp());
-      else await connectToGateway(plugin, command.url, command.config, env, caps('connect: '), Tracing.fromEnv(env, plugin));
+      else {
+        const tls = clientTls(command.url, command.tls, env); // its files checked before the hooks run
+        await connectToGateway(plugin, command.url, command.config, env, caps('connect: '), Tracing.fromEnv(env, plugin), tls);
+      }
       return;
     }
     const command = parseCommand(argv);
@@ -182,6 +186,12 @@ options:
   --url URL      the gateway's plugin endpoint: ws://HOST:PORT/v1/plugins/connect, or
                  wss:// for TLS (http:// and https:// are taken as ws:// and wss://)
   --config JSON  the object the plugin's init hooks get (default {})
+  --ca-file PEM  wss://: the roots that verify the gateway, instead of Node's [${GATEWAY_CA_ENV}]
+  --cert-file PEM
+                 wss://: the client certificate (chain) to log in with, for a gateway that
+                 requires one or whose auth.mtls names it as the target's principal
+                 [${CLIENT_CERT_ENV}]
+  --key-file PEM the unencrypted private key of --cert-file [${CLIENT_KEY_ENV}]
   -h, --help     this help
 
 environment (docs/security.md, docs/observability.md):
@@ -244,6 +254,7 @@ async function connectToGateway(
   env: NodeJS.ProcessEnv,
   caps: StopCaps,
   tracing: Tracing | undefined,
+  tls: ClientTls | undefined,
 ): Promise<void> {
   const token = BearerToken.configured(env);
   const stopping = new AbortController();
@@ -253,7 +264,7 @@ async function connectToGateway(
     stopping.abort();
     return dialling;
   });
-  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal, graceMs: caps.graceMs, tracing });
+  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal, graceMs: caps.graceMs, tracing, tls });
   try {
     await dialling;
   } catch (error) {

@@ -32,6 +32,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
 import { maskedUrl } from './connect';
+import { type ClientTls, alertRefusal } from './connecttls';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
 import { formatListenAddress, listen, parseListenAddress } from './listen';
 import { log, shown } from './log';
@@ -572,6 +573,8 @@ export interface DialOptions {
   graceMs?: number;
   /** Each call and stream runs in a span (tracing.ts); undefined: untraced. */
   tracing?: Tracing;
+  /** A `wss://` gateway's roots and the client certificate to present (connecttls.ts); undefined: Node's roots, none. */
+  tls?: ClientTls;
 }
 
 /** The most of a peer's close reason shown, once escaped: a reason is at most 123 bytes,
@@ -644,7 +647,7 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     // the plugin's inbound target says `compress: true`, so the manifest is the one place
     // that says, as it is for a plugin the dispatcher dials; declined, the offer costs a
     // header. Inflated up to maxPayload only (1009 past it): no bomb.
-    const socket = new WebSocket(url, { headers, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: true });
+    const socket = new WebSocket(url, { headers, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: true, ...options.tls });
     let session: Session | undefined;
     const stop = (): void => {
       if (session === undefined) socket.terminate();
@@ -663,8 +666,10 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     // Once open, an error ends in 'close' too: the session ends there (a stop still drains).
     // Before, the error is the request's (`connect ECONNREFUSED 127.0.0.1:1`) or the
     // handshake's, whose text names no more of the URL than its host.
+    // The gateway's alert about this plugin's certificate is said in words: its message
+    // is OpenSSL's error line, with its source file and a line break.
     socket.once('error', (error: Error) => {
-      if (session === undefined) done(new Unreachable(shown(error.message, SHOWN_REASON_CHARS)));
+      if (session === undefined) done(new Unreachable(alertRefusal(error) ?? shown(error.message, SHOWN_REASON_CHARS)));
     });
     let refusal: Refused | undefined;
     socket.once('close', (code: number, reason: Buffer) => {

@@ -64,8 +64,8 @@ test('a refused URL is shown masked: a token in it never reaches the line', () =
 
 test('the connect command line: --url, --config, --help, and mistakes in one line', () => {
   const url = 'ws://127.0.0.1:8080/v1/plugins/connect';
-  assert.deepEqual(parseConnectCommand(['connect', '--url', url, '--config', '{"a":1}']), { mode: 'connect', url, config: '{"a":1}' });
-  assert.deepEqual(parseConnectCommand(['connect', `--url=${url}`]), { mode: 'connect', url, config: undefined });
+  assert.deepEqual(parseConnectCommand(['connect', '--url', url, '--config', '{"a":1}']), { mode: 'connect', url, config: '{"a":1}', tls: {} });
+  assert.deepEqual(parseConnectCommand(['connect', `--url=${url}`]), { mode: 'connect', url, config: undefined, tls: {} });
   assert.deepEqual(parseConnectCommand(['connect', '--help']), { mode: 'help' });
   assert.deepEqual(parseConnectCommand(['connect', '-h', '--url', 'not-a-url']), { mode: 'help' });
   assert.throws(() => parseConnectCommand(['connect']), (error: unknown) => error instanceof HandshakeError && error.message === `connect: --url is required; usage: ${CONNECT_USAGE}`);
