@@ -16,8 +16,8 @@ system's), ``--cert-file`` (``LINCHKIT_PLUGIN_CLIENT_CERT``) and ``--key-file``
   trace, nothing of its key) and dials again with backoff, as for any gateway it cannot
   reach.
 * Files it cannot use end it before it dials: half a pair, files on a ``ws://`` URL, a
-  file missing, a directory, a key that is no key, is encrypted, is another certificate's
-  or is PEM text given where a path goes. One line naming the option (or the variable)
+  file missing, unreadable or a directory, a key that is no key, is encrypted, is another
+  certificate's or is PEM text given where a path goes. One line naming the option (or the variable)
   and the file, never a byte of the key.
 
 Before, the Go, Rust and TypeScript SDKs (and the Python example plugin's ``connect``)
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import os
 import re
 import secrets
 import subprocess
@@ -256,6 +257,8 @@ def _encrypted_key(key: Path) -> bytes:
     )
 
 
+#: Where ``FILE_CASES`` name a file this process may not read (``unreadable``).
+UNREADABLE = "<unreadable>"
 #: A key file whose base64 is not a key: none of it may show.
 BROKEN_KEY_MARKER = "BrokenKeyMaterial" + secrets.token_hex(8)
 
@@ -310,6 +313,12 @@ FILE_CASES: dict[str, tuple[dict[str, str], dict[str, str], str, str | None]] = 
         r"--key-file: cannot read .*: is a directory",
         "a-folder",
     ),
+    "a key file it may not read": (
+        {"--cert-file": "good.pem", "--key-file": UNREADABLE},
+        {},
+        r"--key-file: cannot read .*: permission denied",
+        UNREADABLE,
+    ),
     "a key file of broken base64": (
         {"--cert-file": "good.pem", "--key-file": "broken.key"},
         {},
@@ -356,6 +365,24 @@ def bad_files(pki: dict[str, Any]) -> Path:
     return folder
 
 
+def _unreadable(folder: Path) -> Path:
+    """A file the plugin may not read: one of mode 000, or as root (whom file modes do
+    not stop) a write-only sysctl, which the kernel refuses to read even to root."""
+    if os.geteuid() != 0:
+        path = folder / "unreadable.key"
+        path.write_text("not for anyone\n")
+        path.chmod(0)
+        return path
+    path = Path("/proc/sys/vm/compact_memory")
+    try:
+        path.read_bytes()
+    except PermissionError:
+        return path
+    except OSError:
+        pass
+    pytest.skip("no file here that root may not read")
+
+
 @pytest.mark.parametrize("case", list(FILE_CASES))
 @pytest.mark.parametrize("language", DIALLING)
 def test_tls_files_it_cannot_use_end_it_in_one_line_naming_the_file(
@@ -363,7 +390,11 @@ def test_tls_files_it_cannot_use_end_it_in_one_line_naming_the_file(
 ) -> None:
     flags, variables, words, named = FILE_CASES[case]
     key_text = (bad_files / "good.key").read_text()
-    arguments = [item for flag, name in flags.items() for item in (flag, str(bad_files / name))]
+
+    def path_of(name: str) -> Path:
+        return _unreadable(bad_files) if name == UNREADABLE else bad_files / name
+
+    arguments = [item for flag, name in flags.items() for item in (flag, str(path_of(name)))]
     environment = dict(ENVIRONMENT)
     for variable, value in variables.items():
         environment[variable] = (
@@ -386,7 +417,7 @@ def test_tls_files_it_cannot_use_end_it_in_one_line_naming_the_file(
     line = one_clear_line(done)
     assert re.search(words, line), f"{case}: {line}"
     if named is not None:
-        assert str(bad_files / named) in line, f"{case}: the line names no file: {line}"
+        assert str(path_of(named)) in line, f"{case}: the line names no file: {line}"
 
 
 @pytest.mark.parametrize("language", DIALLING)
