@@ -134,6 +134,13 @@ class Running:
         async with self.changed:
             await self.changed.wait_for(lambda: text in self.said() or self.closed == 2)
 
+    async def ended(self) -> None:
+        """Until the process exited and all it printed is read (its exit may come before
+        the readers took its last line)."""
+        await self.process.wait()
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.closed == 2)
+
     def said(self) -> str:
         return "".join(self.stdout + self.stderr)
 
@@ -175,7 +182,7 @@ async def test_an_unreachable_gateway_is_named_masked(language: str, place: str)
     async with connecting(language, _url(place, host)) as running:
         if _refused_before_dialling(language, place):
             async with asyncio.timeout(START_TIMEOUT):
-                await running.process.wait()
+                await running.ended()
             _assert_masked(place, one_clear_line(running.done()), host)
             return
         if language in NAMING_AN_UNREACHABLE_GATEWAY:
