@@ -168,9 +168,17 @@ class Listener:
     async def _connect(self, connection: socket.socket, seat: Seat) -> None:
         loop = asyncio.get_running_loop()
         try:
-            if self._ssl is None:
-                await loop.connect_accepted_socket(lambda: self._protocols(seat=seat), connection)
-            else:  # a refused handshake tells the client why (dispatcher.gateway.tls_alerts)
+            if self._ssl is None or self._ssl.verify_mode == ssl.CERT_NONE:
+                await loop.connect_accepted_socket(
+                    lambda: self._protocols(seat=seat),
+                    connection,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=self._handshake_timeout if self._ssl else None,
+                )
+            else:
+                # Client certificates checked: one refused is told why by TLS's alert
+                # (dispatcher.gateway.tls_alerts). Without them a handshake fails on the
+                # client's side, which knows why, and the loop's own TLS serves it.
                 await accept_tls(
                     lambda: self._protocols(seat=seat),
                     connection,

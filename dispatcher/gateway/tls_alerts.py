@@ -8,6 +8,10 @@ of a CA it does not trust (``unknown ca``) or an expired one (``certificate expi
 a gateway that went away. A plugin dialling in with a client certificate could only say
 that it could not reach the gateway.
 
+The listener uses it only where the gateway checks client certificates (``client_cert``
+set): without them a handshake fails on the client's side, which knows why, and the
+loop's own TLS (uvloop's, compiled) serves the port.
+
 ``AlertingTlsProtocol`` is asyncio's TLS protocol with that one difference: before a
 failed handshake closes the connection, what OpenSSL wrote for the peer (the alert) is
 sent. Where Python sends it already, nothing is left to send twice. ``accept_tls`` hands an
