@@ -15,6 +15,7 @@ import uvicorn
 
 from dispatcher import Manifest, parse_manifest
 from linchkit_plugin import PluginApp, PluginHost
+from tests.side_by_side import SideBySide
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "python"
@@ -109,6 +110,14 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     yield
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(scope="module")
+def side_by_side() -> Iterator[SideBySide]:
+    """Runs the cases of a test side by side, each waiting its real time beside the others
+    (``tests/side_by_side.py``)."""
+    with SideBySide() as cases:
+        yield cases
 
 
 # -- markers: what a test needs beyond Python ---------------------------------------------

@@ -13,19 +13,21 @@ its fixture ends, so nothing outlives the test session.
   users ``root``, ``reader``, allowed to read ``READER_PREFIX`` only, and ``registrar``,
   allowed to read and write ``REGISTRAR_PREFIX`` only, as a plugin that registers is); its
   simple tokens expire after ``TOKEN_TTL`` seconds, so a client that keeps one too long
-  finds out within a test.
+  finds out within a test. ``running_secure_etcd()``: the same for a scenario that runs
+  beside others (``tests.side_by_side``), each with an etcd of its own.
 * ``redis_server`` (session) and ``own_redis`` (function): redis-server on a free loopback
   port with no persistence (nothing written to disk); ``own_redis`` may be ``stop()``ped
   (killed), ``pause()``d (SIGSTOP: a Redis that accepts connections and never answers)
   and ``start()``ed again on the same port. ``redis_prefix``: a key prefix per test.
 * ``plugins`` (function): starts plugin processes (``Plugin``) and kills whichever are
-  still running when the test ends.
+  still running when the test ends; ``plugin_processes()``, the same for a scenario.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -423,9 +425,9 @@ def own_etcd() -> Iterator[Etcd]:
         yield from _running_etcd(folder)
 
 
-@pytest.fixture
-def secure_etcd() -> Iterator[SecureEtcd]:
-    """An etcd of this test's own behind TLS, client certificates and etcd's users."""
+@contextlib.contextmanager
+def running_secure_etcd() -> Iterator[SecureEtcd]:
+    """An etcd behind TLS, client certificates and etcd's users, killed on leaving."""
     with tempfile.TemporaryDirectory(prefix="linchkit-etcd-") as folder:
         server = SecureEtcd(Path(folder) / "data")
         server.start()
@@ -433,6 +435,13 @@ def secure_etcd() -> Iterator[SecureEtcd]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture
+def secure_etcd() -> Iterator[SecureEtcd]:
+    """An etcd of this test's own behind TLS, client certificates and etcd's users."""
+    with running_secure_etcd() as server:
+        yield server
 
 
 @pytest.fixture
@@ -601,15 +610,24 @@ class Plugin:
         self._folder.cleanup()
 
 
-@pytest.fixture
-def plugins() -> Iterator[Any]:
-    """Start plugin processes; every one is killed when the test ends, whatever happened."""
+@contextlib.contextmanager
+def plugin_processes() -> Iterator[Callable[..., Plugin]]:
+    """Start plugin processes; every one is killed on leaving, whatever happened."""
     started: list[Plugin] = []
 
     def start(command: list[str], **environment: str) -> Plugin:
         started.append(Plugin(command, **environment))
         return started[-1]
 
-    yield start
-    for plugin in started:
-        plugin.end()
+    try:
+        yield start
+    finally:
+        for plugin in started:
+            plugin.end()
+
+
+@pytest.fixture
+def plugins() -> Iterator[Any]:
+    """Start plugin processes; every one is killed when the test ends, whatever happened."""
+    with plugin_processes() as start:
+        yield start
