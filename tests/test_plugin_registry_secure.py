@@ -43,9 +43,12 @@ from tests.services import (
     Etcd,
     SecureEtcd,
     free_port,
+    plugin_processes,
     readwrite_permission,
+    running_secure_etcd,
     wait_for,
 )
+from tests.side_by_side import SideBySide
 from tests.test_plugin_registry import PLUGIN, PYTHON_GRPC_EXAMPLE, example, health, only_key
 
 PREFIX = f"{REGISTRAR_PREFIX}/echo"
@@ -243,34 +246,39 @@ def test_a_plugin_registers_in_a_secure_etcd_and_leaves_on_sigterm(
 
 @pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_an_expired_token_is_replaced_and_the_registration_kept(
-    secure_etcd: SecureEtcd, plugins: Any, language: str
+    side_by_side: SideBySide, request: pytest.FixtureRequest, language: str
 ) -> None:
     """The plugin's token expires while it serves (``TOKEN_TTL``, 2 s unused); the next
     request that needs one authenticates again. etcd 3.4 renews a lease without looking
     at the token, so the renewals (every second, TTL 3) keep the key whatever the token;
     what needs a token is putting the key again and leaving, both done here after the
-    token expired."""
-    plugin, _ = start(plugins, language, secure_etcd, ttl=3)
-    plugin.wait_said("registered ")
-    # Issued after the plugin's own: once this one has expired, so has the plugin's.
-    probe = secure_etcd.authenticate("registrar", secure_etcd.registrar_password)
-    key, value = only_key(secure_etcd, PREFIX)
-    stays(secure_etcd, key, TOKEN_TTL + 1.5)
-    assert not secure_etcd.takes_token(probe, key), "the plugin's token has expired by now"
+    token expired. The SDKs wait for their tokens to expire side by side."""
+    side_by_side.run(request, token_expires)
 
-    # The lease revoked under the plugin: it grants another and puts the key again.
-    secure_etcd.call("/v3/lease/revoke", {"ID": str(lease_of(secure_etcd, key))})
-    plugin.wait_said("registering again")
-    assert only_key(secure_etcd, PREFIX) == (key, value)
-    probe = secure_etcd.authenticate("registrar", secure_etcd.registrar_password)
-    stays(secure_etcd, key, TOKEN_TTL + 1.5)
-    assert not secure_etcd.takes_token(probe, key)
 
-    plugin.signal(signal.SIGTERM)
-    assert secure_etcd.keys(PREFIX) == {}, "deleted with a new token, not left to the lease"
-    said = plugin.stderr
-    assert f"deregistered {key}" in said and "cannot deregister" not in said
-    assert "cannot register" not in said, "an expired token is routine, not worth a warning"
+def token_expires(language: str) -> None:
+    with running_secure_etcd() as secure_etcd, plugin_processes() as plugins:
+        plugin, _ = start(plugins, language, secure_etcd, ttl=3)
+        plugin.wait_said("registered ")
+        # Issued after the plugin's own: once this one has expired, so has the plugin's.
+        probe = secure_etcd.authenticate("registrar", secure_etcd.registrar_password)
+        key, value = only_key(secure_etcd, PREFIX)
+        stays(secure_etcd, key, TOKEN_TTL + 1.5)
+        assert not secure_etcd.takes_token(probe, key), "the plugin's token has expired by now"
+
+        # The lease revoked under the plugin: it grants another and puts the key again.
+        secure_etcd.call("/v3/lease/revoke", {"ID": str(lease_of(secure_etcd, key))})
+        plugin.wait_said("registering again")
+        assert only_key(secure_etcd, PREFIX) == (key, value)
+        probe = secure_etcd.authenticate("registrar", secure_etcd.registrar_password)
+        stays(secure_etcd, key, TOKEN_TTL + 1.5)
+        assert not secure_etcd.takes_token(probe, key)
+
+        plugin.signal(signal.SIGTERM)
+        assert secure_etcd.keys(PREFIX) == {}, "deleted with a new token, not left to the lease"
+        said = plugin.stderr
+        assert f"deregistered {key}" in said and "cannot deregister" not in said
+        assert "cannot register" not in said, "an expired token is routine, not worth a warning"
 
 
 @pytest.mark.parametrize(
@@ -283,22 +291,34 @@ def test_an_expired_token_is_replaced_and_the_registration_kept(
 )
 @pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_refused_credentials_are_said_once_and_retried_while_serving(
-    secure_etcd: SecureEtcd, plugins: Any, language: str, user: str, password: str, refusal: str
+    side_by_side: SideBySide,
+    request: pytest.FixtureRequest,
+    language: str,
+    user: str,
+    password: str,
+    refusal: str,
 ) -> None:
-    plugin, address = start(plugins, language, secure_etcd, user=user, password=password)
-    said = plugin.wait_said("cannot register")
-    assert refusal in said and f"'{user}'" in said
-    assert serving(language, address)
-    never_registers(secure_etcd, 2.5)  # a few retries
-    assert plugin.stderr.count("cannot register") == 1, "said once, not per retry"
+    """Each SDK turned away for each refusal, side by side, each in an etcd of its own
+    (mending one is etcd-wide)."""
+    side_by_side.run(request, refused_then_mended)
 
-    # The operator mends etcd's side: the plugin registers at its next retry.
-    mend(secure_etcd, user, password)
-    plugin.wait_said("etcd answers again")
-    only_key(secure_etcd, PREFIX)
-    plugin.signal(signal.SIGTERM)
-    assert secure_etcd.keys(PREFIX) == {}
-    assert password not in plugin.stderr and "Traceback" not in plugin.stderr
+
+def refused_then_mended(language: str, user: str, password: str, refusal: str) -> None:
+    with running_secure_etcd() as secure_etcd, plugin_processes() as plugins:
+        plugin, address = start(plugins, language, secure_etcd, user=user, password=password)
+        said = plugin.wait_said("cannot register")
+        assert refusal in said and f"'{user}'" in said
+        assert serving(language, address)
+        never_registers(secure_etcd, 2.5)  # a few retries
+        assert plugin.stderr.count("cannot register") == 1, "said once, not per retry"
+
+        # The operator mends etcd's side: the plugin registers at its next retry.
+        mend(secure_etcd, user, password)
+        plugin.wait_said("etcd answers again")
+        only_key(secure_etcd, PREFIX)
+        plugin.signal(signal.SIGTERM)
+        assert secure_etcd.keys(PREFIX) == {}
+        assert password not in plugin.stderr and "Traceback" not in plugin.stderr
 
 
 def mend(etcd: SecureEtcd, user: str, password: str) -> None:
@@ -322,8 +342,8 @@ MOST_REFUSALS = 5
 MARGIN = 5.0
 
 
-# Each SDK once and each refusal once (the SDKs back off alike for either refusal): the
-# six pairs would take 130 s of one worker, a wait of 12 s and a mend each.
+# Each SDK once and each refusal once (the SDKs back off alike for either refusal): every
+# pair would be twice the plugins and etcds waiting their 12 s side by side, on 2 cores.
 @pytest.mark.parametrize(
     ("language", "user", "password", "refusal"),
     [
@@ -366,8 +386,8 @@ MARGIN = 5.0
     ],
 )
 def test_a_plugin_turned_away_backs_off_and_registers_soon_once_etcd_is_mended(
-    secure_etcd: SecureEtcd,
-    plugins: Any,
+    side_by_side: SideBySide,
+    request: pytest.FixtureRequest,
     language: str,
     user: str,
     password: str,
@@ -377,31 +397,40 @@ def test_a_plugin_turned_away_backs_off_and_registers_soon_once_etcd_is_mended(
     deployed with a wrong password or role must thin out its tries, not keep etcd busy
     refusing it. etcd itself counts the tries it refused (a refused authentication; a
     refused put, which once the waits outlast a token, 2 s here, follows a new one).
-    Once mended, the plugin registers within the wait it had reached."""
-    plugin, address = start(plugins, language, secure_etcd, user=user, password=password)
-    wait_for(lambda: secure_etcd.handled(*refusal), what=f"etcd refusing a {refusal[0]}")
-    time.sleep(REFUSAL_WINDOW)
-    refusals = secure_etcd.handled(*refusal)
-    assert 3 <= refusals <= MOST_REFUSALS, (
-        f"etcd refused {refusals} tries in {REFUSAL_WINDOW:g} s:\n{plugin.stderr}"
-    )
+    Once mended, the plugin registers within the wait it had reached. The SDKs wait
+    their windows side by side, each plugin in an etcd of its own: etcd's count is of
+    every client it refused."""
+    side_by_side.run(request, turned_away_then_mended)
 
-    # After k refusals in a row a plugin waits at most 2^k s (a second doubled k times),
-    # and never longer than the cap, 30 s in every SDK. k is counted once etcd is mended,
-    # in case a try came between the count above and the mending.
-    mended = time.monotonic()
-    mend(secure_etcd, user, password)
-    waiting_at_most = min(REFUSED_RETRY_CAP, 2.0 ** secure_etcd.handled(*refusal))
-    plugin.wait_said("etcd answers again")
-    took = time.monotonic() - mended
-    assert took <= waiting_at_most + MARGIN, f"registered {took:.1f} s after etcd was mended"
-    assert only_key(secure_etcd, PREFIX)[1] == registered_value(language, address)
-    said = plugin.stderr
-    assert said.count("cannot register") == 1, "said once, however long the waits"
-    assert "registering again" not in said, "a lease no key was put on expires unsaid"
-    plugin.signal(signal.SIGTERM)
-    assert secure_etcd.keys(PREFIX) == {}
-    assert password not in plugin.stderr and "Traceback" not in plugin.stderr
+
+def turned_away_then_mended(
+    language: str, user: str, password: str, refusal: tuple[str, str]
+) -> None:
+    with running_secure_etcd() as secure_etcd, plugin_processes() as plugins:
+        plugin, address = start(plugins, language, secure_etcd, user=user, password=password)
+        wait_for(lambda: secure_etcd.handled(*refusal), what=f"etcd refusing a {refusal[0]}")
+        time.sleep(REFUSAL_WINDOW)
+        refusals = secure_etcd.handled(*refusal)
+        assert 3 <= refusals <= MOST_REFUSALS, (
+            f"etcd refused {refusals} tries in {REFUSAL_WINDOW:g} s:\n{plugin.stderr}"
+        )
+
+        # After k refusals in a row a plugin waits at most 2^k s (a second doubled k times),
+        # and never longer than the cap, 30 s in every SDK. k is counted once etcd is mended,
+        # in case a try came between the count above and the mending.
+        mended = time.monotonic()
+        mend(secure_etcd, user, password)
+        waiting_at_most = min(REFUSED_RETRY_CAP, 2.0 ** secure_etcd.handled(*refusal))
+        plugin.wait_said("etcd answers again")
+        took = time.monotonic() - mended
+        assert took <= waiting_at_most + MARGIN, f"registered {took:.1f} s after etcd was mended"
+        assert only_key(secure_etcd, PREFIX)[1] == registered_value(language, address)
+        said = plugin.stderr
+        assert said.count("cannot register") == 1, "said once, however long the waits"
+        assert "registering again" not in said, "a lease no key was put on expires unsaid"
+        plugin.signal(signal.SIGTERM)
+        assert secure_etcd.keys(PREFIX) == {}
+        assert password not in plugin.stderr and "Traceback" not in plugin.stderr
 
 
 def test_the_waits_after_refusals_double_to_the_cap_and_are_spread() -> None:
@@ -429,7 +458,7 @@ def test_the_waits_after_refusals_double_to_the_cap_and_are_spread() -> None:
     assert len(draws) > 1 and all(15.0 < wait <= 30.0 for wait in draws)
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def silent_etcd() -> Iterator[tuple[str, list[float]]]:
     """Where an etcd would be, on 127.0.0.4: a port that takes each connection and closes
     it at once, and when it took each one (a plugin's tries, one connection each)."""
@@ -459,21 +488,26 @@ def silent_etcd() -> Iterator[tuple[str, list[float]]]:
 
 @pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_an_etcd_that_does_not_answer_is_still_tried_about_every_second(
-    silent_etcd: tuple[str, list[float]], plugins: Any, language: str
+    side_by_side: SideBySide, request: pytest.FixtureRequest, language: str
 ) -> None:
     """Only a refusal backs off: a try spends nothing of an etcd that does not answer,
-    and a plugin should register within a second of etcd coming back."""
-    url, taken = silent_etcd
-    flags, environment = arguments(language, {"etcd": url})
-    address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
-    plugin = plugins([*command(language, address), *flags], **environment)
-    said = plugin.wait_said("cannot register")
-    assert "does not answer" in said or "not JSON" in said, said
-    wait_for(lambda: taken, what="the plugin's first try")
-    time.sleep(6)
-    tries = len(taken)
-    assert 5 <= tries <= 9, f"{tries} tries in about 6 s"
-    assert plugin.stderr.count("cannot register") == 1
+    and a plugin should register within a second of etcd coming back. The SDKs are
+    counted side by side, each at a silent port of its own."""
+    side_by_side.run(request, tried_while_silent)
+
+
+def tried_while_silent(language: str) -> None:
+    with silent_etcd() as (url, taken), plugin_processes() as plugins:
+        flags, environment = arguments(language, {"etcd": url})
+        address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
+        plugin = plugins([*command(language, address), *flags], **environment)
+        said = plugin.wait_said("cannot register")
+        assert "does not answer" in said or "not JSON" in said, said
+        wait_for(lambda: taken, what="the plugin's first try")
+        time.sleep(6)
+        tries = len(taken)
+        assert 5 <= tries <= 9, f"{tries} tries in about 6 s"
+        assert plugin.stderr.count("cannot register") == 1
 
 
 class HandshakeCutter:
@@ -547,13 +581,21 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 @pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_an_etcd_that_cuts_tls_handshakes_is_tried_about_every_second(
-    secure_etcd: SecureEtcd, plugins: Any, language: str, reset: bool
+    side_by_side: SideBySide, request: pytest.FixtureRequest, language: str, reset: bool
 ) -> None:
     """A handshake the peer cuts is an etcd that does not answer, not one that turned the
     plugin away: tried about every second, so the plugin registers within about a second
-    of etcd answering again, not after a wait backed off up to 30 s."""
-    cutter = HandshakeCutter(secure_etcd.client_port, reset=reset)
-    try:
+    of etcd answering again, not after a wait backed off up to 30 s. The cases are counted
+    side by side, each plugin with a cutter and an etcd of its own."""
+    side_by_side.run(request, tried_through_cut_handshakes)
+
+
+def tried_through_cut_handshakes(language: str, reset: bool) -> None:
+    with (
+        running_secure_etcd() as secure_etcd,
+        plugin_processes() as plugins,
+        contextlib.closing(HandshakeCutter(secure_etcd.client_port, reset=reset)) as cutter,
+    ):
         plugin, address = start(plugins, language, secure_etcd, url=cutter.url)
         said = plugin.wait_said("cannot register")
         assert "does not answer" in said, said
@@ -572,8 +614,6 @@ def test_an_etcd_that_cuts_tls_handshakes_is_tried_about_every_second(
         assert plugin.stderr.count("cannot register") == 1, "said once, not per cut"
         plugin.signal(signal.SIGTERM)
         assert secure_etcd.keys(PREFIX) == {}
-    finally:
-        cutter.close()
 
 
 def test_the_gateway_tells_what_etcd_refused_from_a_handshake_cut_off(
@@ -620,15 +660,21 @@ def test_the_gateway_tells_what_etcd_refused_from_a_handshake_cut_off(
 
 @pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_a_client_certificate_etcd_does_not_trust_is_said_and_the_plugin_serves(
-    secure_etcd: SecureEtcd, plugins: Any, language: str
+    side_by_side: SideBySide, request: pytest.FixtureRequest, language: str
 ) -> None:
-    plugin, address = start(plugins, language, secure_etcd, pair=secure_etcd.stranger_pair)
-    said = plugin.wait_said("cannot register")
-    assert "TLS handshake" in said and "serving anyway" in said
-    assert serving(language, address)
-    never_registers(secure_etcd, 2.5)
-    assert plugin.stderr.count("cannot register") == 1
-    assert secure_etcd.registrar_password not in plugin.stderr
+    """The SDKs turned away side by side, each by an etcd of its own."""
+    side_by_side.run(request, untrusted_certificate)
+
+
+def untrusted_certificate(language: str) -> None:
+    with running_secure_etcd() as secure_etcd, plugin_processes() as plugins:
+        plugin, address = start(plugins, language, secure_etcd, pair=secure_etcd.stranger_pair)
+        said = plugin.wait_said("cannot register")
+        assert "TLS handshake" in said and "serving anyway" in said
+        assert serving(language, address)
+        never_registers(secure_etcd, 2.5)
+        assert plugin.stderr.count("cannot register") == 1
+        assert secure_etcd.registrar_password not in plugin.stderr
 
 
 @pytest.mark.parametrize("language", DISTINCT_CODE)
