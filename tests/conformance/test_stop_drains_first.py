@@ -24,6 +24,10 @@ the default grace (every binding) and by a stuck hook at the default cap over gR
 SDK, run side by side: each waits 5 s). Before the variables, each stuck-hook case waited
 the fixed 5 s (about 6 s a case, ten cases). A malformed value is refused at start, in
 every mode of every SDK.
+
+Each case has its plugin, its dispatcher (and gateway) of its own, and is timed from its
+own SIGTERM: the cases of a test are stopped side by side (``tests/side_by_side.py``,
+``AT_ONCE`` at a time), and the file waits about a third of what it waited case by case.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from tests.conformance.test_graceful_stop import CASES, _plugin
 from tests.conformance.test_java_sdk import manifest
 from tests.conformance.test_serve_cli import one_clear_line
 from tests.services import CLEAN_ENVIRONMENT
+from tests.side_by_side import SideBySide
 
 pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
 
@@ -68,6 +73,9 @@ SET_CAPS = {
     "LINCHKIT_PLUGIN_STOP_GRACE_MS": str(int(SET_GRACE * 1000)),
     "LINCHKIT_PLUGIN_STOP_HOOKS_MS": str(int(SET_HOOKS_CAP * 1000)),
 }
+#: The cases of a test stopped side by side (``tests/side_by_side.py``): each a plugin and
+#: a dispatcher of its own, timed from its own SIGTERM.
+AT_ONCE = 5
 
 
 @dataclass
@@ -138,8 +146,12 @@ async def _exited(process: asyncio.subprocess.Process, since: float) -> float:
     ("binding", "language"), CASES, ids=[f"{binding}-{language}" for binding, language in CASES]
 )
 async def test_a_call_in_flight_at_a_stop_has_the_grace_to_finish(
-    binding: str, language: str
+    side_by_side: SideBySide, request: pytest.FixtureRequest, binding: str, language: str
 ) -> None:
+    await side_by_side.run_async(request, _finishes_within_the_grace, at_once=AT_ONCE)
+
+
+async def _finishes_within_the_grace(binding: str, language: str) -> None:
     # Longer than the 2 s some SDKs gave, well within the grace from the SIGTERM.
     ms = 3_500
     stopped = await _call_across_a_stop(binding, language, "sleep", {"ms": ms})
@@ -152,8 +164,12 @@ async def test_a_call_in_flight_at_a_stop_has_the_grace_to_finish(
     ("binding", "language"), CASES, ids=[f"{binding}-{language}" for binding, language in CASES]
 )
 async def test_the_stop_hooks_run_after_the_calls_in_flight_finished(
-    binding: str, language: str
+    side_by_side: SideBySide, request: pytest.FixtureRequest, binding: str, language: str
 ) -> None:
+    await side_by_side.run_async(request, _hooks_after_the_call, at_once=AT_ONCE)
+
+
+async def _hooks_after_the_call(binding: str, language: str) -> None:
     stopped = await _call_across_a_stop(binding, language, "hooks", {"after_ms": 1_500})
     # The plugin was started (its own lifecycle over WebSocket, the dispatcher's over gRPC)
     # and, when the call finished, not yet stopped.
@@ -166,11 +182,17 @@ async def test_the_stop_hooks_run_after_the_calls_in_flight_finished(
 @pytest.mark.parametrize(
     ("binding", "language"), CASES, ids=[f"{binding}-{language}" for binding, language in CASES]
 )
-async def test_the_stop_waits_what_the_environment_says(binding: str, language: str) -> None:
+async def test_the_stop_waits_what_the_environment_says(
+    side_by_side: SideBySide, request: pytest.FixtureRequest, binding: str, language: str
+) -> None:
     """With the grace and the hooks' cap set to 1 s each, a call longer than the grace is
     cut off at it, then a stop hook that never returns is given up on at the hooks' cap,
     and the warning names that cap. Before, neither could be set: 5 s each, whatever a
     platform's wait between SIGTERM and SIGKILL or a hook's work."""
+    await side_by_side.run_async(request, _waits_the_set_caps, at_once=AT_ONCE)
+
+
+async def _waits_the_set_caps(binding: str, language: str) -> None:
     ms = 3_000
     stopped = await _call_across_a_stop(
         binding, language, "sleep", {"ms": ms}, config={"stall_hook": "stop"}, env=SET_CAPS

@@ -27,6 +27,7 @@ import orjson
 import pytest
 
 from tests.conformance.test_websocket_token import SERVING_WEBSOCKET, _served
+from tests.side_by_side import SideBySide
 
 pytestmark = [
     pytest.mark.parametrize("language", SERVING_WEBSOCKET),
@@ -98,8 +99,15 @@ async def test_a_flood_of_connections_that_never_upgrade_holds_few_descriptors(
                 each.close()
 
 
-async def test_a_head_not_finished_in_time_is_closed(language: str) -> None:
-    """An idle connection and an unfinished head are closed within the head deadline."""
+async def test_a_head_not_finished_in_time_is_closed(
+    side_by_side: SideBySide, request: pytest.FixtureRequest, language: str
+) -> None:
+    """An idle connection and an unfinished head are closed within the head deadline. The
+    SDKs wait out their deadlines side by side, each plugin with connections of its own."""
+    await side_by_side.run_async(request, _closed_at_the_head_deadline)
+
+
+async def _closed_at_the_head_deadline(language: str) -> None:
     token = "tok-" + secrets.token_urlsafe(24)
     async with _served(language, LINCHKIT_PLUGIN_TOKEN=token) as (service, url):
         idle, slow = await asyncio.to_thread(_open, service.address, 2, b"")
