@@ -7,6 +7,11 @@ example plugins).
 The plugin proves itself with ``registrar``'s certificate and password; what is asserted
 is where its key is, what its stderr says and what it never says (the password), and how
 often etcd had to refuse it (etcd's own count, ``SecureEtcd.handled``).
+
+The cases that wait real time (a window of refused tries, a retry pace, a token expiring)
+wait side by side (``tests/side_by_side.py``), each with an etcd, a plugin and a port in
+front of etcd of its own: etcd counts every refusal it makes, and mending a user is
+etcd-wide.
 """
 
 from __future__ import annotations
