@@ -233,7 +233,7 @@ def _breaker_hosts(dispatcher: Dispatcher) -> set[str]:
     """The hosts of the instances whose breakers the dispatcher keeps, local and shared."""
     runtime = dispatcher.policies
     assert runtime is not None
-    tables = (runtime.breakers.values(), runtime.shared_breakers.values())
+    tables = (runtime.targets.breakers.values(), runtime.targets.shared_breakers.values())
     return {breaker.name.split("//")[1].split(":")[0] for table in tables for breaker in table}
 
 
@@ -293,13 +293,13 @@ async def test_an_instance_another_fleet_still_lists_keeps_its_breaker(
             for _ in both:
                 await dispatcher.call(plugin_id, "say", {"text": "x"})
         assert _breaker_hosts(dispatcher) == set(both)
-        kept = set(runtime.breakers.values())
+        kept = set(runtime.targets.breakers.values())
         dns.set_hosts({"a.test": [HOSTS[0]], "b.test": both})
         fleet_a = dispatcher.fleets.get(dispatcher.manifest.plugins[0].target)
         assert fleet_a is not None
         await until(lambda: len(fleet_a.instances) == 1, "a.test naming one address")
         await asyncio.sleep(0.3)  # its detach ends within a poll of 50 ms
-        assert set(runtime.breakers.values()) == kept
+        assert set(runtime.targets.breakers.values()) == kept
         dns.set_hosts({"a.test": [HOSTS[0]], "b.test": [HOSTS[0]]})
         await until(lambda: _breaker_hosts(dispatcher) == {HOSTS[0]}, "b.test naming one")
 

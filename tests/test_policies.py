@@ -700,7 +700,7 @@ async def test_business_errors_and_invalid_params_never_open_the_breaker() -> No
                 await dispatcher.call("count", "fails")
             with pytest.raises(InvalidParams):
                 await dispatcher.call("count", "lookup", {"wrong": 1})
-        breaker = next(iter(dispatcher.policies.breakers.values()))  # type: ignore[union-attr]
+        breaker = next(iter(dispatcher.policies.targets.breakers.values()))  # type: ignore[union-attr]
         assert breaker.state is BreakerState.CLOSED
         assert "closed" in repr(breaker)
         [report] = await dispatcher.health()
@@ -761,7 +761,7 @@ async def test_non_idempotent_methods_are_never_retried_and_retries_stay_in_budg
                 for _ in range(200):
                     with pytest.raises(TargetUnavailable):
                         await dispatcher.call("echo", "digest", {"data": "x"})
-                budget = next(iter(dispatcher.policies.budgets.values()))  # type: ignore[union-attr]
+                budget = next(iter(dispatcher.policies.targets.budgets.values()))  # type: ignore[union-attr]
     retries = calls - 200
     assert retries > 0
     assert retries <= 0.2 * 300 + budget.capacity  # every first attempt (both methods) earned 0.2
@@ -793,7 +793,7 @@ async def test_the_breaker_counts_every_attempt_of_a_retried_call() -> None:
         async with Dispatcher(manifest(plugin)) as dispatcher:
             with pytest.raises(CircuitOpen):
                 await dispatcher.call("echo", "say", {"text": "x"}, timeout=5.0)
-            (breaker,) = dispatcher.policies.breakers.values()  # type: ignore[union-attr]
+            (breaker,) = dispatcher.policies.targets.breakers.values()  # type: ignore[union-attr]
             assert breaker.state is BreakerState.OPEN
             with pytest.raises(CircuitOpen):  # open: no attempt reaches the target
                 await dispatcher.call("echo", "say", {"text": "x"}, timeout=5.0)

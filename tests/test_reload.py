@@ -456,7 +456,7 @@ async def test_reloads_that_move_a_plugin_to_other_targets_leave_none_of_their_s
     async with Dispatcher(moved(2)) as dispatcher:
         runtime = dispatcher.policies
         assert runtime is not None
-        kept = {each for each in runtime.breakers.values() if "127.0.0.10" in each.name}
+        kept = {each for each in runtime.targets.breakers.values() if "127.0.0.10" in each.name}
         assert len(kept) == 3  # the kept plugin's, and one per instance of the fleet
         for number in range(3, 8):
             await dispatcher.reload(moved(number))
@@ -466,7 +466,7 @@ async def test_reloads_that_move_a_plugin_to_other_targets_leave_none_of_their_s
         assert len(stats["retry_budgets"]) == 3  # the fleet's is the fleet's own
         assert len(stats["bulkheads"]) == 3
         assert len(stats["rate_limits"]) == 3
-        assert kept <= set(runtime.breakers.values())
+        assert kept <= set(runtime.targets.breakers.values())
 
 
 async def test_serve_logs_a_reload_once_at_info_in_words(

@@ -519,8 +519,8 @@ async def test_a_reload_keeps_the_breakers_of_the_instances_discovery_found(
         assert runtime is not None
         for _ in V1_HOSTS:  # round robin: one call each, which makes its breaker
             await dispatcher.call("fleet", "whoami", {})
-        found = {each for each in runtime.breakers.values() if "127.0.0.8" not in each.name}
+        found = {each for each in runtime.targets.breakers.values() if "127.0.0.8" not in each.name}
         assert len(found) == 2
         await dispatcher.reload(manifest(guarded, other("127.0.0.9")), grace=10)
-        assert found <= set(runtime.breakers.values())
-        assert not any("127.0.0.8" in each.name for each in runtime.breakers.values())
+        assert found <= set(runtime.targets.breakers.values())
+        assert not any("127.0.0.8" in each.name for each in runtime.targets.breakers.values())

@@ -39,9 +39,9 @@ async def test_a_reload_that_lowers_fail_max_opens_the_circuit_at_the_new_count(
         assert runtime is not None
         with pytest.raises(TargetUnavailable):
             await dispatcher.call("down", "say", {"text": "x"})
-        (breaker,) = runtime.breakers.values()
+        (breaker,) = runtime.targets.breakers.values()
         await dispatcher.reload(refusing(breaker={"fail_max": 2, "reset_timeout_ms": 60_000}))
-        assert list(runtime.breakers.values()) == [breaker]  # the same, its failure kept
+        assert list(runtime.targets.breakers.values()) == [breaker]  # the same, its failure kept
         assert (breaker.fail_max, breaker.reset_timeout, breaker.failures) == (2, 60.0, 1)
         with pytest.raises(TargetUnavailable):
             await dispatcher.call("down", "say", {"text": "x"})
@@ -101,7 +101,7 @@ async def test_a_reload_that_changes_a_target_rate_limit_leaves_only_the_new_one
         assert runtime is not None
         await dispatcher.call("echo", "say", {"text": "x"})
         await dispatcher.reload(limited(1000))
-        (limit,) = runtime.target_limits.values()
+        (limit,) = runtime.targets.target_limits.values()
         assert limit.spec.rate == 1000
         assert len(dispatcher.stats()["rate_limits"]) == 1
         (target,) = dispatcher.manifest.plugins[0].targets()
@@ -116,10 +116,10 @@ async def test_a_reload_that_changes_a_retry_budget_ratio_sets_its_capacity() ->
     async with Dispatcher(retried(0.2)) as dispatcher:
         runtime = dispatcher.policies
         assert runtime is not None
-        (budget,) = runtime.budgets.values()
+        (budget,) = runtime.targets.budgets.values()
         assert budget.capacity == 20
         await dispatcher.reload(retried(0.05))
-        assert list(runtime.budgets.values()) == [budget]
+        assert list(runtime.targets.budgets.values()) == [budget]
         assert (budget.ratio, budget.capacity, budget.tokens) == (0.05, 5, 5)
 
 
@@ -211,11 +211,11 @@ async def test_a_reload_sets_the_breakers_of_a_fleet_s_instances_too() -> None:
         await dispatcher.reload(fleet(1))
         runtime = dispatcher.policies
         assert runtime is not None
-        assert [each.fail_max for each in runtime.breakers.values()] == [1, 1]
+        assert [each.fail_max for each in runtime.targets.breakers.values()] == [1, 1]
         # Neither connects: the call fails over to the other, one failure each, both open.
         with pytest.raises(TargetUnavailable):
             await dispatcher.call("down", "say", {"text": "x"})
-        assert [str(each.state) for each in runtime.breakers.values()] == ["open", "open"]
+        assert [str(each.state) for each in runtime.targets.breakers.values()] == ["open", "open"]
         with pytest.raises(CircuitOpen):
             await dispatcher.call("down", "say", {"text": "x"})
 

@@ -251,8 +251,8 @@ async def test_memory_backend_fleet_keeps_its_plain_breakers(tmp_path: Path) -> 
         async with Dispatcher(load_manifest(path)) as dispatcher:
             await dispatcher.call("counter", "ping", {})
             assert dispatcher.policies is not None
-            assert dispatcher.policies.shared_breakers == {}
-            assert len(dispatcher.policies.breakers) == 2
+            assert dispatcher.policies.targets.shared_breakers == {}
+            assert len(dispatcher.policies.targets.breakers) == 2
             assert dispatcher.stats()["shared_breakers"] == {}
 
 

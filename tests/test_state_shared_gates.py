@@ -224,7 +224,7 @@ def transitions(replica: Dispatcher, target: str, before: str, after: str) -> fl
 def only_breaker(replica: Dispatcher) -> tuple[SharedBreaker, RedisState, str]:
     """The replica's one shared breaker, its store, and the key of its Redis hash."""
     assert replica.policies is not None
-    [breaker] = replica.policies.shared_breakers.values()
+    [breaker] = replica.policies.targets.shared_breakers.values()
     store = replica.state_backend
     assert isinstance(store, RedisState)
     return breaker, store, store._key("breaker", breaker.key)

@@ -1,18 +1,19 @@
 """``PolicyRuntime``: builds each method's chain, in the order the package's docstring
 gives, and holds what the chains share.
 
-Built once per dispatcher. It keeps the policy state of every method and target —
-breakers, retry budgets, bulkheads and limiters per target, caches per method, batchers,
-hedges, gates — so that two methods on one target share a breaker and a budget, and a
-reload that keeps a version keeps its state. It owns every task the policies start;
+Built once per dispatcher. It keeps the policy state of every method — caches, batchers,
+limits and bulkheads of a method's own, retry and hedge steps, gates — and, in
+``targets`` (``dispatcher.policies.by_target``), what every method calling one target
+shares: breakers, retry budgets, bulkheads and limits per target. A reload that keeps a
+version keeps its state; one that builds a method again drops what its last chain kept. It owns every task the policies start;
 ``aclose`` ends them. The seam types of the chain (``Step``, ``Invoke``,
 ``ProviderBoundary``) are defined here and re-exported by the package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,19 +22,19 @@ from dispatcher.fleet import Fleet, FleetRuntime, FleetStep, Instance
 from dispatcher.fleet.breaker import (
     BreakerStep,
     CircuitBreaker,
-    StateListener,
     guard_batch,
 )
 from dispatcher.fleet.shared_breaker import SharedBreaker
 from dispatcher.fleet.step import BreakerFor, SharedBreakerFor
 from dispatcher.policies.batching import Batcher
+from dispatcher.policies.by_target import TargetPolicies
 from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
 from dispatcher.policies.hedge import HedgeStep
 from dispatcher.policies.idempotency import IdempotencyStep, KeyedCalls, Refused
-from dispatcher.policies.ratelimit import Bucket, Limit, RateLimitStep, new_limiter
-from dispatcher.policies.retry import RetryBudget, RetryStep
+from dispatcher.policies.ratelimit import Limit, RateLimitStep
+from dispatcher.policies.retry import RetryStep
 from dispatcher.policies.shared import (
     SharedBreakerStep,
     SharedCacheStep,
@@ -91,15 +92,10 @@ class PolicyRuntime:
         self.state = state if state is not None else MemoryState(clock)
         self.breaker_sync = breaker_sync
         self.idempotency_retention = idempotency_retention
-        #: Target-scoped limits as the chains use them (shared ones too), for events.
-        self.target_limits: dict[tuple[str, RateLimit], Limit | SharedLimit] = {}
         self.fleets = fleets if fleets is not None else FleetRuntime(clock)
-        self.breakers: dict[str, CircuitBreaker] = {}
-        #: With a shared state backend: the breakers every replica shares, by instance key.
-        self.shared_breakers: dict[str, SharedBreaker] = {}
-        self.budgets: dict[str, RetryBudget] = {}
-        self.bulkheads: dict[str, Bulkhead] = {}
-        self.limiters: dict[tuple[str, RateLimit], Bucket] = {}
+        #: What every method calling one target shares: breakers, budgets, bulkheads,
+        #: limits (``dispatcher.policies.by_target``).
+        self.targets = TargetPolicies(clock, self.state, breaker_sync=breaker_sync)
         # What one method of one plugin version owns, by ``(plugin key, method)`` (hedges
         # and retries by ``"plugin@version.method"``): dropped when a reload removes the
         # version or the method (``forget``), replaced when it rebuilds the method.
@@ -107,13 +103,9 @@ class PolicyRuntime:
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.hedges: dict[str, HedgeStep] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
-        self.breaker_listeners: list[StateListener] = []
-        #: While a reload builds routes (``building``): the targets (by kind and key)
-        #: whose breaker, bulkhead or retry budget one of its methods has configured.
-        self._configured: set[tuple[str, str]] | None = None
-        #: Told the name of each breaker ``forget_targets`` drops whose name no breaker
-        #: kept shares (what telemetry counted by that name may go).
-        self.breakers_forgotten: list[Callable[[str], None]] = []
+        #: Told of each breaker's transitions; told the name of each breaker dropped.
+        self.breaker_listeners = self.targets.breaker_listeners
+        self.breakers_forgotten = self.targets.breakers_forgotten
         # Kept for stats() only: limits and bulkheads of a method's own scope are not shared.
         self.method_limits: dict[tuple[str, str], tuple[Limit | SharedLimit, ...]] = {}
         self.method_bulkheads: dict[tuple[str, str], Bulkhead] = {}
@@ -149,10 +141,11 @@ class PolicyRuntime:
             step = partial(self._invoke(provider), target)
             if not provider.enforces_deadline:
                 step = DeadlineGuard(name, step)
-            breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
+            targets = self.targets
+            breaker = targets.breaker(key, target, policies.breaker) if policies.breaker else None
             if breaker is not None and self.state.shared:
                 assert policies.breaker is not None
-                shared = self._shared_breaker(breaker, key, policies.breaker)
+                shared = targets.shared_breaker(breaker, key, policies.breaker)
             if policies.batch is not None:
                 sender = self._batch_sender(self._invoke_batch(provider), target, breaker, shared)
                 step = self._batcher(owner, Batcher(name, policies.batch, sender))
@@ -162,7 +155,7 @@ class PolicyRuntime:
                 step = BreakerStep(breaker, step)
         if policies.may_retry:
             assert policies.retry is not None
-            budget = self._budget(key, target.describe(), policies.retry.budget_ratio)
+            budget = self.targets.budget(key, target.describe(), policies.retry.budget_ratio)
             step = self.retries[f"{plugin.key}.{method}"] = RetryStep(policies.retry, budget, step)
         bulkhead = (
             self._bulkhead(owner, name, key, target, policies) if policies.concurrency else None
@@ -271,60 +264,15 @@ class PolicyRuntime:
         for batcher in closing:
             await batcher.aclose()
 
-    @contextmanager
-    def building(self) -> Iterator[None]:
-        """Around a reload's building of routes: the first of its methods to configure a
-        target's breaker, bulkhead or retry budget gives them its settings, as the first of
-        the manifest's did at start, and they stay the same objects, with their state
-        (calls in flight, failures, tokens) and every method of the target sharing them.
-        Before, a reload that changed those settings left them as they were, unsaid."""
-        self._configured = set()
-        try:
-            yield
-        finally:
-            self._configured = None
-
-    def _configures(self, kind: str, key: str) -> bool:
-        """Whether this method, in a reload's build, is the first to configure ``kind`` of
-        target ``key`` (outside a build, or after the first: it takes them as they are)."""
-        configured = self._configured
-        if configured is None or (kind, key) in configured:
-            return False
-        configured.add((kind, key))
-        return True
+    def building(self) -> AbstractContextManager[None]:
+        """Around a reload's building of routes: what its methods configure of a target
+        takes their settings (``TargetPolicies.building``)."""
+        return self.targets.building()
 
     def forget_targets(self, instances: set[str]) -> None:
-        """Drop the breakers, retry budgets, bulkheads and target-scoped rate limits no
-        route holds any more (a reload's end; a fleet instance detached): those of the
-        targets a reload moved away from, of the policies it took off, of a limit it
-        changed (another limit: its spec is part of its key). Kept by target, not by plugin
-        version, ``forget`` never reached them: every reload that moved a plugin to
-        another URL grew them and ``stats()`` for good, and host events to a target still
-        passed a breaker or a limit its methods no longer had. A fleet instance's breaker
-        is held by the instance, not by a route: it stays while its key is one of
-        ``instances``. A chain still running holds what it uses; a target that comes back
-        starts with a closed breaker and full budgets, as a new one."""
-        held = self._held()
-
-        def dead(key: str, kept: object) -> bool:
-            return key not in instances and id(kept) not in held
-
-        dropped = {breaker.name for key, breaker in self.breakers.items() if dead(key, breaker)}
-        for key in [key for key, shared in self.shared_breakers.items() if dead(key, shared)]:
-            self.shared_breakers.pop(key).close()
-        tables: tuple[dict[str, Any], ...] = (self.breakers, self.budgets, self.bulkheads)
-        for table in tables:
-            for key in [key for key, kept in table.items() if dead(key, kept)]:
-                del table[key]
-        for each in [each for each, limit in self.target_limits.items() if id(limit) not in held]:
-            del self.target_limits[each]
-        for each in [each for each in self.limiters if each not in self.target_limits]:
-            del self.limiters[each]
-        if dropped and self.breakers_forgotten:
-            dropped -= {breaker.name for breaker in self.breakers.values()}
-            for name in dropped:
-                for listener in self.breakers_forgotten:
-                    listener(name)
+        """Drop what is kept by target that no route holds any more, a fleet member's
+        breaker aside (``instances``: their keys): ``TargetPolicies.forget``."""
+        self.targets.forget(instances, self._held())
 
     def _held(self) -> set[int]:
         """The ``id`` of everything kept by target that the routes' chains hold: what each
@@ -344,21 +292,12 @@ class PolicyRuntime:
         retry budget; without a retry step to fill it, the hedge step fills it."""
         assert policies.hedge is not None
         ratio = (policies.retry or RetryPolicy()).budget_ratio
-        budget = self._budget(key, fleet.name, ratio)
+        budget = self.targets.budget(key, fleet.name, ratio)
         hedge = HedgeStep(
             name, policies.hedge, fleet, budget, step, deposits=not policies.may_retry
         )
         self.hedges[name] = hedge
         return hedge
-
-    def _budget(self, key: str, name: str, ratio: float) -> RetryBudget:
-        """The retry budget of target ``key``, which its retries and hedges share."""
-        budget = self.budgets.get(key)
-        if budget is None:
-            budget = self.budgets[key] = RetryBudget(name, ratio)
-        elif self._configures("retry budget", key):
-            budget.configure(ratio)
-        return budget
 
     def _invoke(self, provider: Provider[Any]) -> Invoke:
         boundary = self.boundary
@@ -373,7 +312,7 @@ class PolicyRuntime:
         )
 
     def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
-        return self.breakers.get(target.key)
+        return self.targets.breakers.get(target.key)
 
     def gate(self, plugin: PluginSpec[Any], method: str) -> Gate:
         """What a stream of ``plugin.method`` passes through (``dispatcher.policies.gate``)."""
@@ -381,13 +320,7 @@ class PolicyRuntime:
 
     def event_gate(self, target: TargetConfig) -> Gate:
         """What a host event to ``target`` passes through: the policies scoped to the target."""
-        key = target.key
-        limits = tuple(
-            limit for (limited, _), limit in self.target_limits.items() if limited == key
-        )
-        return Gate(
-            limits, self.bulkheads.get(key), self.breakers.get(key), self.shared_breakers.get(key)
-        )
+        return self.targets.event_gate(target.key)
 
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results of a plugin (any version), of one method, or all; returns how many."""
@@ -446,6 +379,7 @@ class PolicyRuntime:
 
     def stats(self) -> dict[str, Any]:
         """Counters and states, for ``dispatcher health``, metrics and debugging."""
+        targets = self.targets
         return {
             "caches": {
                 f"{plugin_key}.{method}": {
@@ -457,17 +391,11 @@ class PolicyRuntime:
                 }
                 for (plugin_key, method), cache in self.caches.items()
             },
-            # With state: redis, each breaker as this replica shows it: the shared state
-            # as it last learnt it, or its own breaker's while that one decides (the store
-            # did not answer: fail_open). Metrics, dispatcher top and health read this.
-            "breakers": {
-                breaker.name: self._breaker_stats(key, breaker)
-                for key, breaker in self.breakers.items()
-            },
+            "breakers": targets.breaker_stats(),
             # The shared state alone, as this replica last learnt it ("unknown": not yet).
             "shared_breakers": {
                 shared.name: str(shared.seen or "unknown")
-                for shared in self.shared_breakers.values()
+                for shared in targets.shared_breakers.values()
             },
             "batchers": {
                 batcher.name: {
@@ -484,7 +412,7 @@ class PolicyRuntime:
             },
             "retry_budgets": {
                 budget.name: {"spent": budget.spent, "refused": budget.refused}
-                for budget in self.budgets.values()
+                for budget in targets.budgets.values()
             },
             "retries": {name: step.retries for name, step in self.retries.items()},
             "idempotency": {
@@ -501,7 +429,7 @@ class PolicyRuntime:
                 }
                 for limit in (
                     *(limit for limits in self.method_limits.values() for limit in limits),
-                    *self.target_limits.values(),
+                    *targets.target_limits.values(),
                 )
             ],
             "bulkheads": {
@@ -510,72 +438,24 @@ class PolicyRuntime:
                     "waiting": bulkhead.waiting,
                     "rejected": bulkhead.rejected,
                 }
-                for bulkhead in (*self.bulkheads.values(), *self.method_bulkheads.values())
+                for bulkhead in (*targets.bulkheads.values(), *self.method_bulkheads.values())
             },
             "hedges": {name: hedge.stats() for name, hedge in self.hedges.items()},
             "fleets": self.fleets.stats(),
             "state": self.state.stats(),
         }
 
-    def _breaker_stats(self, key: str, breaker: CircuitBreaker) -> dict[str, Any]:
-        shared = self.shared_breakers.get(key)
-        state, failures = (
-            (str(breaker.state), breaker.failures) if shared is None else shared.shown()
-        )
-        return {"state": state, "failures": failures}
-
     def circuit_state(self, target: TargetConfig) -> str | None:
         """The state of ``target``'s breaker as this replica shows it (``stats()``), or
         None when it has none."""
-        key = target.key
-        shared = self.shared_breakers.get(key)
-        if shared is not None:
-            return shared.shown()[0]
-        breaker = self.breakers.get(key)
-        return None if breaker is None else str(breaker.state)
+        return self.targets.circuit_state(target.key)
 
     def _instance_breaker(self, policy: BreakerPolicy, instance: Instance) -> CircuitBreaker:
-        return self._breaker(instance.key, instance.target, policy)
+        return self.targets.breaker(instance.key, instance.target, policy)
 
     def _instance_shared_breaker(self, policy: BreakerPolicy, instance: Instance) -> SharedBreaker:
         local = self._instance_breaker(policy, instance)
-        return self._shared_breaker(local, instance.key, policy)
-
-    def _shared_breaker(
-        self, local: CircuitBreaker, key: str, policy: BreakerPolicy
-    ) -> SharedBreaker:
-        # Like the local one: per target instance, the first method configuring it decides.
-        shared = self.shared_breakers.get(key)
-        if shared is None:
-            shared = self.shared_breakers[key] = SharedBreaker(
-                local, key, policy, self.state, self.breaker_sync, self.clock
-            )
-        elif self._configures("shared breaker", key):
-            shared.configure(policy)
-        return shared
-
-    def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:
-        # One breaker per target instance: the first method that configures it decides
-        # its settings, every method calling that target shares it.
-        breaker = self.breakers.get(key)
-        if breaker is None:
-            breaker = self.breakers[key] = CircuitBreaker(
-                target.describe(),
-                fail_max=policy.fail_max,
-                reset_timeout=policy.reset_timeout_ms / 1000,
-                half_open_max_calls=policy.half_open_max_calls,
-                success_threshold=policy.success_threshold,
-                clock=self.clock,
-                listeners=self.breaker_listeners,
-            )
-        elif self._configures("breaker", key):
-            breaker.configure(
-                fail_max=policy.fail_max,
-                reset_timeout=policy.reset_timeout_ms / 1000,
-                half_open_max_calls=policy.half_open_max_calls,
-                success_threshold=policy.success_threshold,
-            )
-        return breaker
+        return self.targets.shared_breaker(local, instance.key, policy)
 
     def _bulkhead(
         self,
@@ -592,14 +472,7 @@ class PolicyRuntime:
                 name, spec.max_in_flight, spec.max_waiting
             )
             return own
-        bulkhead = self.bulkheads.get(key)
-        if bulkhead is None:
-            bulkhead = self.bulkheads[key] = Bulkhead(
-                target.describe(), spec.max_in_flight, spec.max_waiting
-            )
-        elif self._configures("bulkhead", key):
-            bulkhead.resize(spec.max_in_flight, spec.max_waiting)
-        return bulkhead
+        return self.targets.bulkhead(key, target, spec)
 
     def _limit(
         self, name: str, key: str, target: TargetConfig, spec: RateLimit
@@ -607,18 +480,7 @@ class PolicyRuntime:
         if spec.scope != "target":
             limit = Limit(name, spec)
             return SharedLimit(limit, name, self.state) if self.state.shared else limit
-        existing = self.target_limits.get((key, spec))
-        if existing is not None:
-            return existing
-        bucket = self.limiters.get((key, spec))
-        if bucket is None:
-            bucket = self.limiters[(key, spec)] = new_limiter(spec)
-        local = Limit(target.describe(), spec, bucket)
-        chosen: Limit | SharedLimit = (
-            SharedLimit(local, key, self.state) if self.state.shared else local
-        )
-        self.target_limits[(key, spec)] = chosen
-        return chosen
+        return self.targets.limit(key, target, spec)
 
     @staticmethod
     def _batch_sender(
@@ -637,6 +499,6 @@ class PolicyRuntime:
 
     def __repr__(self) -> str:
         return (
-            f"<PolicyRuntime breakers={len(self.breakers)} caches={len(self.caches)} "
+            f"<PolicyRuntime {self.targets!r} caches={len(self.caches)} "
             f"batchers={len(self.batchers)}>"
         )
