@@ -202,19 +202,11 @@ class AiohttpClient(HttpClient):
                 return Reply(response.status, response.headers, payload)
         except TimeoutError:
             raise  # aiohttp's timeouts are ClientErrors too: the deadline comes first
-        except aiohttp.ClientConnectorError as error:
-            # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
-            raise connect_error(error, target.describe()) from error
-        except aiohttp.ClientError as error:
-            raise self._failed(error, target, tls) from error
-        except RuntimeError:
-            if not self._session.closed:
-                raise  # not aiohttp's refusal of a closed session: a bug to see
-            raise closed_client(target.describe(), sent=False) from None
-        except asyncio.CancelledError:
-            if not self._cut_waiting():
+        except (aiohttp.ClientError, RuntimeError, asyncio.CancelledError) as error:
+            translated = self._translated(error, target, tls)
+            if translated is None:
                 raise
-            raise closed_client(target.describe(), sent=False) from None
+            raise translated from error
 
     async def get(
         self,
@@ -241,18 +233,11 @@ class AiohttpClient(HttpClient):
                 return Reply(response.status, response.headers, body)
         except TimeoutError:
             raise
-        except aiohttp.ClientConnectorError as error:
-            raise connect_error(error, target.describe()) from error
-        except aiohttp.ClientError as error:
-            raise self._failed(error, target, tls) from error
-        except RuntimeError:
-            if not self._session.closed:
-                raise  # not aiohttp's refusal of a closed session: a bug to see
-            raise closed_client(target.describe(), sent=False) from None
-        except asyncio.CancelledError:
-            if not self._cut_waiting():
+        except (aiohttp.ClientError, RuntimeError, asyncio.CancelledError) as error:
+            translated = self._translated(error, target, tls)
+            if translated is None:
                 raise
-            raise closed_client(target.describe(), sent=False) from None
+            raise translated from error
 
     async def aclose(self) -> None:
         self._urls.clear()
@@ -265,20 +250,29 @@ class AiohttpClient(HttpClient):
     def urls_held(self) -> frozenset[str]:
         return frozenset(self._urls)
 
-    def _failed(
-        self, error: aiohttp.ClientError, target: TargetConfig, tls: ClientTlsContext | None
-    ) -> TargetUnavailable:
-        """A failure once the connection was open; a closed session's cut is its own."""
-        if self._session.closed:  # it closed the connection itself: no peer hung up
-            return closed_client(target.describe(), sent=True)
-        return in_flight_error(error, target.describe(), None if tls is None else tls.tls)
+    def _translated(
+        self, error: BaseException, target: TargetConfig, tls: ClientTlsContext | None
+    ) -> TargetUnavailable | None:
+        """A request's failure as the seam's error, or None for one that is not the
+        target's to answer for (to go up as it is): a ``RuntimeError`` that is not
+        aiohttp's refusal of a closed session (a bug to see), a cancel that is the
+        caller's, not the session's close (a closing connector cancels the requests
+        waiting for one of its connections, a full ``pool:``, which sent nothing)."""
+        import aiohttp
 
-    def _cut_waiting(self) -> bool:
-        """Whether the ``CancelledError`` being handled is the session's close, not the
-        caller's cancel: a closing connector cancels the requests waiting for one of its
-        connections (a full ``pool:``), which sent nothing."""
-        task = asyncio.current_task()
-        return self._session.closed and task is not None and not task.cancelling()
+        where = target.describe()
+        if isinstance(error, aiohttp.ClientConnectorError):
+            # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
+            return connect_error(error, where)
+        closed = self._session.closed
+        if isinstance(error, aiohttp.ClientError):
+            if closed:  # it closed the connection itself: no peer hung up
+                return closed_client(where, sent=True)
+            return in_flight_error(error, where, None if tls is None else tls.tls)
+        if isinstance(error, asyncio.CancelledError):
+            task = asyncio.current_task()
+            closed = closed and task is not None and not task.cancelling()
+        return closed_client(where, sent=False) if closed else None
 
     def _url(self, url: str) -> URL:
         """Parsed once per URL: yarl's parse is a measurable part of a call."""
