@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from tests.dns_server import (
 from tests.services import port_free_on, until
 from tests.test_drain import established_to
 from tests.test_http_clients import OK, holding
-from tests.test_http_hardening import Handler, read_head, replying, server_on
+from tests.test_http_hardening import Handler, read_head, replying, server_on, serving_on
 from tests.test_knative_http2 import ingress
 from tests.test_knative_http2 import knative as knative_http2
 
@@ -53,35 +53,6 @@ StartDnsmasq = Callable[[Zone], Dnsmasq]
 
 def hosts_of(urls: Iterable[str]) -> set[str]:
     return {match.group(1) for url in urls if (match := re.search(r"//([^:/]+)", url))}
-
-
-@asynccontextmanager
-async def answering(hosts: Iterable[str], port: int, handler: Handler) -> AsyncIterator[None]:
-    """``handler`` serving on ``port`` of each of ``hosts`` (a fleet found by DNS shares a port)."""
-    tasks: set[asyncio.Task[Any]] = set()
-
-    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            await handler(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    servers = [await asyncio.start_server(tracked, host, port) for host in hosts]
-    try:
-        yield
-    finally:
-        for server in servers:
-            server.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for server in servers:
-            await server.wait_closed()
 
 
 def origin(url: str) -> str:
@@ -142,7 +113,7 @@ async def test_instances_that_dns_stops_naming_leave_nothing_held(
                 failures.append(error)
             await asyncio.sleep(0.005)
 
-    async with answering(hosts, port, replying(200, OK)), Dispatcher(plugins) as dispatcher:
+    async with serving_on(hosts, port, replying(200, OK)), Dispatcher(plugins) as dispatcher:
         provider = dispatcher.providers[kind]
         assert isinstance(provider, HttpProvider | KnativeProvider)
         callers = [asyncio.create_task(calling(dispatcher)) for _ in range(3)]

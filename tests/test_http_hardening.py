@@ -12,7 +12,7 @@ import errno
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,11 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 @asynccontextmanager
-async def server_on(host: str, handler: Handler) -> AsyncIterator[tuple[str, int]]:
-    """A real TCP server on ``host`` (a loopback address), port 0; yields (host, port)."""
+async def serving_on(
+    hosts: Iterable[str], port: int, handler: Handler
+) -> AsyncIterator[list[asyncio.Server]]:
+    """Real TCP servers running ``handler`` per connection on ``port`` (0: any) of each of
+    ``hosts`` (loopback addresses: a fleet found by DNS shares a port); yields them."""
     tasks: set[asyncio.Task[Any]] = set()
 
     async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -55,15 +58,24 @@ async def server_on(host: str, handler: Handler) -> AsyncIterator[tuple[str, int
         finally:
             writer.close()
 
-    server = await asyncio.start_server(tracked, host, 0)
+    servers = [await asyncio.start_server(tracked, host, port) for host in hosts]
     try:
-        yield host, server.sockets[0].getsockname()[1]
+        yield servers
     finally:
-        server.close()
+        for server in servers:
+            server.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+        for server in servers:
+            await server.wait_closed()
+
+
+@asynccontextmanager
+async def server_on(host: str, handler: Handler) -> AsyncIterator[tuple[str, int]]:
+    """A real TCP server on ``host`` (a loopback address), port 0; yields (host, port)."""
+    async with serving_on([host], 0, handler) as (server,):
+        yield host, server.sockets[0].getsockname()[1]
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
