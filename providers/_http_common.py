@@ -276,6 +276,13 @@ class TargetRoutes(Generic[RouteT]):
         del self._attached[key]
         return self.routes.pop(key, None)
 
+    async def release(self, key: str, clients: HttpClients | None) -> None:
+        """``detach``, then let ``clients`` go of what the target's route held when it was
+        the last attachment (``HttpClients.release``)."""
+        route = self.detach(key)
+        if route is not None and clients is not None:
+            await clients.release(route, self.routes.values())
+
     def held(self, clients: HttpClients | None) -> HeldRoutes:
         return HeldRoutes(
             routes=tuple(sorted(route.invoke_url for route in self.routes.values())),

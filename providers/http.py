@@ -338,10 +338,7 @@ class HttpProvider(Provider[HttpTarget]):
     async def detach(self, plugin: PluginInfo, target: HttpTarget) -> None:
         """Once no plugin is attached to ``target`` any more, drop its route and release
         its clients (``HttpClients.release``)."""
-        route = self._targets.detach(target.key)
-        clients = self._clients
-        if route is not None and clients is not None:
-            await clients.release(route, self._routes.values())
+        await self._targets.release(target.key, self._clients)
 
     def held(self) -> HeldRoutes:
         """What the provider holds for its targets now (routes, clients, per-URL state)."""

@@ -207,10 +207,7 @@ class KnativeProvider(Provider[KnativeTarget]):
         """Once no plugin is attached to ``target`` any more, drop its route and release
         its clients: its own (a ``pool:``, HTTP/2's ``authority``) closed, the shared
         one's state for its URLs dropped where no other target calls them."""
-        route = self._targets.detach(target.key)
-        clients = self._clients
-        if route is not None and clients is not None:
-            await clients.release(route, self._routes.values())
+        await self._targets.release(target.key, self._clients)
 
     def held(self) -> HeldRoutes:
         """What the provider holds for its targets now (routes, clients, per-URL state)."""
