@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,30 @@ async def _serving(http: str) -> tuple[asyncio.subprocess.Process, str]:
     found = re.search(r"listening on (http://[0-9.:]+)", line)
     assert found, line
     return process, found.group(1)
+
+
+@asynccontextmanager
+async def _served(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``dispatcher-plugin serve`` of the example plugin with ``args`` (and ``env`` over
+    this process's variables), and the first line it says (within 30 s): serving, or
+    why not. Ended with the block, unless the block ended it."""
+    process = await asyncio.create_subprocess_exec(
+        *serve_command(*args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
+    )
+    assert process.stderr is not None
+    try:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        yield process, line
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
 
 
 async def _keep_calling(
@@ -601,23 +626,11 @@ async def test_serve_over_http_says_the_identity_it_is_given(
     """``--id`` and ``--version`` are the HTTP server's too (``/describe``, the calls'
     spans), as ``LINCHKIT_PLUGIN_ID`` and ``_VERSION`` are, which the docker provider
     sets. Before, the flags were taken and dropped: only the variables counted."""
-    process = await asyncio.create_subprocess_exec(
-        *serve_command("--port", "0", *flags),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **environment},
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        async with asyncio.timeout(30):
-            line = (await process.stderr.readline()).decode()
-            found = re.search(r"listening on (http://[0-9.:]+)", line)
-            assert found, line
-            async with httpx.AsyncClient() as client:
-                described = (await client.get(f"{found[1]}/describe")).json()
-    finally:
-        process.terminate()
-        await process.wait()
+    async with _served("--port", "0", *flags, env=environment) as (_, line):
+        found = re.search(r"listening on (http://[0-9.:]+)", line)
+        assert found, line
+        async with httpx.AsyncClient() as client:
+            described = (await client.get(f"{found[1]}/describe")).json()
     assert (described["id"], described["version"]) == identity
 
 
@@ -766,15 +779,8 @@ async def test_serve_websocket_applies_max_connections_and_header_timeout() -> N
     """``--max-connections`` is the WebSocket server's cap (an upgrade past it is refused
     503) and ``--header-timeout`` the time a connection has for its head. Before, both were
     dropped: 1,000 connections and 10 s whatever the operator said."""
-    process = await asyncio.create_subprocess_exec(
-        *serve_command("--websocket", "--port", "0", "--max-connections", "1", "--header-timeout", "1"),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        async with asyncio.timeout(30):
-            line = (await process.stderr.readline()).decode()
+    flags = ("--websocket", "--port", "0", "--max-connections", "1", "--header-timeout", "1")
+    async with _served(*flags) as (_, line):
         found = re.search(r"listening on (ws://\S+)", line)
         assert found, line
         url = found[1]
@@ -795,28 +801,15 @@ async def test_serve_websocket_applies_max_connections_and_header_timeout() -> N
             assert time.monotonic() - started < 8
         finally:
             writer.close()
-    finally:
-        process.terminate()
-        await process.wait()
 
 
 async def test_serve_websocket_leaves_the_http_variable_to_the_http_server() -> None:
     """``--http`` given with ``--websocket`` is refused (it would do nothing:
     tests/conformance/test_command_line_refusals_show_no_value.py), but not
     ``LINCHKIT_PLUGIN_HTTP``: an image may set it for both modes, and it serves."""
-    process = await asyncio.create_subprocess_exec(
-        *serve_command("--port", "0"),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LINCHKIT_PLUGIN_HTTP": "h11", "LINCHKIT_PLUGIN_WEBSOCKET": "1"},
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        async with asyncio.timeout(30):  # its first line: serving, or why not
-            line = (await process.stderr.readline()).decode()
-    finally:
-        process.terminate()
-        await process.wait()
+    environment = {"LINCHKIT_PLUGIN_HTTP": "h11", "LINCHKIT_PLUGIN_WEBSOCKET": "1"}
+    async with _served("--port", "0", env=environment) as (_, line):
+        pass
     assert "over WebSocket, listening on ws://" in line, line
 
 
@@ -824,15 +817,8 @@ async def _websocket_server_log(*flags: str) -> str:
     """What ``serve --websocket`` writes on stderr while a host sends it a frame it
     logs at INFO (an ``error`` frame: the host could not use one of its frames), then a
     health check, whose answer says the frame before it was read, and goes away."""
-    process = await asyncio.create_subprocess_exec(
-        *serve_command("--websocket", "--port", "0", *flags),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
+    async with _served("--websocket", "--port", "0", *flags) as (process, line):
         async with asyncio.timeout(30):
-            line = (await process.stderr.readline()).decode()
             found = re.search(r"listening on (ws://\S+)", line)
             assert found, line
             async with aiohttp.ClientSession() as client, client.ws_connect(found[1]) as host:
@@ -840,7 +826,6 @@ async def _websocket_server_log(*flags: str) -> str:
                 await host.send_str('{"type": "error", "error": "frame 7 went astray"}')
                 await host.send_str('{"type": "health", "id": 1}')
                 assert orjson.loads((await host.receive()).data)["type"] == "health"
-    finally:
         process.terminate()
         _, rest = await process.communicate()
     return line + rest.decode()
