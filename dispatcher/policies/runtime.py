@@ -124,7 +124,7 @@ class PolicyRuntime:
         policies = plugin.policies_of(method)
         name = f"{plugin.id}.{method}"
         owner = (plugin.key, method)
-        self._rebuilding(owner)
+        self._let_go(owner)  # built again: what its last chain kept goes
         fleet = self.fleets.fleet_of(target, provider)
         if fleet is None:
             (target,) = target.instance_targets()  # itself, or its one instance
@@ -219,13 +219,14 @@ class PolicyRuntime:
             return DeadlineGuard(name, fleet_step)
         return fleet_step
 
-    def _rebuilding(self, owner: tuple[str, str]) -> None:
-        """``owner``'s chain is built (again, when a reload changed its version's entry):
-        what the last one kept by method goes, and this one sets what its policies ask
-        for. Only replaced before, a policy the reload took off left its cache, limits,
-        bulkhead, retry and hedge counters in ``stats()``, and its batcher open, for good.
-        A batcher goes once its calls in flight have ended (``replaced_versions``); the
-        keyed calls answered stay, as the target's breaker does."""
+    def _let_go(self, owner: tuple[str, str]) -> None:
+        """What ``owner``'s last chain kept of its own goes: its cache, limits, bulkhead,
+        retry and hedge counters; its batcher is closed once its calls in flight have
+        ended (``replaced_versions``, ``forget``). Called as the chain is built (again,
+        when a reload changed its version's entry: only replaced before, a policy the
+        reload took off left them in ``stats()``, and its batcher open, for good) and as
+        the method is forgotten. The keyed calls answered stay through a rebuild, as the
+        target's breaker does."""
         name = f"{owner[0]}.{owner[1]}"
         self.caches.pop(owner, None)
         self.method_limits.pop(owner, None)
@@ -247,20 +248,12 @@ class PolicyRuntime:
         hedge counters, keyed-call records; batch tasks end, those of the batchers reloads
         replaced too. Kept, they would grow the process and ``stats()`` with every
         reload, for good."""
+        for owner in gone:
+            self._let_go(owner)
+            self.gates.pop(owner, None)
+            self.keyed.pop(f"{owner[0]}.{owner[1]}", None)
         closing = [batcher for _, batcher in self._replaced]
         self._replaced = []
-        for owner in gone:
-            name = f"{owner[0]}.{owner[1]}"
-            self.caches.pop(owner, None)
-            self.gates.pop(owner, None)
-            self.method_limits.pop(owner, None)
-            self.method_bulkheads.pop(owner, None)
-            self.retries.pop(name, None)
-            self.keyed.pop(name, None)
-            self.hedges.pop(name, None)
-            batcher = self.batchers.pop(owner, None)
-            if batcher is not None:
-                closing.append(batcher)
         for batcher in closing:
             await batcher.aclose()
 
