@@ -135,7 +135,8 @@ def _self_signed(folder: Path, host: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _written(folder: Path, name: str, leaf: trustme.LeafCert) -> tuple[Path, Path]:
+def written(folder: Path, name: str, leaf: trustme.LeafCert) -> tuple[Path, Path]:
+    """``leaf``'s certificate chain and key, as PEM files ``name``.pem and ``name``.key."""
     cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
     cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     key_path.write_bytes(leaf.private_key_pem.bytes())
@@ -152,13 +153,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ca_file.write_bytes(trusted.cert_pem.bytes())
     return {
         "ca_file": ca_file,
-        "good": _written(folder, "good", trusted.issue_cert("localhost", "127.0.0.1")),
+        "good": written(folder, "good", trusted.issue_cert("localhost", "127.0.0.1")),
         "self-signed": _self_signed(folder, "localhost"),
-        "another CA": _written(folder, "stranger", stranger.issue_cert("localhost")),
-        "another host name": _written(
+        "another CA": written(folder, "stranger", stranger.issue_cert("localhost")),
+        "another host name": written(
             folder, "elsewhere", trusted.issue_cert("gateway.elsewhere.example")
         ),
-        "expired": _written(
+        "expired": written(
             folder,
             "expired",
             trusted.issue_cert(

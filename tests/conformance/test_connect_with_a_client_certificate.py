@@ -55,6 +55,7 @@ from tests.conformance.conftest import (
     _stop_service,
     executable,
 )
+from tests.conformance.test_connect_over_wss import written
 from tests.conformance.test_connect_url_never_shows_a_token import connecting
 from tests.conformance.test_serve_cli import CRASHES, one_clear_line
 from tests.conftest import ROOT
@@ -87,13 +88,6 @@ REFUSALS = {
 }
 
 
-def _written(folder: Path, name: str, leaf: trustme.LeafCert) -> tuple[Path, Path]:
-    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key_path.write_bytes(leaf.private_key_pem.bytes())
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The gateway's CA (its file, for ``--ca-file``) and pair, the client CA's file, the
@@ -107,10 +101,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "folder": folder,
         "gateway_ca": folder / "gateway-ca.pem",
         "client_ca": folder / "client-ca.pem",
-        "gateway": _written(folder, "gateway", server_ca.issue_cert("localhost", "127.0.0.1")),
-        "good": _written(folder, "good", client_ca.issue_cert(PLUGIN_SAN)),
-        "another CA": _written(folder, "stranger", stranger.issue_cert(PLUGIN_SAN)),
-        "expired": _written(
+        "gateway": written(folder, "gateway", server_ca.issue_cert("localhost", "127.0.0.1")),
+        "good": written(folder, "good", client_ca.issue_cert(PLUGIN_SAN)),
+        "another CA": written(folder, "stranger", stranger.issue_cert(PLUGIN_SAN)),
+        "expired": written(
             folder,
             "expired",
             client_ca.issue_cert(
