@@ -288,6 +288,44 @@ async def test_tls_refused_connections_are_closed_and_handshakes_are_bounded(
                 await _close(connection)
 
 
+async def test_a_handshake_never_started_is_bounded_where_client_certificates_are_checked(
+    tmp_path: Path,
+) -> None:
+    """A port that checks client certificates takes its own TLS protocol (the one that
+    sends a refusal's alert, dispatcher/gateway/tls_alerts.py): a connection that never
+    starts its handshake there holds its seat ``header_timeout`` at most too, and one
+    that sends garbage for a ClientHello is closed at once."""
+    ca = trustme.CA()
+    cert, key = write_pair(tmp_path, ca.issue_cert("localhost", "127.0.0.1"))
+    client_ca = tmp_path / "client-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(client_ca))
+    settings = GatewaySettings(
+        port=0,
+        tls_cert=cert,
+        tls_key=key,
+        client_ca=client_ca,
+        client_cert="required",
+        header_timeout=0.5,
+    )
+    async with running_gateway(echo_entry(), settings=settings) as (_, server):
+        silent = await _connect(server.url)  # TCP only: no ClientHello, ever
+        await _until(lambda: server.connections.open == 1)
+        started = time.monotonic()
+        assert await asyncio.wait_for(silent[0].read(), 5) == b""
+        assert time.monotonic() - started < 2.0
+        await _close(silent)
+        await _until(lambda: server.connections.open == 0)
+        lying = await _connect(server.url)
+        lying[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 64)  # no TLS at all
+        try:
+            reply = await asyncio.wait_for(lying[0].read(), 5)
+        except ConnectionError:  # reset rather than closed: nothing answered either
+            reply = b""
+        assert b"HTTP" not in reply  # at most TLS's alert: never an answer in clear
+        await _close(lying)
+        await _until(lambda: server.connections.open == 0)
+
+
 def _h2_connection(address: str) -> Any:
     """A TCP connection to the gRPC port that has sent HTTP/2's preface and SETTINGS,
     as a client does before its first call, and then nothing."""
