@@ -276,6 +276,10 @@ class TargetRoutes(Generic[RouteT]):
         del self._attached[key]
         return self.routes.pop(key, None)
 
+    def holds(self, key: str) -> bool:
+        """Whether some plugin is attached to target ``key``."""
+        return key in self._attached
+
     async def release(self, key: str, clients: HttpClients | None) -> None:
         """``detach``, then let ``clients`` go of what the target's route held when it was
         the last attachment (``HttpClients.release``)."""

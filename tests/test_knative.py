@@ -225,10 +225,34 @@ async def test_cold_starts_are_exported_as_metrics(standin: KnativeStandIn) -> N
         await d.call("ledger", "charge", {"amount": 1})
         await d.call("ledger", "charge", {"amount": 2})
         found = samples(await scrape(d))
-    (target,) = d.stats()["cold_starts"]["knative"]
+        (target,) = d.stats()["cold_starts"]["knative"]
     labels = {"provider": "knative", "target": target}
     assert value(found, "dispatcher_cold_starts_total", **labels) == 1
     assert value(found, "dispatcher_cold_start_wait_seconds_total", **labels) > 0
+
+
+async def test_a_target_s_cold_starts_go_with_it(standin: KnativeStandIn) -> None:
+    """Kept by target, as Docker's are by pool: once no plugin is attached to a target
+    (a reload moved it, a fleet's DNS stopped naming its address), its history goes, and
+    with it its series in /metrics. Else every ingress address that ever had a cold start
+    stayed in ``stats()`` for the process's life."""
+    revision = func_python_revision("ledger-00001")
+    standin.add_service("ledger", revision, namespace="plugins")
+    moved = standin.url.replace("127.0.0.1", "localhost")
+    before = manifest(ledger("ledger", knative(standin.url, "ledger")))
+    async with Dispatcher(before) as dispatcher:
+        await dispatcher.call("ledger", "whoami")
+        (gone,) = dispatcher.stats()["cold_starts"]["knative"]
+        assert standin.url in gone
+        await dispatcher.reload(manifest(ledger("ledger", knative(moved, "ledger"))))
+        assert "knative" not in dispatcher.stats()["cold_starts"]
+        await standin.scale_to_zero(revision)
+        await dispatcher.call("ledger", "whoami")
+        (now,) = dispatcher.stats()["cold_starts"]["knative"]
+        assert moved in now
+        provider = dispatcher.providers["knative"]
+        assert isinstance(provider, KnativeProvider)
+        assert provider.stats.cold_starts == 2  # the provider's own count is its history
 
 
 async def test_concurrent_calls_during_a_cold_start_each_reach_the_plugin_once(

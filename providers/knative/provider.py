@@ -187,7 +187,10 @@ class KnativeProvider(Provider[KnativeTarget]):
         self._random = rng or random.Random()
         self.infra_dir = Path(infra_dir)
         self.stats = KnativeStats()
-        self._cold_starts: dict[str, ColdStarts] = {}
+        #: Cold starts by target key, with the target's description they are reported
+        #: under; a target's go at its last detach, as its route does: an instance of a
+        #: fleet that DNS or a registry stops listing takes its history with it.
+        self._cold_starts: dict[str, tuple[str, ColdStarts]] = {}
 
     async def start(self) -> None:
         self._clients = HttpClients(DEFAULT_CLIENT, self._shared_pool, egress=self.egress)
@@ -208,6 +211,8 @@ class KnativeProvider(Provider[KnativeTarget]):
         its clients: its own (a ``pool:``, HTTP/2's ``authority``) closed, the shared
         one's state for its URLs dropped where no other target calls them."""
         await self._targets.release(target.key, self._clients)
+        if not self._targets.holds(target.key):
+            self._cold_starts.pop(target.key, None)
 
     def held(self) -> HeldRoutes:
         """What the provider holds for its targets now (routes, clients, per-URL state)."""
@@ -260,11 +265,20 @@ class KnativeProvider(Provider[KnativeTarget]):
 
     def _cold_start(self, target: KnativeTarget, seconds: float) -> None:
         self.stats.cold_starts += 1
-        key = target.describe()
-        self._cold_starts.setdefault(key, ColdStarts()).add(seconds)
+        kept = self._cold_starts.get(target.key)
+        if kept is None:
+            kept = self._cold_starts[target.key] = (target.describe(), ColdStarts())
+        kept[1].add(seconds)
 
     def cold_starts(self) -> dict[str, ColdStarts]:
-        return dict(self._cold_starts)
+        """By description: two targets that differ only in what it leaves out (a
+        timeout, a header) share theirs."""
+        described: dict[str, ColdStarts] = {}
+        for description, each in self._cold_starts.values():
+            total = described.setdefault(description, ColdStarts())
+            total.count += each.count
+            total.seconds += each.seconds
+        return described
 
     async def health(self, target: KnativeTarget) -> Health:
         started = time.perf_counter()
