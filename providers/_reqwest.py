@@ -134,6 +134,15 @@ class _Entry:
         self.slots = slots
 
 
+class _Building:
+    """A client of a URL being built: ``forgotten`` once a ``forget`` of the URL came."""
+
+    __slots__ = ("forgotten",)
+
+    def __init__(self) -> None:
+        self.forgotten = False
+
+
 #: How long after its timeout a cancelled call's request still holds its slot: reqwest's
 #: timer ticks in milliseconds, and its thread may run late on a busy machine.
 _DETACHED_MARGIN = 0.05
@@ -162,7 +171,7 @@ class ReqwestClient(HttpClient):
     """pyreqwest clients, one per target URL and TLS generation, closed by ``forget`` (a
     URL no target calls any more) or ``aclose``."""
 
-    __slots__ = ("_authority", "_closed", "_egress", "_entries", "_http2", "_pool")
+    __slots__ = ("_authority", "_closed", "_egress", "_entries", "_http2", "_pool", "_resolving")
 
     def __init__(
         self,
@@ -181,6 +190,9 @@ class ReqwestClient(HttpClient):
         self._authority = authority
         #: Every client built and not closed, by URL, or by URL and TLS context.
         self._entries: dict[str | tuple[str, object], _Entry] = {}
+        #: The clients being built, by URL, while their host resolves: a ``forget`` of
+        #: the URL meanwhile marks them, so none is stored after it (``_entry``).
+        self._resolving: dict[str, list[_Building]] = {}
         self._closed = False
 
     async def post(
@@ -293,7 +305,10 @@ class ReqwestClient(HttpClient):
         call to such a URL builds its client again."""
         gone = [key for key in self._entries if _url_of(key) in urls]
         entries = [self._entries.pop(key) for key in gone]  # before any await: a call
-        for entry in entries:  # that comes meanwhile builds a client of its own
+        for url in urls:  # that comes meanwhile builds a client of its own
+            for building in self._resolving.get(url, ()):
+                building.forgotten = True
+        for entry in entries:
             await entry.client.close()
 
     def urls_held(self) -> frozenset[str]:
@@ -315,7 +330,7 @@ class ReqwestClient(HttpClient):
         # that name goes in the URL, pinned to the addresses of the real host.
         named = self._authority or (None if tls is None else tls.server_name)
         if named is not None or not _is_address(host):
-            addresses = await self._admitted(host, port, target)
+            addresses = await self._resolved(url, host, port, target)
             name = named or host
             for address in addresses:
                 builder = builder.resolve(name, address, port)
@@ -375,6 +390,24 @@ class ReqwestClient(HttpClient):
         except (OSError, ValueError) as error:
             raise ProviderError(f"cannot load the target's TLS files: {error}") from None
         return builder
+
+    async def _resolved(self, url: str, host: str, port: int, target: TargetConfig) -> list[str]:
+        """``_admitted``, as a build of ``url``'s client: one that the URL's ``forget``
+        overtook ends as a call on a client closed under it, before it was sent. Else it
+        stored a client of a URL no target calls any more, open until the next ``forget``
+        of that URL or the close."""
+        building = _Building()
+        waiting = self._resolving.setdefault(url, [])
+        waiting.append(building)
+        try:
+            addresses = await self._admitted(host, port, target)
+        finally:
+            waiting.remove(building)
+            if not waiting:
+                del self._resolving[url]
+        if building.forgotten:
+            raise closed_client(target.describe(), sent=False)
+        return addresses
 
     async def _admitted(self, host: str, port: int, target: TargetConfig) -> list[str]:
         """The addresses of ``host`` the egress policy admits (``EgressRefused`` if none)."""

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import pytest
@@ -525,3 +525,44 @@ async def test_a_call_that_resolves_its_host_while_the_client_closes_leaves_no_c
         await call
     assert caught.value.details == {"stage": "connect"}  # nothing went out
     assert "clients=0" in repr(client)
+
+
+async def test_a_call_that_resolves_its_host_while_its_url_is_forgotten_leaves_no_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for a ``forget`` of the URL (its target's last detach): the client the
+    call built after it stayed stored, open, for a URL no target calls any more, until
+    the close. The call ends as one on a client closed under it before it was sent; a
+    call that begins after the forget builds its client as any first call does."""
+    from providers._http_client import HttpPool
+    from providers._reqwest import ReqwestClient
+    from providers.egress import EgressPolicy
+    from providers.http import HttpTarget
+
+    resolving = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def slow_lookup(self: ReqwestClient, host: str, port: int, target: Any) -> list[str]:
+        resolving.set()
+        await answer.wait()
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(ReqwestClient, "_admitted", slow_lookup)
+    async with server_on("127.0.0.1", replying(200, OK)) as (_, port):
+        url = f"http://localhost:{port}/invoke"
+        target = HttpTarget.model_validate({"provider": "http", "url": f"http://localhost:{port}"})
+        async with ReqwestClient(HttpPool(), egress=EgressPolicy()) as client:
+
+            def post() -> Awaitable[Any]:
+                return client.post(url, b"{}", {}, timeout=5, limit=1024, target=target, tls=None)
+
+            call = asyncio.create_task(post())
+            await resolving.wait()
+            await client.forget([url])
+            answer.set()
+            with pytest.raises(TargetUnavailable, match="closed") as caught:
+                await call
+            assert caught.value.details == {"stage": "connect"}
+            assert client.urls_held() == frozenset()
+            assert (await post()).status == 200  # a later call builds its own
+            assert client.urls_held() == {url}
