@@ -113,30 +113,34 @@ async def _closed_at_the_head_deadline(language: str) -> None:
         idle, slow = await asyncio.to_thread(_open, service.address, 2, b"")
         slow.sendall(UNFINISHED_HEAD)
         try:
-            started = time.monotonic()
-            closed = await asyncio.gather(
-                asyncio.to_thread(_closed_within, idle, HEAD_DEADLINE + 10),
-                asyncio.to_thread(_closed_within, slow, HEAD_DEADLINE + 10),
+            closed_after = await asyncio.gather(
+                asyncio.to_thread(_closed_after, idle, HEAD_DEADLINE + 10),
+                asyncio.to_thread(_closed_after, slow, HEAD_DEADLINE + 10),
             )
-            took = time.monotonic() - started
-            assert closed == [True, True], (language, closed, took)
+            assert None not in closed_after, (language, closed_after)
+            # Not before the deadline either: a host whose head is slow to come (a busy
+            # machine, a long TLS hop) has all of it. Each connection opened a moment
+            # before its clock here started: two seconds of margin, for a busy machine.
+            early = [each for each in closed_after if each is not None and each < HEAD_DEADLINE - 2]
+            assert early == [], (language, closed_after)
             await _real_host_served(url, token)
         finally:
             idle.close()
             slow.close()
 
 
-def _closed_within(connection: socket.socket, seconds: float) -> bool:
-    """Whether the server closes ``connection`` within ``seconds`` (whatever it answers
-    first: a 408 before closing is fine)."""
-    deadline = time.monotonic() + seconds
+def _closed_after(connection: socket.socket, seconds: float) -> float | None:
+    """The seconds until the server closes ``connection`` (whatever it answers first: a
+    408 before closing is fine), or None if it did not within ``seconds``."""
+    started = time.monotonic()
+    deadline = started + seconds
     while (left := deadline - time.monotonic()) > 0:
         connection.settimeout(left)
         try:
             if not connection.recv(4096):
-                return True
+                return time.monotonic() - started
         except TimeoutError:
-            return False
+            return None
         except ConnectionResetError:
-            return True
-    return False
+            return time.monotonic() - started
+    return None
