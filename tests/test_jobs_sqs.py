@@ -46,6 +46,7 @@ def manifest_file(
     view: bool = True,
     state_url: str | None = None,
     sqs: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
     **jobs: Any,
 ) -> Path:
     path = folder / f"plugins-{len(list(folder.iterdir()))}.yaml"
@@ -93,6 +94,7 @@ def manifest_file(
             "key_prefix": prefix,
             "op_timeout_ms": 1000,
             "retry_after_ms": 200,
+            **(state or {}),
         }
     path.write_text(json.dumps(document))  # JSON is YAML
     return path
@@ -836,15 +838,19 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
     url = redis_server.url
     settings = {"workers": 4, "batch": 10, "visibility_timeout_ms": 2000, "max_attempts": 5}
     # Generous: this test is about what survives the kills, and moto (a Python server doing
-    # ~150 requests/s here) answering four processes on a busy machine can take seconds.
+    # ~150 requests/s here) answering four processes on a busy machine can take seconds;
+    # so can Redis, with those four processes and the submitter on two cores (a job record
+    # not written within 1 s once, at a load of 12).
     patient = {"op_timeout_ms": 8000}
     manifest = manifest_file(
-        tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient, **settings
+        tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient, state=patient, **settings
     )
     workers: list[WorkerProcess] = []
     try:
         workers.extend(WorkerProcess(manifest) for _ in range(3))
-        submitter_file = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient)
+        submitter_file = manifest_file(
+            tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient, state=patient
+        )
         async with Dispatcher(load_manifest(submitter_file)) as submitter:
             ids: list[str] = []
             for start in range(0, CHURN_JOBS, 50):

@@ -205,22 +205,25 @@ def test_three_replicas_share_one_rate_limit_exactly(
         admitted = sum(report.get("admitted", 0) for report in reports)
         limited = sum(report.get("limited", 0) for report in reports)
         unread = sum(report.get("state_unavailable", 0) for report in reports)
+        # A call whose deadline passed while the machine starved it (a load of 12 on two
+        # cores did so to 13 of 10,000) may have taken a token: it counts as unread does.
+        late = sum(report.get("deadline_exceeded", 0) for report in reports)
         failed = {
             kind: count
             for report in reports
             for kind, count in report.items()
-            if kind not in ("admitted", "limited", "state_unavailable", "offered", "late_ms")
+            if kind not in STARVED_OUTCOMES
         }
         print(
             f"attempt {attempt}: admitted {admitted}, limited {limited}, store past its bound"
             f" {unread}, per replica {reports}"
         )
         assert failed == {}, reports
-        assert admitted + limited + unread == sum(report["offered"] for report in reports)
+        assert admitted + limited + unread + late == sum(report["offered"] for report in reports)
         # Never more than burst + rate x seconds = 10 + 100 x 10 (within 2 %), however
         # the replicas were scheduled: the limit is one limit.
         assert admitted <= 1010 * 1.02, reports
-        if max(report["late_ms"] for report in reports) <= STARVED_MS and not unread:
+        if max(report["late_ms"] for report in reports) <= STARVED_MS and not unread + late:
             break
         # A replica the machine starved offered nothing for a while, then all at once:
         # the limit rightly refused what came late, so the total says nothing. Likewise a
@@ -239,6 +242,16 @@ def test_three_replicas_share_one_rate_limit_exactly(
     assert abs(admitted - 1010) <= 1010 * 0.02, reports
 
 
+#: What a replica's report may hold besides failures: its counts, and what a starved
+#: machine brings (a limit not read in time, a deadline passed while waiting).
+STARVED_OUTCOMES = (
+    "admitted",
+    "limited",
+    "state_unavailable",
+    "deadline_exceeded",
+    "offered",
+    "late_ms",
+)
 #: How far behind its schedule a replica may fall for a run to judge the limit exact: a
 #: gap longer than the burst's worth (10 calls at 100/s) loses admissions for good.
 STARVED_MS = 100
