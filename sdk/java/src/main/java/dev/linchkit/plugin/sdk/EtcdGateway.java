@@ -45,6 +45,7 @@ import java.util.function.Consumer;
 import java.util.regex.Pattern;
 import javax.net.ssl.KeyManagerFactory;
 import javax.net.ssl.SSLContext;
+import javax.net.ssl.SSLHandshakeException;
 import javax.net.ssl.SSLParameters;
 import javax.net.ssl.TrustManagerFactory;
 import org.bouncycastle.asn1.pkcs.PrivateKeyInfo;
@@ -84,6 +85,9 @@ final class EtcdGateway {
   static final long CODE_FAILED_PRECONDITION = 9; // authentication is not enabled
   static final long CODE_UNAUTHENTICATED = 16; // invalid auth token: expired unused, or etcd restarted
 
+  /** The TLS versions spoken to an https:// etcd. */
+  private static final String[] TLS_PROTOCOLS = {"TLSv1.3", "TLSv1.2"};
+
   /** The largest answer read from etcd: its answers here are a few hundred bytes. */
   static final int MAX_ANSWER_BYTES = 1 << 20;
 
@@ -104,6 +108,9 @@ final class EtcdGateway {
   final String base;
   final Duration timeout;
   private final HttpClient client;
+  /** The client's TLS context for an https:// etcd, null for http://: the alert probe's too. */
+  private final SSLContext tls;
+  private final URI url;
   private final String user;
   private final String password;
   private final String certFile;
@@ -116,11 +123,13 @@ final class EtcdGateway {
   /** etcd answered that its authentication is off, so requests go without a token. */
   private boolean authenticationOff;
 
-  private EtcdGateway(String base, Duration timeout, HttpClient client, String user, String password,
-      String certFile, String caFile, RegistrySettings settings, Consumer<String> say) {
+  private EtcdGateway(String base, URI url, Duration timeout, HttpClient client, SSLContext tls, String user,
+      String password, String certFile, String caFile, RegistrySettings settings, Consumer<String> say) {
     this.base = base;
+    this.url = url;
     this.timeout = timeout;
     this.client = client;
+    this.tls = tls;
     this.user = user;
     this.password = password;
     this.certFile = certFile;
@@ -164,6 +173,7 @@ final class EtcdGateway {
         .version(HttpClient.Version.HTTP_1_1)
         .followRedirects(HttpClient.Redirect.NEVER)
         .connectTimeout(timeout);
+    SSLContext tls = null;
     if (!url.getScheme().equals("https")) {
       String[][] files = {{caName, caFile}, {certName, certFile}, {keyName, keyFile}};
       for (String[] file : files) {
@@ -177,12 +187,13 @@ final class EtcdGateway {
             + ": reach etcd over https://, or on a loopback address");
       }
     } else {
-      client.sslContext(tlsContext(caFile, caName, certFile, certName, keyFile, keyName));
+      tls = tlsContext(caFile, caName, certFile, certName, keyFile, keyName);
+      client.sslContext(tls);
       SSLParameters parameters = new SSLParameters();
-      parameters.setProtocols(new String[] {"TLSv1.3", "TLSv1.2"});
+      parameters.setProtocols(TLS_PROTOCOLS.clone());
       client.sslParameters(parameters);
     }
-    return new EtcdGateway(base, timeout, client.build(), user, password, certFile, caFile, settings, say);
+    return new EtcdGateway(base, url, timeout, client.build(), tls, user, password, certFile, caFile, settings, say);
   }
 
   private static final Pattern IPV4 = Pattern.compile("\\d{1,3}(\\.\\d{1,3}){3}");
@@ -386,7 +397,9 @@ final class EtcdGateway {
 
   /**
    * Why a request got no answer: etcd turned the plugin away ({@link Refused}, after which it waits
-   * longer to try again), or it does not answer.
+   * longer to try again), or it does not answer. An https:// request cut once its handshake was
+   * over is asked about on a connection of the gateway's own ({@link AlertProbe}), bounded by the
+   * timeout: the alert of an etcd that refuses the client's certificate may have been lost with it.
    */
   Unavailable failure(Throwable error) {
     List<Throwable> chain = new ArrayList<>();
@@ -407,7 +420,8 @@ final class EtcdGateway {
       String text = each.getMessage() == null ? "" : each.getMessage();
       // etcd's word, a TLS alert: it does not trust the client's certificate, or got none. With
       // TLS 1.3 it comes after the client's side of the handshake is over, as the request is
-      // written or its answer read; the JDK reports it there all the same.
+      // written or its answer read; the JDK reports it there, unless the write met the connection
+      // etcd closed first (a broken pipe, a reset), for which see cutAfterHandshake below.
       int alert = text.indexOf("Received fatal alert");
       if (alert >= 0) {
         String hint = certFile.isEmpty() ? "etcd may require a client certificate (" + certFileName + ")"
@@ -421,6 +435,12 @@ final class EtcdGateway {
             + " TLS port, speaking TLS 1.2 or later?");
       }
     }
+    if (cutAfterHandshake(chain)) {
+      // Asked again, an etcd that refuses the certificate refuses it again, and is waited for
+      // longer; one that cut the request for another reason takes it, silent: an outage.
+      IOException alert = AlertProbe.alert(tls, TLS_PROTOCOLS.clone(), url.getHost(), port(), timeout);
+      if (alert != null) return failure(alert);
+    }
     // Anything else is an etcd that does not answer: a connection refused or reset, or closed
     // mid-handshake by a flaky etcd or load balancer, tried again soon. The JDK's client says of a
     // refused connection only "ConnectException" over "ClosedChannelException".
@@ -430,6 +450,27 @@ final class EtcdGateway {
       }
     }
     return new Unavailable(base + " does not answer (" + rootMessage(error) + ")");
+  }
+
+  /**
+   * Whether {@code chain} tells of a TLS connection that failed once its handshake was over, as one
+   * does when etcd turns away the client's certificate under TLS 1.3. Not a connection refused, nor
+   * a handshake cut off (which the JDK reports as such): those are outages, and a probe would only
+   * knock on a door already shut, a connection more for a struggling etcd or load balancer.
+   */
+  private boolean cutAfterHandshake(List<Throwable> chain) {
+    if (tls == null) return false;
+    boolean connectionFailed = false;
+    for (Throwable each : chain) {
+      if (each instanceof ConnectException || each instanceof SSLHandshakeException) return false;
+      if (each instanceof IOException) connectionFailed = true;
+    }
+    return connectionFailed;
+  }
+
+  /** etcd's port, as its URL gives it or the https:// default. */
+  private int port() {
+    return url.getPort() == -1 ? 443 : url.getPort();
   }
 
   /** The innermost message in {@code error}'s causes, on one line, or its class's name. */
