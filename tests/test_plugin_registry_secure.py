@@ -667,14 +667,8 @@ def test_the_gateway_tells_what_etcd_refused_from_a_handshake_cut_off(
 def test_a_client_certificate_etcd_does_not_trust_is_said_and_the_plugin_serves(
     side_by_side: SideBySide, request: pytest.FixtureRequest, language: str
 ) -> None:
-    """The SDKs turned away one at a time, each by an etcd of its own. Not side by side:
-    with TLS 1.3 etcd judges a client's certificate after the client's side of the
-    handshake, and on a machine loaded by five etcds and plugins at once Java's HTTP
-    client met its alert as a broken pipe on the request's write, which it reads as an
-    etcd that does not answer (a second "cannot register" line, 1 run in 3). Python
-    reads the alert waiting on the socket (``_etcd_gateway._pending_alert``); the JDK's
-    client gives no such hold on its socket: an open fault of the Java SDK."""
-    side_by_side.run(request, untrusted_certificate, at_once=1)
+    """The SDKs turned away side by side, each by an etcd of its own."""
+    side_by_side.run(request, untrusted_certificate)
 
 
 def untrusted_certificate(language: str) -> None:
