@@ -456,9 +456,10 @@ def assert_a_usage_error(done: subprocess.CompletedProcess[str], said: str) -> N
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess[str], said: str) -> None:
-    """``serve`` refused a setting of its environment: status 1, one line, ``said``."""
+    """``serve`` refused a setting of its environment: status 1, one line, ``serve: said``
+    as every SDK's ``serve`` begins it (tests/conformance/test_serve_cli.py)."""
     assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith(f"Error: {said}"), done.stderr
+    assert done.stderr.startswith(f"serve: {said}"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
 
@@ -775,6 +776,57 @@ def test_serve_websocket_refuses_a_limit_variable_or_a_limit_it_cannot_apply(
     assert_one_error_line(done, said)
 
 
+@pytest.mark.parametrize(
+    ("variable", "text", "said"),
+    [
+        ("LINCHKIT_PLUGIN_PORT", "http", "LINCHKIT_PLUGIN_PORT must be a whole number, not 'http'"),
+        (
+            "LINCHKIT_PLUGIN_BODY_TIMEOUT",
+            "soon",
+            "LINCHKIT_PLUGIN_BODY_TIMEOUT must be a number, not 'soon'",
+        ),
+    ],
+)
+def test_serve_names_a_number_variable_that_is_none(variable: str, text: str, said: str) -> None:
+    """Named as the other variables are, in one line that begins with the command. Before:
+    ``Error: a LINCHKIT_PLUGIN_* setting is not a number: invalid literal for int() with
+    base 10: 'http'``, which named none, and ``connect``, which reads neither, ended so
+    too."""
+    done = subprocess.run(
+        serve_command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, variable: text},
+    )
+    assert_one_error_line(done, said)
+
+
+def test_a_number_variable_that_is_none_is_not_read_past_its_flag_or_by_connect() -> None:
+    """Its flag typed wins over it, and ``connect`` reads no such variable: neither ends on it."""
+    done = subprocess.run(
+        serve_command("--port", "99999"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LINCHKIT_PLUGIN_PORT": "http"},
+    )
+    assert_one_error_line(done, "--port must be in 0-65535")
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "linchkit_plugin.cli", "connect", "echo_plugin:EchoPlugin"),
+            *("--path", str(ROOT / "examples" / "python"), "--id", "echo", "--version", "1"),
+            *("--url", "ws://127.0.0.1:9/v1/plugins/connect"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LINCHKIT_PLUGIN_PORT": "http", "LINCHKIT_REGISTER_ETCD": "http://e:1"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("connect: LINCHKIT_REGISTER_ETCD: "), done.stderr
+
+
 async def test_serve_websocket_applies_max_connections_and_header_timeout() -> None:
     """``--max-connections`` is the WebSocket server's cap (an upgrade past it is refused
     503) and ``--header-timeout`` the time a connection has for its head. Before, both were
@@ -899,7 +951,7 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(websocket: bool) -> None:
         )
     assert done.returncode == 1, done.stderr
     assert (
-        done.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        done.stderr.strip() == f"serve: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
 
 
@@ -916,7 +968,7 @@ def test_serve_on_a_unix_socket_it_cannot_make_says_so_in_one_line(tmp_path: Pat
             serve_command("--uds", str(path)), capture_output=True, text=True, timeout=30
         )
         assert done.returncode == 1, done.stderr
-        said = f"Error: cannot listen on the Unix socket {path}: {reason}"
+        said = f"serve: cannot listen on the Unix socket {path}: {reason}"
         assert done.stderr.strip() == said, done.stderr
 
 

@@ -94,7 +94,7 @@ def test_dispatcher_plugin_refuses_a_malformed_cap_at_start(
         cli.main(argv)
     assert ended.value.code == 1
     assert _refused(capsys) == (
-        f"Error: {STOP_HOOKS_ENV} must be a whole number of milliseconds from 0 to 600000"
+        f"{argv[0]}: {STOP_HOOKS_ENV} must be a whole number of milliseconds from 0 to 600000"
         " (10 minutes), not '5s'"
     )
 

@@ -624,7 +624,7 @@ async def test_connect_exits_1_naming_the_reason_of_a_4403_without_dialling_agai
                 await process.wait()
     assert process.returncode == 1 and out == b""
     assert err.decode().strip().splitlines()[-1] == (
-        f"Error: the gateway refused the connection (4403): {reason}"
+        f"connect: the gateway refused the connection (4403): {reason}"
     )
     assert [(hello["id"], hello["version"]) for hello in hellos] == [("sock", "1.0.0")]
 
@@ -749,7 +749,7 @@ async def test_a_url_that_can_never_reach_a_gateway_is_refused_before_anything_r
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2 and out == b""
     assert err.decode().strip() == (
-        "Error: --url must be a ws:// or wss:// URL"
+        "connect: --url must be a ws:// or wss:// URL"
         f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {url!r}"
     )
 

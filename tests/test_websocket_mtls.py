@@ -428,14 +428,14 @@ def test_the_sdk_command_line_names_a_key_it_cannot_use_and_shows_none_of_it(
 
     assert connect("--cert-file", str(cert), "--key-file", str(broken)) == (
         2,
-        f"Error: --key-file: {broken} holds no unencrypted PEM private key",
+        f"connect: --key-file: {broken} holds no unencrypted PEM private key",
     )
     assert connect("--cert-file", str(cert), "--key-file", str(tmp_path / "none.key")) == (
         2,
-        f"Error: --key-file: cannot read {tmp_path / 'none.key'}: no such file or directory",
+        f"connect: --key-file: cannot read {tmp_path / 'none.key'}: no such file or directory",
     )
     assert connect("--cert-file", str(cert), LINCHKIT_PLUGIN_CLIENT_KEY=key_text.decode()) == (
         2,
-        "Error: LINCHKIT_PLUGIN_CLIENT_KEY: the value is PEM text, not a file's path: write it"
+        "connect: LINCHKIT_PLUGIN_CLIENT_KEY: the value is PEM text, not a file's path: write it"
         " to a file and give that file's path",
     )

@@ -10,12 +10,15 @@ on the plugin's hello (the same hello would get the same close).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
 from tests.conformance.conftest import LANGUAGES, WEBSOCKET_MODES, executable
+from tests.conftest import ROOT
 from tests.gateway_support import closing_gateway
 from tests.services import CLEAN_ENVIRONMENT
 
@@ -169,6 +172,105 @@ def test_a_websocket_mode_refuses_to_register_in_etcd(language: str, mode: str) 
     line = one_clear_line(done)
     assert line.startswith(f"{command}: LINCHKIT_REGISTER_ETCD: "), line
     assert "not registered in etcd" in line, line
+
+
+#: The Python SDK's ``dispatcher-plugin``, held to the example plugins' rule beside them.
+DISPATCHER_PLUGIN = "dispatcher-plugin"
+
+
+def command_line(executable_of: str, command: str) -> list[str]:
+    """``command`` (``serve``, ``connect``) of a language's example plugin, or of
+    ``dispatcher-plugin`` serving the echo example (as this checkout has it)."""
+    if executable_of != DISPATCHER_PLUGIN:
+        return [str(executable(executable_of)), command]
+    return [
+        *(sys.executable, "-m", "linchkit_plugin.cli", command, "echo_plugin:EchoPlugin"),
+        *("--path", str(ROOT / "examples" / "python")),
+    ]
+
+
+def environment_with(variables: dict[str, str]) -> dict[str, str]:
+    """``variables`` over the clean environment, with ``dispatcher-plugin`` importable."""
+    python_path = [str(ROOT), str(ROOT / "sdk" / "python"), os.environ.get("PYTHONPATH", "")]
+    return {**CLEAN_ENVIRONMENT, **variables, "PYTHONPATH": os.pathsep.join(python_path)}
+
+
+ETCD = {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:9", "LINCHKIT_REGISTER_PREFIX": "/p/example"}
+#: (command, its arguments, the variables set, the one refused, the mode it needs) of each
+#: refusal of a variable's value that every executable says the same way.
+VARIABLE_REFUSALS = {
+    "stop grace": (
+        "serve",
+        [],
+        {"LINCHKIT_PLUGIN_STOP_GRACE_MS": "soon"},
+        "LINCHKIT_PLUGIN_STOP_GRACE_MS",
+        None,
+    ),
+    "registry ttl": (
+        "serve",
+        [],
+        {**ETCD, "LINCHKIT_REGISTER_TTL": "often"},
+        "LINCHKIT_REGISTER_TTL",
+        None,
+    ),
+    "leave delay": (
+        "serve",
+        [],
+        {**ETCD, "LINCHKIT_LEAVE_DELAY": "later"},
+        "LINCHKIT_LEAVE_DELAY",
+        None,
+    ),
+    "websocket told to register": (
+        "serve",
+        ["--websocket"],
+        ETCD,
+        "LINCHKIT_REGISTER_ETCD",
+        "websocket",
+    ),
+    "connect told to register": ("connect", [], ETCD, "LINCHKIT_REGISTER_ETCD", "inbound"),
+}
+WHERE = {"serve": "127.0.0.1:0", "connect": "ws://127.0.0.1:9/v1/plugins/connect"}
+
+
+def _variable_cases() -> list[object]:
+    """Each refusal for ``dispatcher-plugin`` and every language, but in a mode (WebSocket,
+    reverse) that a language's SDK does not have."""
+    return [
+        pytest.param(language, command, arguments, variables, refused, id=f"{language}-{name}")
+        for name, (command, arguments, variables, refused, mode) in VARIABLE_REFUSALS.items()
+        for language in [*LANGUAGES, DISPATCHER_PLUGIN]
+        if mode is None
+        or language == DISPATCHER_PLUGIN
+        or mode in WEBSOCKET_MODES.get(language, ())
+    ]
+
+
+@pytest.mark.parametrize(
+    ("language", "command", "arguments", "variables", "refused"), _variable_cases()
+)
+def test_a_variable_refused_is_said_after_the_command(
+    language: str, command: str, arguments: list[str], variables: dict[str, str], refused: str
+) -> None:
+    """A variable whose value a command cannot take ends it in one line that begins with
+    the command and the variable, ``serve: LINCHKIT_REGISTER_TTL …``, in every SDK's
+    example plugin and in ``dispatcher-plugin``, which said ``Error: …`` until
+    2026-12-06."""
+    where = ["--port", "0"] if command == "serve" else ["--id", "example", "--version", "1"]
+    if language != DISPATCHER_PLUGIN:
+        where = ["--address" if command == "serve" else "--url", WHERE[command]]
+    elif command == "connect":
+        where += ["--url", WHERE[command]]
+    done = subprocess.run(
+        [*command_line(language, command), *arguments, *where],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment_with(variables),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    line = one_clear_line(done)
+    assert line.startswith(f"{command}: {refused}"), line
 
 
 @pytest.mark.parametrize("language", DIALLING)

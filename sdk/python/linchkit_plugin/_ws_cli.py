@@ -86,7 +86,7 @@ def connect(
             options.ca_file, options.cert_file, options.key_file
         ).context(options.url)
     except ValueError as error:  # ConnectTlsError's too: it names the file, not its bytes
-        print(f"Error: {error}", file=sys.stderr)
+        print(f"connect: {error}", file=sys.stderr)
         return 2
 
     async def main() -> int:
@@ -113,7 +113,7 @@ def connect(
                 stop_caps=options.stop_caps,
             )
         except Refused as refused:
-            print(f"Error: {refused}", file=sys.stderr)
+            print(f"connect: {refused}", file=sys.stderr)
             return 1
         return 0
 

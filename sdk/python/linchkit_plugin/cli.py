@@ -119,6 +119,23 @@ class _Given(argparse.Action):
         namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
 
 
+def _number_from(
+    variable: str, kind: type[int] | type[float], default: float, malformed: dict[str, str]
+) -> Any:
+    """``variable``'s number, or ``default`` when it is unset; one that is no number gives
+    ``default`` too, its refusal kept in ``malformed`` (by variable) for ``serve`` to say,
+    should it read it (``_malformed_variable``): ``connect`` reads none of them."""
+    text = os.environ.get(variable)
+    if text is None:
+        return kind(default)
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        malformed[variable] = f"{variable} must be {what}, not {text!r}"
+        return kind(default)
+
+
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """``dispatcher-plugin``'s parser and its ``serve`` command's, which refuses a flag its
     mode would not use (``_unused_flag``)."""
@@ -149,6 +166,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve.add_argument("entrypoint", metavar="ENTRYPOINT")
     env = os.environ.get
+    malformed: dict[str, str] = {}  # a number variable that is none: _malformed_variable
     serve.add_argument(
         "--host",
         action=_Given,
@@ -159,7 +177,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--port",
         action=_Given,
         type=int,
-        default=int(env(_ENV + "PORT", "8081")),
+        default=_number_from(_ENV + "PORT", int, 8081, malformed),
         help=f"port, 0 for any (default: %(default)s) [{_ENV}PORT]",
     )
     serve.add_argument(
@@ -295,25 +313,24 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             action=_Given,
             dest=field,
             type=kind,
-            default=kind(env(variable, getattr(_DEFAULTS, field))),
+            default=_number_from(variable, kind, getattr(_DEFAULTS, field), malformed),
             help=f"{what} [{variable}] (default: %(default)s)",
         )
-    serve.set_defaults(given=frozenset())
+    serve.set_defaults(given=frozenset(), malformed=malformed)
     return parser, serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        parser, serve_parser = _parsers()
-        options = parser.parse_args(argv)
-    except ValueError as error:  # a LINCHKIT_PLUGIN_* variable that is not a number
-        _fail(f"a LINCHKIT_PLUGIN_* setting is not a number: {error}")
+    parser, serve_parser = _parsers()
+    options = parser.parse_args(argv)
     if options.command == "serve" and (unused := _unused_flag(options)) is not None:
         serve_parser.error(unused)  # a usage error, as a flag of another command is
+    if options.command == "serve" and (malformed := _malformed_variable(options)) is not None:
+        _fail(malformed)
     try:  # read once, at start: a malformed value ends the command before anything runs
         options.stop_caps = StopCaps.from_environment()
     except ValueError as error:
-        _fail(str(error))
+        _fail(str(error), command=options.command)
     if options.command == "connect":
         raise SystemExit(connect(options))
     serve(options)
@@ -329,26 +346,26 @@ def _plugin_of(
             options.entrypoint, os.path.abspath(options.search_path), owns_process=True
         )
     except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
-        _fail(str(error))
+        _fail(str(error), command=options.command)
     if not isinstance(config, dict):
-        _fail("--config must be a JSON object")
+        _fail("--config must be a JSON object", command=options.command)
     return plugin_host, config, token
 
 
-def _websocket_cli() -> Any:
+def _websocket_cli(command: str) -> Any:
     try:
         from linchkit_plugin import _ws_cli
     except ImportError:  # pragma: no cover - depends on the installed extras
-        _fail("WebSocket needs aiohttp: pip install 'linchkit-plugin[websocket]'")
+        _fail("WebSocket needs aiohttp: pip install 'linchkit-plugin[websocket]'", command=command)
     return _ws_cli
 
 
 def connect(options: argparse.Namespace) -> int:
     refusal = websocket_refusal(options, dialling=True)
     if refusal is not None:
-        _fail(refusal)
+        _fail(refusal, command="connect")
     plugin_host, config, token = _plugin_of(options)
-    ws_cli = _websocket_cli()
+    ws_cli = _websocket_cli("connect")
     log_to_stderr(info_from="linchkit_plugin.websocket")
     with exporting(
         lambda: plugin_host.hooks_left,
@@ -367,7 +384,7 @@ _WEBSOCKET_SERVER_LOGGERS = ("linchkit_plugin.websocket", "aiohttp")
 def _serve_websocket(options: argparse.Namespace) -> None:
     plugin_host, config, token = _plugin_of(options)
     identity = (options.plugin_id, options.plugin_version)
-    ws_cli = _websocket_cli()
+    ws_cli = _websocket_cli("serve")
     log_to_stderr()  # after the plugin's import: a plugin that set up its logging keeps it
     for name in _WEBSOCKET_SERVER_LOGGERS:
         logging.getLogger(name).setLevel(_LOG_LEVELS[options.log_level])
@@ -550,6 +567,16 @@ def _unused_flag(options: argparse.Namespace) -> str | None:
     return None
 
 
+def _malformed_variable(options: argparse.Namespace) -> str | None:
+    """Why ``serve`` must not start with a number variable that is none (``_number_from``):
+    unless its flag was typed, which wins over it and leaves it unread."""
+    given_variables = {_ENV + field.upper() for field in options.given}
+    for variable, refusal in options.malformed.items():
+        if variable not in given_variables:
+            return str(refusal)
+    return None
+
+
 def _arguments(flags: Sequence[str]) -> str:
     """``argument --a`` or ``arguments --a, --b``, as argparse names what it refuses."""
     return f"argument{'s' if len(flags) > 1 else ''} {', '.join(flags)}"
@@ -691,8 +718,11 @@ def _registry_settings(options: argparse.Namespace) -> RegistrySettings | None:
         _fail(str(error))
 
 
-def _fail(message: str) -> NoReturn:
-    print(f"Error: {message}", file=sys.stderr)
+def _fail(message: str, *, command: str = "serve") -> NoReturn:
+    """End ``command`` (``serve``, ``connect``) with status 1 and one line that it begins,
+    ``serve: LINCHKIT_PLUGIN_TLS_CERT: …``, as every SDK's executable says why it cannot
+    run (until 2026-12-06 ``Error: …``)."""
+    print(f"{command}: {message}", file=sys.stderr)
     raise SystemExit(1)
 
 
