@@ -298,11 +298,8 @@ def test_a_prefix_is_required() -> None:
 @pytest.mark.parametrize(
     ("command", "environment", "named"),
     [
-        (
-            [*PLUGIN, "--port", "0", "--websocket", "--register-etcd", "http://127.0.0.1:1"],
-            {"LINCHKIT_REGISTER_PREFIX": "/p"},
-            "--register-etcd",
-        ),
+        # dispatcher-plugin's --register-etcd is a usage error, as its other registry flags:
+        # tests/conformance/test_command_line_refusals_show_no_value.py.
         (
             [*PLUGIN, "--port", "0", "--websocket"],
             {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"},
@@ -333,7 +330,6 @@ def test_a_prefix_is_required() -> None:
         ),
     ],
     ids=[
-        "dispatcher-plugin-flag",
         "dispatcher-plugin-variable",
         "executable-variable",
         "go-variable",
@@ -366,9 +362,10 @@ def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
 def test_a_websocket_server_is_given_the_registry_flags_it_must_refuse() -> None:
     """Not only --register-etcd: any registry flag tells a WebSocket server something it
     will not do, and was dropped before. ``flags_given`` names those its command line gave
-    a value (``dispatcher-plugin serve --websocket`` refuses them as a usage error:
-    tests/conformance/test_command_line_refusals_show_no_value.py); an empty flag says
-    "none" (over a variable) and stays allowed. --register-etcd, flag or variable, is
+    a value, --register-etcd among them (``dispatcher-plugin serve --websocket`` refuses
+    them as a usage error: tests/conformance/test_command_line_refusals_show_no_value.py;
+    until 2026-12-06 --register-etcd was ``websocket_refusal``'s, status 1); an empty flag
+    says "none" (over a variable) and stays allowed. ``LINCHKIT_REGISTER_ETCD`` is
     ``websocket_refusal``'s: the other flags alone do not make it one told to register."""
     serve = cli._parsers()[1]
     variable = {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"}
@@ -378,7 +375,10 @@ def test_a_websocket_server_is_given_the_registry_flags_it_must_refuse() -> None
             ["--register-etcd=", "--advertise", "h:1", "--register-ttl", "4"],
             ["--advertise", "--register-ttl"],
         ),
-        (["--leave-delay=2", "--register-etcd", "http://127.0.0.1:1"], ["--leave-delay"]),
+        (
+            ["--leave-delay=2", "--register-etcd", "http://127.0.0.1:1"],
+            ["--register-etcd", "--leave-delay"],
+        ),
         (["--register-etcd=", "--advertise="], []),
     ]:
         options = serve.parse_args(["module:Class", *flags])

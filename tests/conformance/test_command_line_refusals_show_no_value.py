@@ -151,6 +151,10 @@ PREFIX = "/linchkit/plugins/example"
 #: TypeScript's ``serve --websocket`` served past every registry flag but
 #: ``--register-etcd``.
 WEBSOCKET_MODE_MISTAKES = {
+    "registry etcd": (
+        ["serve", "--websocket", f"--register-etcd=http://me:{SECRET}@127.0.0.1:2379"],
+        "register-etcd",
+    ),
     "connect's url": (["serve", "--websocket", "--url", URL], "url"),
     "connect's url with a token": (
         ["serve", "--websocket", f"--url=ws://me:{SECRET}@127.0.0.1:9/v1/plugins/connect"],
@@ -274,15 +278,21 @@ def test_dispatcher_plugin_names_what_it_refuses_without_its_text(
         pytest.param([f"--tls-key=/run/{SECRET}/key.pem"], "--tls-key", id="TLS key"),
         pytest.param(["--uds", f"/run/{SECRET}.sock"], "--uds", id="Unix socket"),
         pytest.param([f"--max-body-bytes={len(SECRET)}"], "--max-body-bytes", id="HTTP limit"),
+        pytest.param(
+            ["--register-etcd", f"http://me:{SECRET}@127.0.0.1:2379"],
+            "--register-etcd",
+            id="registry etcd",
+        ),
     ],
 )
 def test_dispatcher_plugin_serve_websocket_refuses_a_flag_it_would_not_use(
     arguments: list[str], named: str
 ) -> None:
-    """A registry flag (but ``--register-etcd``, refused as its variable is: status 1),
-    the HTTP server's TLS files, Unix socket and limits (but the two the WebSocket server
-    applies) are refused as a usage error, as ``--http`` is, rather than dropped: before,
-    it served past a registry flag, then refused each with status 1 and "Error: …"."""
+    """A registry flag, the HTTP server's TLS files, Unix socket and limits (but the two
+    the WebSocket server applies) are refused as a usage error, as ``--http`` is, rather
+    than dropped: before, it served past a registry flag, then refused each with status 1
+    and "Error: …", and ``--register-etcd`` so until 2026-12-06 (``LINCHKIT_REGISTER_ETCD``
+    still is: a variable is no usage error)."""
     done = refused([*PLUGIN_CLI, "serve", *ENTRY, "--websocket", "--port", "0", *arguments])
     said = f"serve: error: argument {named}: not used over WebSocket (--websocket)"
     assert_refused_naming(done, 2, said)

@@ -13,8 +13,9 @@ error, status 2), its value never repeated, rather than met as an unknown option
 
 A WebSocket server registers nowhere: a dispatcher dials a ``websocket`` target at its
 one ``url`` (a fleet of them has no ``instances``), so ``websocket_refusal`` says so to
-one that was told to register, rather than letting it believe it did, and
-``flags_given`` names the other registry flags its command line gave, for it to refuse.
+one that was told to register by ``LINCHKIT_REGISTER_ETCD``, rather than letting it
+believe it did, and ``flags_given`` names the registry flags its command line gave, for
+it to refuse as a usage error (``--register-etcd`` too, since 2026-12-06).
 """
 
 from __future__ import annotations
@@ -288,14 +289,14 @@ def registry_settings(
 
 def flags_given(options: argparse.Namespace, given: Collection[str]) -> list[str]:
     """The registry flags the command line gave a value (``given``: the ``dest`` of each
-    option it gave), ``--register-etcd`` aside: what a server registered nowhere (a
-    WebSocket one) refuses rather than drop. ``--register-etcd`` is
-    ``websocket_refusal``'s, which names it or its variable; an empty flag says "none",
-    over a variable, and is not among them."""
+    option it gave): what a server registered nowhere (a WebSocket one) refuses as a
+    usage error rather than drop, ``--register-etcd`` among them (``LINCHKIT_REGISTER_ETCD``
+    is ``websocket_refusal``'s). An empty flag says "none", over a variable, and is not
+    among them."""
     return [
         option.flag
         for option in _OPTIONS
-        if option is not _ETCD and option.dest in given and getattr(options, option.dest, None)
+        if option.dest in given and getattr(options, option.dest, None)
     ]
 
 

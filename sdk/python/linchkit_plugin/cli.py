@@ -515,14 +515,14 @@ def _unused_flag(options: argparse.Namespace) -> str | None:
     socket, ``--host`` and ``--port``; with ``--websocket``, ``--http`` (uvicorn's HTTP
     implementation; the WebSocket server is aiohttp's), the TLS files and ``--uds`` (it
     serves plain ws:// on --host/--port), the limits it does not apply and the registry's
-    flags but ``--register-etcd`` (it registers nowhere). A usage error, as a flag of
-    another command is: the flags named, never their values. An empty flag says "none"
-    over its variable, and is taken.
+    flags (it registers nowhere). A usage error, as a flag of another command is: the
+    flags named, never their values. An empty flag says "none" over its variable, and is
+    taken.
 
     Their variables are not the command line's: ``LINCHKIT_PLUGIN_HTTP``, ``_HOST`` and
     ``_PORT`` may be set for every run of an image and are not read where they do not
     apply; ``serve --websocket`` refuses the others in one line, naming the variable, as
-    it refuses ``--register-etcd`` and ``LINCHKIT_REGISTER_ETCD`` (``serve``)."""
+    it refuses ``LINCHKIT_REGISTER_ETCD`` (``serve``)."""
     given = options.given
     if not options.websocket:
         flags = [flag for flag, field in (("--host", "host"), ("--port", "port")) if field in given]
