@@ -710,7 +710,7 @@ def test_serve_websocket_refuses_the_http_server_s_tls_and_socket_variables(
         timeout=30,
         env={**os.environ, variable: value},
     )
-    assert_one_error_line(done, f"{variable}: serve --websocket listens on --host/--port")
+    assert_one_error_line(done, f"{variable}: {NOT_OVER_WEBSOCKET}, whose server listens on")
 
 
 @pytest.mark.parametrize(
@@ -756,7 +756,7 @@ def test_serve_websocket_refuses_a_limit_flag_it_would_not_apply(
         (
             [],
             {"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES": "100"},
-            "LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES: serve --websocket does not apply it",
+            f"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES: {NOT_OVER_WEBSOCKET}, which applies only",
         ),
         (["--max-connections", "0"], {}, "max_connections must be at least 1"),
         (["--header-timeout", "0"], {}, "header_timeout must be a positive number"),
@@ -774,6 +774,69 @@ def test_serve_websocket_refuses_a_limit_variable_or_a_limit_it_cannot_apply(
         env={**os.environ, **environment},
     )
     assert_one_error_line(done, said)
+
+
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (
+            ["--register-prefix", "/p"],
+            {},
+            "dispatcher-plugin serve: error: argument --register-prefix: not used over"
+            " WebSocket (LINCHKIT_PLUGIN_WEBSOCKET)",
+        ),
+        (
+            ["--tls-cert", "c.pem"],
+            {},
+            "dispatcher-plugin serve: error: argument --tls-cert: not used over WebSocket"
+            " (LINCHKIT_PLUGIN_WEBSOCKET)",
+        ),
+        (
+            [],
+            {"LINCHKIT_PLUGIN_TLS_CERT": "c.pem"},
+            "serve: LINCHKIT_PLUGIN_TLS_CERT: not used over WebSocket"
+            " (LINCHKIT_PLUGIN_WEBSOCKET), whose server listens on --host/--port",
+        ),
+        (
+            [],
+            {"LINCHKIT_PLUGIN_MAX_BODY_BYTES": "100"},
+            "serve: LINCHKIT_PLUGIN_MAX_BODY_BYTES: not used over WebSocket"
+            " (LINCHKIT_PLUGIN_WEBSOCKET), which applies only",
+        ),
+    ],
+    ids=["registry-flag", "tls-flag", "tls-variable", "limit-variable"],
+)
+def test_serve_over_websocket_by_its_variable_names_the_variable(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    """WebSocket from ``LINCHKIT_PLUGIN_WEBSOCKET``, not the flag: a refusal names the
+    variable, and how to serve over HTTP is to unset it. Before, every one said
+    "(--websocket)", a flag the operator never typed."""
+    done = subprocess.run(
+        serve_command("--port", "0", *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LINCHKIT_PLUGIN_WEBSOCKET": "1", **environment},
+    )
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(said), done.stderr
+    assert "--websocket" not in line, line
+    assert done.returncode == (1 if environment else 2), done.stderr
+    if environment:
+        assert "serve over HTTP (unset LINCHKIT_PLUGIN_WEBSOCKET)" in line, line
+
+
+def test_serve_over_websocket_by_its_flag_and_its_variable_names_the_flag() -> None:
+    """Typed, the flag is what the operator gave, whatever the environment says too."""
+    done = subprocess.run(
+        serve_command("--port", "0", "--websocket", "--register-prefix", "/p"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LINCHKIT_PLUGIN_WEBSOCKET": "1"},
+    )
+    assert_a_usage_error(done, f"argument --register-prefix: {NOT_OVER_WEBSOCKET}")
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,8 @@ from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV
 from linchkit_plugin.tracing import exporting
 
 _ENV = "LINCHKIT_PLUGIN_"
+#: What puts ``serve`` in WebSocket mode without ``--websocket``: "1" or "true".
+_WEBSOCKET_ENV = _ENV + "WEBSOCKET"
 _DEFAULTS = ServerLimits()
 
 #: The levels ``--log-level`` takes, uvicorn's (``trace``: below debug, uvicorn's own). Any
@@ -117,6 +119,23 @@ class _Given(argparse.Action):
     ) -> None:
         setattr(namespace, self.dest, values)
         namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+class _GivenSwitch(_Given):
+    """``store_true``, noting that the command line gave the switch, as ``_Given`` notes an
+    option: a refusal names ``--websocket`` when it was typed, its variable when not."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        super().__call__(parser, namespace, True, option_string)
 
 
 def _number_from(
@@ -247,10 +266,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve.add_argument(
         "--websocket",
-        action="store_true",
-        default=env(_ENV + "WEBSOCKET", "") in ("1", "true"),
+        action=_GivenSwitch,
+        default=env(_WEBSOCKET_ENV, "") in ("1", "true"),
         help="serve over WebSocket instead of HTTP: the dispatcher dials ws://HOST:PORT/"
-        f" (provider: websocket; needs the websocket extra) [{_ENV}WEBSOCKET: 1 or true]",
+        f" (provider: websocket; needs the websocket extra) [{_WEBSOCKET_ENV}: 1 or true]",
     )
     serve.add_argument(
         "--id",
@@ -516,8 +535,9 @@ def _unused_flag(options: argparse.Namespace) -> str | None:
     implementation; the WebSocket server is aiohttp's), the TLS files and ``--uds`` (it
     serves plain ws:// on --host/--port), the limits it does not apply and the registry's
     flags (it registers nowhere). A usage error, as a flag of another command is: the
-    flags named, never their values. An empty flag says "none" over its variable, and is
-    taken.
+    flags named, never their values, and what made it a WebSocket server as it was given
+    (``--websocket``, or ``LINCHKIT_PLUGIN_WEBSOCKET``). An empty flag says "none" over its
+    variable, and is taken.
 
     Their variables are not the command line's: ``LINCHKIT_PLUGIN_HTTP``, ``_HOST`` and
     ``_PORT`` may be set for every run of an image and are not read where they do not
@@ -536,7 +556,7 @@ def _unused_flag(options: argparse.Namespace) -> str | None:
             f"{_arguments(flags)}: not used with a Unix socket ({unix_socket}): the server"
             f" listens on it, not on --host/--port; leave {_them(flags)} out, or {instead}"
         )
-    unused = "not used over WebSocket (--websocket)"
+    unused = f"not used over WebSocket ({_websocket_named(options)})"
     if "http" in given:
         return (
             f"argument --http: {unused}: it picks uvicorn's HTTP implementation, and the"
@@ -565,6 +585,20 @@ def _unused_flag(options: argparse.Namespace) -> str | None:
             f" registry; leave {_them(flags)} out, or serve over HTTP or gRPC to be registered"
         )
     return None
+
+
+def _websocket_named(options: argparse.Namespace) -> str:
+    """What made ``serve`` a WebSocket server, as the operator gave it: the flag when typed,
+    else its variable (a refusal that named ``--websocket`` sent them looking for a flag
+    nobody typed)."""
+    return "--websocket" if "websocket" in options.given else _WEBSOCKET_ENV
+
+
+def _over_http(options: argparse.Namespace) -> str:
+    """How to serve over HTTP instead, undoing what ``_websocket_named`` names."""
+    if "websocket" in options.given:
+        return "serve over HTTP (without --websocket)"
+    return f"serve over HTTP (unset {_WEBSOCKET_ENV})"
 
 
 def _malformed_variable(options: argparse.Namespace) -> str | None:
@@ -613,9 +647,9 @@ def _http_only_variable_refusal(options: argparse.Namespace) -> str | None:
     if not variables:
         return None
     return (
-        f"{', '.join(variables)}: serve --websocket {_PLAIN_WS}; unset {_them(variables)},"
-        " or serve over HTTP (without --websocket) for HTTPS, client certificates or a Unix"
-        " socket"
+        f"{', '.join(variables)}: not used over WebSocket ({_websocket_named(options)}),"
+        f" whose server {_PLAIN_WS}; unset {_them(variables)}, or {_over_http(options)} for"
+        " HTTPS, client certificates or a Unix socket"
     )
 
 
@@ -643,9 +677,9 @@ def _http_limit_variable_refusal(options: argparse.Namespace) -> str | None:
     if not variables:
         return None
     return (
-        f"{', '.join(variables)}: serve --websocket does not apply it (it applies"
-        f" {_LIMITS_IT_APPLIES}); unset {_them(variables)}, or serve over HTTP (without"
-        " --websocket)"
+        f"{', '.join(variables)}: not used over WebSocket ({_websocket_named(options)}),"
+        f" which applies {_LIMITS_IT_APPLIES}; unset {_them(variables)}, or"
+        f" {_over_http(options)}"
     )
 
 
