@@ -89,6 +89,14 @@ def assert_refused_naming(
     assert not any(crash in said for crash in crashes), said
 
 
+def assert_begun_with_the_command(done: subprocess.CompletedProcess[str], command: str) -> None:
+    """The refusal's line begins with the command refused, ``serve: …`` (argparse's
+    ``example_plugin.py serve: error: …`` in Python), as every SDK begins the others of
+    that command: Java's began ``unknown option …`` until 2026-12-06."""
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"{command}: ") or f" {command}: error: " in line, line
+
+
 #: (the arguments after the example plugin, what its refusal must name) of each mistake.
 SERVE_MISTAKES = {
     "unknown option": (["serve", f"--no-such-flag={SECRET}"], "no-such-flag"),
@@ -140,6 +148,7 @@ def test_an_example_plugin_names_what_it_refuses_without_its_text(
     done = refused([str(executable(language)), *arguments])
     assert_refused_naming(done, STATUS.get(language, 1), named)
     assert done.stdout == "", "no handshake line: it must not serve"
+    assert_begun_with_the_command(done, arguments[0])
 
 
 PREFIX = "/linchkit/plugins/example"
@@ -149,7 +158,8 @@ PREFIX = "/linchkit/plugins/example"
 #: dropped. Before, Python's ``serve --websocket`` served past a ``--url`` and its
 #: ``connect`` dialled past an ``--address`` or a ``--websocket``; Go's, Rust's and
 #: TypeScript's ``serve --websocket`` served past every registry flag but
-#: ``--register-etcd``.
+#: ``--register-etcd``. An SDK without a WebSocket server (Java's) refuses
+#: ``--websocket`` itself, by name, whatever comes with it.
 WEBSOCKET_MODE_MISTAKES = {
     "registry etcd": (
         ["serve", "--websocket", f"--register-etcd=http://me:{SECRET}@127.0.0.1:2379"],
@@ -166,6 +176,12 @@ WEBSOCKET_MODE_MISTAKES = {
         "advertise",
     ),
 }
+WITHOUT_A_WEBSOCKET_SERVER = {
+    "websocket with registry etcd": (
+        ["serve", "--websocket", f"--register-etcd=http://me:{SECRET}@127.0.0.1:2379"],
+        "serve: unknown option --websocket",
+    ),
+}
 CONNECT_MODE_MISTAKES = {
     "serve's address": (["connect", "--url", URL, "--address", "127.0.0.1:0"], "address"),
     "serve's port": (["connect", "--url", URL, "--port", "1"], "port"),
@@ -177,6 +193,11 @@ CONNECT_MODE_MISTAKES = {
 @pytest.mark.parametrize(
     ("language", "arguments", "named"),
     _cases("websocket", WEBSOCKET_MODE_MISTAKES, SERVING_WEBSOCKET)
+    + _cases(
+        "no-websocket",
+        WITHOUT_A_WEBSOCKET_SERVER,
+        [language for language in LANGUAGES if language not in SERVING_WEBSOCKET],
+    )
     + _cases("connect", CONNECT_MODE_MISTAKES, DIALLING),
 )
 def test_a_flag_of_another_mode_is_refused_not_dropped(
@@ -185,6 +206,7 @@ def test_a_flag_of_another_mode_is_refused_not_dropped(
     done = refused([str(executable(language)), *arguments])
     assert_refused_naming(done, STATUS.get(language, 1), named)
     assert done.stdout == "", "no handshake line: it must not serve"
+    assert_begun_with_the_command(done, arguments[0])
 
 
 #: Flags of ``dispatcher-plugin serve`` that no example plugin takes, in either of its
@@ -216,6 +238,7 @@ def test_an_example_plugin_refuses_the_flags_only_dispatcher_plugin_takes(
     done = refused([str(executable(language)), *arguments])
     assert_refused_naming(done, STATUS.get(language, 1), named)
     assert done.stdout == "", "no handshake line: it must not serve"
+    assert_begun_with_the_command(done, arguments[0])
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,8 @@ public final class Handshake {
       } else if (setting != null) {
         throw new HandshakeException("serve: " + arg + " needs a value; " + SERVE_USAGE);
       } else {
-        throw new HandshakeException(refused(arg, i + 1) + "; " + SERVE_USAGE);
+        // Begun with the command, as every SDK's serve begins a refusal (and this one its others).
+        throw new HandshakeException("serve: " + refused(arg, i + 1) + "; " + SERVE_USAGE);
       }
     }
     return new Command(ServiceAddress.parse(address), false, registry);
