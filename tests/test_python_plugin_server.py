@@ -757,10 +757,15 @@ def test_serve_websocket_refuses_a_limit_flag_it_would_not_apply(
             {"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES": "100"},
             f"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES: {NOT_OVER_WEBSOCKET}, which applies only",
         ),
-        (["--max-connections", "0"], {}, "max_connections must be at least 1"),
-        (["--header-timeout", "0"], {}, "header_timeout must be a positive number"),
+        (["--max-connections", "0"], {}, "--max-connections must be at least 1, not 0"),
+        (["--header-timeout", "0"], {}, "--header-timeout must be a positive number"),
+        (
+            [],
+            {"LINCHKIT_PLUGIN_MAX_CONNECTIONS": "0"},
+            "LINCHKIT_PLUGIN_MAX_CONNECTIONS must be at least 1, not 0",
+        ),
     ],
-    ids=["compress-variable", "no-connections", "no-time"],
+    ids=["compress-variable", "no-connections", "no-time", "no-connections-variable"],
 )
 def test_serve_websocket_refuses_a_limit_variable_or_a_limit_it_cannot_apply(
     given: list[str], environment: dict[str, str], said: str
@@ -887,6 +892,34 @@ def test_a_number_variable_that_is_none_is_not_read_past_its_flag_or_by_connect(
     )
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("connect: LINCHKIT_REGISTER_ETCD: "), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (["--max-body-bytes", "0"], {}, "--max-body-bytes must be at least 1, not 0"),
+        (["--keep-alive-timeout", "-1"], {}, "--keep-alive-timeout must be a positive number"),
+        (
+            ["--max-batch-items", "5"],
+            {"LINCHKIT_PLUGIN_MAX_BATCH_ITEMS": "5", "LINCHKIT_PLUGIN_BODY_TIMEOUT": "0"},
+            "LINCHKIT_PLUGIN_BODY_TIMEOUT must be a positive number",
+        ),
+    ],
+    ids=["flag", "timeout-flag", "variable"],
+)
+def test_serve_names_a_limit_it_refuses_as_it_was_given(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    """The flag when typed, the variable when it came from the environment. Before, the
+    ``ServerLimits`` field (``max_body_bytes must be at least 1``), typed nowhere."""
+    done = subprocess.run(
+        serve_command("--port", "0", *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert_one_error_line(done, said)
 
 
 async def test_serve_websocket_applies_max_connections_and_header_timeout() -> None:

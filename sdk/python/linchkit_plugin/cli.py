@@ -105,6 +105,10 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
 )
 
 
+#: Each limit's flag, by its ``ServerLimits`` field.
+_LIMIT_FLAGS = {field: option for option, field, _, _ in _LIMIT_OPTIONS}
+
+
 class _Given(argparse.Action):
     """``store``, noting that the command line gave the option (``options.given``, the
     options' ``dest``): a default read from a ``LINCHKIT_PLUGIN_*`` variable is not given,
@@ -425,10 +429,7 @@ def serve(options: argparse.Namespace) -> None:
         )
         if refusal is not None:
             _fail(refusal)
-        try:  # the limits it takes, checked as the HTTP server's are
-            ServerLimits(**{field: getattr(options, field) for field in _WEBSOCKET_LIMITS})
-        except ValueError as error:
-            _fail(str(error))
+        _server_limits(options, _WEBSOCKET_LIMITS)  # the ones it takes, checked as over HTTP
     _check_listening(options)
     if options.websocket:
         _serve_websocket(options)
@@ -437,10 +438,8 @@ def serve(options: argparse.Namespace) -> None:
         from linchkit_plugin._uvicorn import HTTP_IMPLEMENTATIONS, run, server_config
     except ImportError:  # pragma: no cover - depends on the installed extras
         _fail("serving needs uvicorn: pip install 'linchkit-plugin[http]'")
+    limits = _server_limits(options, [field for _, field, _, _ in _LIMIT_OPTIONS])
     try:
-        limits = ServerLimits(
-            **{field: getattr(options, field) for _, field, _, _ in _LIMIT_OPTIONS}
-        )
         token = BearerToken.configured(options.token_file)
         config: Any = orjson.loads(options.config_json)
         plugin_host = PluginHost.load(
@@ -599,6 +598,20 @@ def _over_http(options: argparse.Namespace) -> str:
     if "websocket" in options.given:
         return "serve over HTTP (without --websocket)"
     return f"serve over HTTP (unset {_WEBSOCKET_ENV})"
+
+
+def _server_limits(options: argparse.Namespace, fields: Sequence[str]) -> ServerLimits:
+    """The limits ``fields`` of ``options``, each checked as ``ServerLimits`` checks it, a
+    refusal naming it as it was given: ``--max-connections`` when typed, else
+    ``LINCHKIT_PLUGIN_MAX_CONNECTIONS`` (until 2026-12-06 the field, ``max_connections``,
+    which the operator typed nowhere)."""
+    for field in fields:
+        try:  # one at a time, the others at their defaults: a refusal is this one's
+            ServerLimits(**{field: getattr(options, field)})
+        except ValueError as error:
+            named = _LIMIT_FLAGS[field] if field in options.given else _ENV + field.upper()
+            _fail(f"{named} {str(error).removeprefix(field + ' ')}")
+    return ServerLimits(**{field: getattr(options, field) for field in fields})
 
 
 def _malformed_variable(options: argparse.Namespace) -> str | None:
