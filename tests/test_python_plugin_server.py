@@ -922,6 +922,42 @@ def test_serve_names_a_limit_it_refuses_as_it_was_given(
     assert_one_error_line(done, said)
 
 
+#: A config cut short, its secret never to be shown.
+CUT_CONFIG = '{"password": "s3cr3t-of-the-config"'
+
+
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (["--config", CUT_CONFIG], {}, "serve: --config is not valid JSON"),
+        (["--config", "[1]"], {}, "serve: --config must be a JSON object"),
+        ([], {"LINCHKIT_PLUGIN_CONFIG": CUT_CONFIG}, "serve: LINCHKIT_PLUGIN_CONFIG is not valid"),
+        (
+            ["--websocket", "--config", "null"],
+            {"LINCHKIT_PLUGIN_CONFIG": "{}"},
+            "serve: --config must be a JSON object",
+        ),
+    ],
+    ids=["flag-not-json", "flag-array", "variable-not-json", "websocket-flag-null"],
+)
+def test_serve_names_a_config_it_cannot_use_and_shows_none_of_it(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    """The flag when typed, the variable when it came from the environment, never its
+    text (a config may hold a secret), as every SDK's example plugin names its --config
+    (tests/conformance/test_serve_cli.py). Before: orjson's message alone, naming neither."""
+    done = subprocess.run(
+        serve_command("--port", "0", *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == said or done.stderr.startswith(said), done.stderr
+    assert "s3cr3t" not in done.stderr and done.stdout == ""
+
+
 async def test_serve_websocket_applies_max_connections_and_header_timeout() -> None:
     """``--max-connections`` is the WebSocket server's cap (an upgrade past it is refused
     503) and ``--header-timeout`` the time a connection has for its head. Before, both were

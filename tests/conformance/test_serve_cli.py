@@ -273,6 +273,59 @@ def test_a_variable_refused_is_said_after_the_command(
     assert line.startswith(f"{command}: {refused}"), line
 
 
+#: What each WebSocket mode is given after its command, but --config.
+MODE_ARGUMENTS = {
+    "websocket": ("serve", ["--websocket", "--address", "127.0.0.1:0"]),
+    "inbound": ("connect", ["--url", "ws://127.0.0.1:9/v1/plugins/connect"]),
+}
+DISPATCHER_PLUGIN_ARGUMENTS = {
+    "websocket": ["--websocket", "--port", "0"],
+    "inbound": ["--url", "ws://127.0.0.1:9/v1/plugins/connect", "--id", "e", "--version", "1"],
+}
+SECRET_CONFIG = '{"password": "s3cr3t-of-the-config"'
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        pytest.param(SECRET_CONFIG, "--config is not valid JSON", id="not json"),
+        pytest.param('["a", "b"]', "--config must be a JSON object", id="an array"),
+        pytest.param("null", "--config must be a JSON object", id="null"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("language", "mode"),
+    [
+        *((language, mode) for language in LANGUAGES for mode in WEBSOCKET_MODES.get(language, ())),
+        *((DISPATCHER_PLUGIN, mode) for mode in ("websocket", "inbound")),
+    ],
+)
+def test_a_config_that_is_no_json_object_is_refused_by_name(
+    language: str, mode: str, config: str, said: str
+) -> None:
+    """``--config`` is the JSON object for the init hook: one that is no JSON, or JSON but
+    no object, ends the command in one line naming the flag, never its text (a config may
+    hold a secret). Before 2026-12-06 TypeScript's line did not begin with the command
+    and said "must be a JSON object" of text that was no JSON, Python's quoted its JSON
+    parser and passed an array on to init (whose hooks then crashed), and Go's and Rust's
+    served with an array or null."""
+    command, arguments = MODE_ARGUMENTS[mode]
+    if language == DISPATCHER_PLUGIN:
+        arguments = DISPATCHER_PLUGIN_ARGUMENTS[mode]
+    done = subprocess.run(
+        [*command_line(language, command), *arguments, "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment_with({}),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    line = one_clear_line(done)
+    assert line == f"{command}: {said}", line
+    assert "s3cr3t" not in done.stderr
+
+
 @pytest.mark.parametrize("language", DIALLING)
 async def test_connect_ends_when_the_gateway_closes_the_hello_4403(language: str) -> None:
     """The hello names another id or version than the gateway admitted at the upgrade: it

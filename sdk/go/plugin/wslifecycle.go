@@ -7,6 +7,7 @@ package plugin
 // TypeScript SDKs do in these modes.
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -17,8 +18,8 @@ import (
 // hook; mode names the command in the error of a hook that fails.
 func (p *Plugin) startOwnLifecycle(ctx context.Context, mode, config string) error {
 	raw := json.RawMessage(config)
-	if !json.Valid(raw) {
-		return fmt.Errorf("%s: --config is not valid JSON", mode)
+	if mistake := configMistake(raw); mistake != "" {
+		return fmt.Errorf("%s: %s", mode, mistake)
 	}
 	p.setConfig(raw)
 	if hook := p.onInit; hook != nil {
@@ -52,4 +53,17 @@ func (p *Plugin) stopHooks(hooksCap time.Duration) {
 		}
 	}
 	p.hooksLeft = timeLeft(ctx)
+}
+
+// configMistake says why --config cannot be the init hook's config ("--config is not valid
+// JSON", "--config must be a JSON object", as every SDK says it), or "". Its text is never
+// quoted: a config may hold a secret. An array or null was passed on until 2026-12-06.
+func configMistake(config json.RawMessage) string {
+	if !json.Valid(config) {
+		return "--config is not valid JSON"
+	}
+	if trimmed := bytes.TrimLeft(config, " \t\r\n"); len(trimmed) == 0 || trimmed[0] != '{' {
+		return "--config must be a JSON object"
+	}
+	return ""
 }

@@ -71,8 +71,8 @@ func (p *Plugin) runWebSocketServer(ctx context.Context, env Environment, addres
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
-	if !json.Valid([]byte(config)) {
-		return fmt.Errorf("serve: --config is not valid JSON")
+	if mistake := configMistake(json.RawMessage(config)); mistake != "" {
+		return fmt.Errorf("serve: %s", mistake)
 	}
 	listener, err := net.Listen("tcp", address)
 	if err != nil {

@@ -363,6 +363,15 @@ func TestServeWebSocketRefusesWhatItWouldNotUse(t *testing.T) {
 			args: []string{"serve", "-websocket", "-config", "{region"},
 			want: "serve: --config is not valid JSON",
 		},
+		// Before, served: an array or null was the init hook's config.
+		"a config that is an array": {
+			args: []string{"serve", "-websocket", "-config", " [\"" + serveToken + "\"]"},
+			want: "serve: --config must be a JSON object",
+		},
+		"a config that is null": {
+			args: []string{"serve", "-websocket", "-config", "null"},
+			want: "serve: --config must be a JSON object",
+		},
 		"both token sources": {
 			args: []string{"serve", "-websocket"}, env: map[string]string{EnvToken: serveToken, EnvTokenFile: "/nonexistent"},
 			want: "set either",

@@ -218,6 +218,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve.add_argument(
         "--config",
+        action=_Given,
         dest="config_json",
         default=env(_ENV + "CONFIG", "{}"),
         help=f"JSON object for init() [{_ENV}CONFIG]",
@@ -326,7 +327,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="PATH",
         help=f"the unencrypted private key of --cert-file [{CLIENT_KEY_FILE_ENV}]",
     )
-    connect.add_argument("--config", dest="config_json", default=env(_ENV + "CONFIG", "{}"))
+    connect.add_argument(
+        "--config", action=_Given, dest="config_json", default=env(_ENV + "CONFIG", "{}")
+    )
     connect.add_argument("--path", dest="search_path", default=".")
     limits = serve.add_argument_group("limits (each guards the server against one client)")
     for option, field, kind, what in _LIMIT_OPTIONS:
@@ -340,6 +343,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             help=f"{what} [{variable}] (default: %(default)s)",
         )
     serve.set_defaults(given=frozenset(), malformed=malformed)
+    connect.set_defaults(given=frozenset())
     return parser, serve
 
 
@@ -364,15 +368,31 @@ def _plugin_of(
 ) -> tuple[PluginHost, dict[str, Any], BearerToken | None]:
     try:
         token = BearerToken.configured(options.token_file)
-        config: Any = orjson.loads(options.config_json)
+    except TokenError as error:
+        _fail(str(error), command=options.command)
+    config = _config_of(options)
+    try:
         plugin_host = PluginHost.load(
             options.entrypoint, os.path.abspath(options.search_path), owns_process=True
         )
-    except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
+    except (ProviderError, ValueError) as error:
         _fail(str(error), command=options.command)
-    if not isinstance(config, dict):
-        _fail("--config must be a JSON object", command=options.command)
     return plugin_host, config, token
+
+
+def _config_of(options: argparse.Namespace) -> dict[str, Any]:
+    """The JSON object for ``init()``, named as it was given when it is none: ``--config``
+    when typed, else ``LINCHKIT_PLUGIN_CONFIG``, as every SDK's example plugin names its
+    ``--config``. Its text is never repeated: a config may hold a secret (before
+    2026-12-06 a malformed one was orjson's message alone, naming neither)."""
+    named = "--config" if "config_json" in options.given else _ENV + "CONFIG"
+    try:
+        config = orjson.loads(options.config_json)
+    except orjson.JSONDecodeError:
+        _fail(f"{named} is not valid JSON", command=options.command)
+    if not isinstance(config, dict):
+        _fail(f"{named} must be a JSON object", command=options.command)
+    return config
 
 
 def _websocket_cli(command: str) -> Any:
@@ -439,16 +459,7 @@ def serve(options: argparse.Namespace) -> None:
     except ImportError:  # pragma: no cover - depends on the installed extras
         _fail("serving needs uvicorn: pip install 'linchkit-plugin[http]'")
     limits = _server_limits(options, [field for _, field, _, _ in _LIMIT_OPTIONS])
-    try:
-        token = BearerToken.configured(options.token_file)
-        config: Any = orjson.loads(options.config_json)
-        plugin_host = PluginHost.load(
-            options.entrypoint, os.path.abspath(options.search_path), owns_process=True
-        )
-    except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
-        _fail(str(error))
-    if not isinstance(config, dict):
-        _fail("--config must be a JSON object")
+    plugin_host, config, token = _plugin_of(options)
     # The plugin's own lines as over WebSocket, ``LEVEL name: message`` (uvicorn's loggers
     # print on their own); after its import: a plugin that set up its logging keeps it.
     log_to_stderr()

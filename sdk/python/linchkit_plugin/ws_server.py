@@ -348,10 +348,19 @@ def main(
     log_to_stderr(info_from="linchkit_plugin.websocket" if argv[0] == "connect" else None)
     try:
         token = BearerToken.configured(os.environ.get(TOKEN_FILE_ENV) or None)
-        config = orjson.loads(options.config)
         stop_caps = StopCaps.from_environment()
-    except (TokenError, orjson.JSONDecodeError, ValueError) as error:
+    except (TokenError, ValueError) as error:
         sys.stderr.write(f"{argv[0]}: {error}\n")
+        return 1
+    # Named, its text never repeated (a config may hold a secret), as Go's and Rust's say
+    # it; before 2026-12-06 orjson's message alone, and an array passed on to init().
+    try:
+        config = orjson.loads(options.config)
+    except orjson.JSONDecodeError:
+        sys.stderr.write(f"{argv[0]}: --config is not valid JSON\n")
+        return 1
+    if not isinstance(config, dict):
+        sys.stderr.write(f"{argv[0]}: --config must be a JSON object\n")
         return 1
     host = PluginHost(plugin_class(), owns_process=True)
     if argv[0] == "connect":

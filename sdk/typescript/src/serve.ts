@@ -214,19 +214,24 @@ environment (docs/security.md, docs/observability.md):
  * `hooksMs` at most), send the spans still buffered (`flushSpans`) and exit.
  */
 async function startLifecycle(
+  command: 'serve' | 'connect',
   plugin: Plugin,
   configText: string | undefined,
   hooksMs: number,
   tracing: Tracing | undefined,
   windDown: () => Promise<void>,
 ): Promise<void> {
+  // Begun with the command and its text never quoted (a config may hold a secret), as every
+  // SDK says it; until 2026-12-06 no command, and text that was no JSON "must be a JSON object".
   let config: unknown;
   try {
     config = JSON.parse(configText ?? '{}');
   } catch {
-    throw new HandshakeError('--config must be a JSON object');
+    throw new HandshakeError(`${command}: --config is not valid JSON`);
   }
-  if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new HandshakeError('--config must be a JSON object');
+  if (typeof config !== 'object' || config === null || Array.isArray(config)) {
+    throw new HandshakeError(`${command}: --config must be a JSON object`);
+  }
   await plugin.runPhase('init', config as Record<string, unknown>);
   await plugin.runPhase('start');
   let stopping = false;
@@ -260,7 +265,7 @@ async function connectToGateway(
   const stopping = new AbortController();
   let dialling: Promise<void> = Promise.resolve();
   // A stop: no redial, goaway on the connection; `dial` resolves once the gateway closed it.
-  await startLifecycle(plugin, config, caps.hooksMs, tracing, () => {
+  await startLifecycle('connect', plugin, config, caps.hooksMs, tracing, () => {
     stopping.abort();
     return dialling;
   });
@@ -289,7 +294,7 @@ async function serveOverWebSocket(
 ): Promise<void> {
   const token = BearerToken.configured(env);
   const server = new WebSocketPluginServer(plugin, token, tracing);
-  await startLifecycle(plugin, config, caps.hooksMs, tracing, () => server.close(caps.graceMs)); // a stop: no new connection, goaway on each
+  await startLifecycle('serve', plugin, config, caps.hooksMs, tracing, () => server.close(caps.graceMs)); // a stop: no new connection, goaway on each
   let bound: string;
   try {
     bound = await server.listen(address);

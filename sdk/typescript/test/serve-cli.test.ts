@@ -140,3 +140,20 @@ test('example-plugin serve: a port already taken is one line, exit 1, over gRPC 
     taken.close();
   }
 });
+
+test('example-plugin serve --websocket and connect: a --config that is no JSON object is one line naming it, never its text', () => {
+  // Until 2026-12-06 the line did not begin with the command, and text that was no JSON was
+  // said to be no object.
+  const secret = '{"password": "s3cr3t-of-the-config"';
+  for (const [command, args] of [
+    ['serve', ['--websocket', '--address', '127.0.0.1:0']],
+    ['connect', ['--url', 'ws://127.0.0.1:9/v1/plugins/connect']],
+  ] as const) {
+    const notJson = runPlugin(command, ...args, '--config', secret);
+    assert.equal(assertOneLineFailure(notJson), `${command}: --config is not valid JSON`);
+    assert.ok(!notJson.stderr.includes('s3cr3t'), notJson.stderr);
+    for (const config of ['[1]', 'null']) {
+      assert.equal(assertOneLineFailure(runPlugin(command, ...args, '--config', config)), `${command}: --config must be a JSON object`);
+    }
+  }
+});

@@ -158,6 +158,11 @@ pub(crate) async fn run(
     if serde_json::from_str::<serde::de::IgnoredAny>(config).is_err() {
         return Err(failed("--config is not valid JSON".into()));
     }
+    // The init hook's config is an object, as every SDK says: until 2026-12-06 an array or
+    // null was passed on. Its text is never quoted (a config may hold a secret).
+    if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(config).is_err() {
+        return Err(failed("--config must be a JSON object".into()));
+    }
     let config = Json::raw(config.as_bytes());
     let tracer = Tracer::from_vars(var, &plugin.id, &plugin.version).unwrap_or_else(|err| {
         crate::log::warn(&format!("serving without tracing: {err}"));
@@ -558,7 +563,7 @@ mod tests {
     async fn what_cannot_run_is_refused_in_one_line_before_serving() {
         /// Arguments, variables, and how the one line starts.
         type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-        let cases: [Case; 8] = [
+        let cases: [Case; 10] = [
             (
                 &["connect", "--url", "ws://127.0.0.1:9/"],
                 &[("LINCHKIT_REGISTER_ETCD", "http://e:2379")],
@@ -599,6 +604,16 @@ mod tests {
                 &["serve", "--websocket", "--config", "{nope"],
                 &[],
                 "serve: --config is not valid JSON",
+            ),
+            (
+                &["serve", "--websocket", "--config", " [\"SECRET\"]"],
+                &[],
+                "serve: --config must be a JSON object",
+            ),
+            (
+                &["connect", "--url", "ws://127.0.0.1:9/", "--config", "null"],
+                &[],
+                "connect: --config must be a JSON object",
             ),
             (
                 &["connect", "--url", "ws://127.0.0.1:9/"],
