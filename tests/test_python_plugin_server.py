@@ -922,6 +922,31 @@ def test_serve_names_a_limit_it_refuses_as_it_was_given(
     assert_one_error_line(done, said)
 
 
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (["--port", "99999"], {}, "--port must be in 0-65535 (0: any free port), not 99999"),
+        ([], {"LINCHKIT_PLUGIN_PORT": "70000"}, "LINCHKIT_PLUGIN_PORT must be in 0-65535"),
+        (["--host", " "], {}, "--host is empty"),
+        ([], {"LINCHKIT_PLUGIN_HOST": " "}, "LINCHKIT_PLUGIN_HOST is empty"),
+    ],
+    ids=["port-flag", "port-variable", "host-flag", "host-variable"],
+)
+def test_serve_names_where_it_cannot_listen_as_it_was_given(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    """Before, ``--port`` and ``--host`` whichever gave them: an operator who set only the
+    variable looked for a flag on a command line that had none."""
+    done = subprocess.run(
+        serve_command(*given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert_one_error_line(done, said)
+
+
 #: A config cut short, its secret never to be shown.
 CUT_CONFIG = '{"password": "s3cr3t-of-the-config"'
 

@@ -713,10 +713,13 @@ def _check_listening(options: argparse.Namespace) -> None:
     if options.uds:
         _try_unix_socket(options.uds)
         return
+    # Named as given: the flag when typed, else the variable (the docker provider sets them).
+    port = "--port" if "port" in options.given else _ENV + "PORT"
+    host = "--host" if "host" in options.given else _ENV + "HOST"
     if not 0 <= options.port <= 65535:
-        _fail(f"--port must be in 0-65535 (0: any free port), not {options.port}")
+        _fail(f"{port} must be in 0-65535 (0: any free port), not {options.port}")
     if not options.host.strip():
-        _fail("--host is empty: name the interface (127.0.0.1; 0.0.0.0 or :: for every one)")
+        _fail(f"{host} is empty: name the interface (127.0.0.1; 0.0.0.0 or :: for every one)")
     try:
         found = socket.getaddrinfo(options.host, options.port, type=socket.SOCK_STREAM)
         if options.port:
