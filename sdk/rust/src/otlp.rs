@@ -66,8 +66,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::tracing::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
-
 // -- the OTLP messages ------------------------------------------------------------------
 
 /// `opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest`.
@@ -208,6 +206,10 @@ pub(crate) fn attribute(key: &str, value: &str) -> KeyValue {
 
 // -- settings -----------------------------------------------------------------------------
 
+/// Where spans go: the general endpoint (`/v1/traces` appended) or the traces one as it is
+/// (`crate::tracing` reads them to know whether to trace at all).
+pub(crate) const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub(crate) const ENV_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const ENV_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 const ENV_BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
 const ENV_BSP_MAX_QUEUE_SIZE: &str = "OTEL_BSP_MAX_QUEUE_SIZE";

@@ -21,13 +21,14 @@ use tonic::transport::Server;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::late_streams::LateStreams;
+use crate::otlp::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 use crate::pb::plugin_service_server::PluginServiceServer;
 use crate::registry::settings::{self as registry_settings, RegistryConfig};
 use crate::registry::{Registered, Registration};
 use crate::service::{Service, Shared};
 use crate::size_status::SizeStatus;
 use crate::stop::{StopCaps, ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
-use crate::tracing::{Tracer, ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
+use crate::tracing::Tracer;
 use crate::{tls, Plugin, PROTOCOL_VERSION};
 
 pub const ENV_MAGIC_COOKIE: &str = "LINCHKIT_PLUGIN_MAGIC_COOKIE";

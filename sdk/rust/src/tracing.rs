@@ -28,12 +28,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::SecureRandom;
 
-use crate::otlp::{self, Pipeline};
+use crate::otlp::{self, Pipeline, ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 use crate::sampler::Sampler;
 use crate::{Call, Error};
 
-pub(crate) const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
-pub(crate) const ENV_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 const ENV_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 

@@ -11,10 +11,10 @@
 
 use super::client_tls::{TlsFlags, ENV_CLIENT_CERT, ENV_CLIENT_KEY, ENV_GATEWAY_CA};
 use crate::auth::{ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::otlp::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 use crate::registry::settings as registry_settings;
 use crate::serve::{check_address, program_name, refused, ServeError, DEFAULT_ADDRESS};
 use crate::stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
-use crate::tracing::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 
 const SERVE_USAGE: &str = "serve --websocket [--address HOST:PORT] [--config JSON] [--help]";
 const CONNECT_USAGE: &str = "connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] \
