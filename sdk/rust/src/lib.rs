@@ -19,6 +19,7 @@
 //! `CallReply.error`. A method that panics answers a `PluginError`; the plugin goes on.
 
 mod auth;
+mod command_line;
 mod error;
 mod events;
 mod hosts;
@@ -26,6 +27,7 @@ mod late_streams;
 mod log;
 mod otlp;
 mod params;
+mod process;
 mod registry;
 mod sampler;
 mod serve;
@@ -49,7 +51,7 @@ use tokio::time::Instant;
 pub use auth::{ENV_TOKEN, ENV_TOKEN_FILE};
 pub use error::{types, Error};
 pub use events::Emitter;
-pub use serve::{Environment, ServeError};
+pub use process::{Environment, ServeError};
 pub use stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 
 /// The protocol's generated types and gRPC service (package `linchkit.plugin.v1`).

@@ -1,8 +1,6 @@
 //! Serving a plugin: the subprocess handshake (docs/protocol.md, "Subprocess plugins: the
 //! handshake") and the service mode (`serve --address 127.0.0.1:0`).
 
-use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -20,9 +18,11 @@ use tonic::transport::server::{Connected, Router};
 use tonic::transport::Server;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::command_line::{check_address, program_name, refused, DEFAULT_ADDRESS};
 use crate::late_streams::LateStreams;
 use crate::otlp::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 use crate::pb::plugin_service_server::PluginServiceServer;
+use crate::process::{Environment, ServeError, CORE_VERSION};
 use crate::registry::settings::{self as registry_settings, RegistryConfig};
 use crate::registry::{Registered, Registration};
 use crate::service::{Service, Shared};
@@ -37,9 +37,6 @@ pub const ENV_PROTOCOL_VERSIONS: &str = "LINCHKIT_PLUGIN_PROTOCOL_VERSIONS";
 pub const ENV_NETWORK: &str = "LINCHKIT_PLUGIN_NETWORK";
 pub const ENV_SOCKET_DIR: &str = "LINCHKIT_PLUGIN_SOCKET_DIR";
 
-/// The version of the handshake line's format.
-pub const CORE_VERSION: u32 = 1;
-
 /// The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
 /// Events), decompressed: 64 MiB, the dispatcher's own limit (its channel's
 /// `grpc.max_receive_message_length` and `grpc.max_send_message_length`), not tonic's
@@ -48,66 +45,8 @@ pub const CORE_VERSION: u32 = 1;
 /// OUT_OF_RANGE, which the dispatcher reads by its words.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Why a plugin could not serve.
-#[derive(Debug)]
-pub enum ServeError {
-    /// Run without the handshake environment and without `serve`.
-    NotLaunchedByHost,
-    Failed(String),
-}
-
-impl fmt::Display for ServeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ServeError::NotLaunchedByHost => f.write_str(
-                "this is a LinchKit dispatcher plugin: the dispatcher starts it as a subprocess; \
-                 to run it by hand as a gRPC service use `serve --address 127.0.0.1:0`",
-            ),
-            ServeError::Failed(message) => f.write_str(message),
-        }
-    }
-}
-
-impl std::error::Error for ServeError {}
-
 fn failed(context: &str) -> impl FnOnce(io::Error) -> ServeError + '_ {
     move |err| ServeError::Failed(format!("{context}: {err}"))
-}
-
-/// What [`Plugin::run`] reads from the process; tests pass their own.
-pub struct Environment {
-    pub args: Vec<String>,
-    pub vars: HashMap<String, String>,
-    pub stdin: Box<dyn AsyncRead + Send + Unpin>,
-    pub stdout: Box<dyn AsyncWrite + Send + Unpin>,
-}
-
-impl Environment {
-    /// This process's arguments (without the program name), variables, stdin and stdout.
-    pub fn from_process() -> Self {
-        Environment {
-            args: std::env::args().skip(1).collect(),
-            vars: std::env::vars().collect(),
-            stdin: Box::new(tokio::io::stdin()),
-            stdout: Box::new(tokio::io::stdout()),
-        }
-    }
-
-    fn var(&self, name: &str) -> &str {
-        self.vars.get(name).map(String::as_str).unwrap_or("")
-    }
-
-    /// The tracer the OTEL_* variables ask for (`crate::tracing`), or none. Settings it
-    /// cannot use leave the plugin serving untraced, with a warning: tracing is an aid,
-    /// not the plugin's job.
-    fn tracer(&self, plugin: &Plugin) -> Option<Tracer> {
-        Tracer::from_vars(|name| self.var(name), &plugin.id, &plugin.version).unwrap_or_else(
-            |err| {
-                crate::log::warn(&format!("serving without tracing: {err}"));
-                None
-            },
-        )
-    }
 }
 
 impl Plugin {
@@ -174,7 +113,7 @@ impl Plugin {
                      anybody who can reach {bound} can call this plugin"
                 ));
             }
-            let tracer = env.tracer(&self);
+            let tracer = tracer(&env, &self);
             let (shared, router) = build(self, true, token, tracer).await;
             write_line(
                 &mut env.stdout,
@@ -213,7 +152,7 @@ impl Plugin {
         };
         let socket_dir = env.var(ENV_SOCKET_DIR).to_string();
         // No token here: AutoMTLS already admits only the host that launched us.
-        let tracer = env.tracer(&self);
+        let tracer = tracer(&env, &self);
         let (shared, router) = build(self, false, None, tracer).await;
 
         // The host holds our stdin's write end: end-of-file means it is gone, however it died.
@@ -283,6 +222,16 @@ impl Plugin {
             ))),
         }
     }
+}
+
+/// The tracer the OTEL_* variables ask for (`crate::tracing`), or none. Settings it
+/// cannot use leave the plugin serving untraced, with a warning: tracing is an aid, not
+/// the plugin's job.
+fn tracer(env: &Environment, plugin: &Plugin) -> Option<Tracer> {
+    Tracer::from_vars(|name| env.var(name), &plugin.id, &plugin.version).unwrap_or_else(|err| {
+        crate::log::warn(&format!("serving without tracing: {err}"));
+        None
+    })
 }
 
 /// The encoded descriptors of proto/plugin.proto (build.rs), for server reflection.
@@ -517,9 +466,6 @@ pub(crate) fn negotiate_version(offered: &str) -> Result<u32, String> {
     })
 }
 
-/// The address `serve` listens on when not told otherwise: loopback only, any free port.
-pub(crate) const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
-
 /// What `serve --help` prints on stdout. In service mode the plugin reads the token and
 /// the stop's caps from its environment; the handshake variables
 /// (LINCHKIT_PLUGIN_MAGIC_COOKIE, LINCHKIT_PLUGIN_CLIENT_CERT, ...) belong to subprocess
@@ -554,18 +500,6 @@ environment (docs/protocol.md, \"Authentication (service mode)\"):
         program = program_name(),
         registry = registry_settings::help(),
     )
-}
-
-/// This executable's file name, so the usage line reads as the operator typed it.
-pub(crate) fn program_name() -> String {
-    std::env::args_os()
-        .next()
-        .map(PathBuf::from)
-        .and_then(|path| {
-            path.file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "plugin".to_string())
 }
 
 async fn write_help(stdout: &mut (dyn AsyncWrite + Send + Unpin)) -> Result<(), ServeError> {
@@ -631,59 +565,6 @@ fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
     }
     check_address(&address)?;
     Ok(ServeRequest::Listen { address, registry })
-}
-
-/// What a refusal says of `arg`, the `position`-th argument (as the shell counts `$1`,
-/// `$2`): an option by its name, never its value; one given with a single dash, and
-/// anything else, by its place, never its text. A command line can carry a secret where
-/// an operator slipped (a mistyped `--register-etcd-pasword=…`, a token pasted as an
-/// argument, or after a dash: a token may begin with one), and the message goes to stderr
-/// and on to the logs.
-pub(crate) fn refused(arg: &str, position: usize) -> String {
-    match arg.split_once('=') {
-        _ if !arg.starts_with('-') || arg == "-" => {
-            format!("unexpected argument #{position} (its text is not shown)")
-        }
-        _ if !arg.starts_with("--") => {
-            format!("unknown option (argument #{position}, its text is not shown)")
-        }
-        Some((name, _)) => format!("unknown option {name} (its value is not shown)"),
-        None => format!("unknown option {arg}"),
-    }
-}
-
-/// Refuses a mistyped address before listening: left to the resolver, an empty host would
-/// listen on every interface and `::1:50051` would fail with a message naming neither the
-/// flag nor the expected form.
-pub(crate) fn check_address(address: &str) -> Result<(), ServeError> {
-    let well_formed = address
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| is_host(host) && is_port(port));
-    if well_formed {
-        return Ok(());
-    }
-    Err(ServeError::Failed(format!(
-        "serve: --address must be host:port with a port in 0-65535 \
-         (e.g. 127.0.0.1:50051), not '{address}'"
-    )))
-}
-
-/// A name or an IPv4 address, or an IPv6 address in brackets (unbracketed, its colons
-/// would be taken for the port's).
-fn is_host(host: &str) -> bool {
-    match host
-        .strip_prefix('[')
-        .and_then(|rest| rest.strip_suffix(']'))
-    {
-        Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => !host.is_empty() && !host.contains([':', '[', ']']),
-    }
-}
-
-/// Decimal digits only: `u16::from_str` would also take `+80`, and names like `http` are
-/// not ports here.
-fn is_port(port: &str) -> bool {
-    !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
 }
 
 fn socket_path(dir: &str) -> PathBuf {

@@ -11,9 +11,10 @@
 
 use super::client_tls::{TlsFlags, ENV_CLIENT_CERT, ENV_CLIENT_KEY, ENV_GATEWAY_CA};
 use crate::auth::{ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::command_line::{check_address, program_name, refused, DEFAULT_ADDRESS};
 use crate::otlp::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
+use crate::process::ServeError;
 use crate::registry::settings as registry_settings;
-use crate::serve::{check_address, program_name, refused, ServeError, DEFAULT_ADDRESS};
 use crate::stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 
 const SERVE_USAGE: &str = "serve --websocket [--address HOST:PORT] [--config JSON] [--help]";

@@ -43,8 +43,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::process::{Environment, ServeError, CORE_VERSION};
 use crate::registry::settings::{self as registry_settings, RegistryConfig};
-use crate::serve::{Environment, ServeError};
 use crate::service::Shared;
 use crate::stop::StopCaps;
 use crate::tracing::Tracer;
@@ -189,7 +189,7 @@ pub(crate) async fn run(
             core.open(config).await.map_err(failed)?;
             let line = format!(
                 "{}|{}|tcp|{bound}|websocket|\n",
-                crate::serve::CORE_VERSION,
+                CORE_VERSION,
                 crate::PROTOCOL_VERSION
             );
             let written = async {
