@@ -19,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsConnector;
 
-use super::cli::GatewayUrl;
+use super::gateway_url::GatewayUrl;
 
 pub(crate) const ENV_GATEWAY_CA: &str = "LINCHKIT_PLUGIN_GATEWAY_CA";
 /// A path here; a subprocess plugin's AutoMTLS reads the same name as the host's

@@ -19,8 +19,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::cli::GatewayUrl;
 use super::frames::Role;
+use super::gateway_url::GatewayUrl;
 use super::handshake::{self, Answer};
 use super::server::{read_head, HeadError};
 use super::session::{self, Opened, Socket, Stopping};

@@ -28,6 +28,7 @@ mod cli;
 mod client_tls;
 mod dial;
 mod frames;
+mod gateway_url;
 mod handshake;
 mod protocol;
 mod server;
