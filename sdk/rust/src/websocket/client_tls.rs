@@ -11,9 +11,10 @@
 //! A flag wins over its variable; an empty variable counts as unset. Every file is read and
 //! checked before the plugin dials, a refusal naming the flag (or the variable it came
 //! from) and the file, never what it holds: neither a key's bytes nor a PEM parser's
-//! message (which may quote a line of the file) is shown.
+//! message (which may quote a line of the file) is shown. Without any file, a `wss://`
+//! gateway is verified by the system's roots ([`system_connector`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -104,7 +105,7 @@ fn reason(err: &std::io::Error) -> String {
 }
 
 /// The TLS client `connect` dials `url` with: `None` when no file is given (a `wss://`
-/// gateway is then verified by the system's roots, `dial`'s own connector); the files'
+/// gateway is then verified by the system's roots, [`system_connector`]); the files'
 /// otherwise, each checked. `var` reads the environment.
 pub(crate) fn connector(
     url: &GatewayUrl,
@@ -137,7 +138,7 @@ pub(crate) fn connector(
             }
             roots
         }
-        None => super::dial::system_roots()?,
+        None => system_roots()?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -197,6 +198,41 @@ fn private_key(key: &Setting) -> Result<PrivateKeyDer<'static>, String> {
             key.name, key.value
         )
     })
+}
+
+/// The TLS client of a `wss` gateway `connect` was given no file for, checked by the
+/// system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` name others instead:
+/// rustls-native-certs); made once.
+pub(crate) fn system_connector() -> Result<TlsConnector, String> {
+    static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let roots = system_roots()?;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|err| format!("TLS: {err}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(TlsConnector::from(Arc::new(config)))
+        })
+        .clone()
+}
+
+/// The system's root certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` name others instead:
+/// rustls-native-certs), for a `wss` gateway `connect` was given no `--ca-file` for.
+fn system_roots() -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert); // one the system trusts but rustls cannot read
+    }
+    if roots.is_empty() {
+        return Err(
+            "no root certificate to check a wss:// gateway with: the system has none".into(),
+        );
+    }
+    Ok(roots)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::client_tls;
 use super::frames::Role;
 use super::gateway_url::GatewayUrl;
 use super::handshake::{self, Answer};
@@ -163,7 +164,7 @@ async fn open(
                 .map_err(|_| Failed::Again("the URL's host is no TLS server name".into()))?;
             let connector = match tls {
                 Some(connector) => connector.clone(),
-                None => connector().map_err(Failed::Again)?,
+                None => client_tls::system_connector().map_err(Failed::Again)?,
             };
             let tls = connector
                 .connect(name, tcp)
@@ -312,40 +313,6 @@ fn utc_date(seconds: u64) -> String {
         time % 3_600 / 60,
         time % 60
     )
-}
-
-/// The TLS client of a `wss` gateway, checked by the system's roots (`SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` name others instead: rustls-native-certs); made once.
-fn connector() -> Result<TlsConnector, String> {
-    static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            let roots = system_roots()?;
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|err| format!("TLS: {err}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(TlsConnector::from(Arc::new(config)))
-        })
-        .clone()
-}
-
-/// The system's root certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` name others instead:
-/// rustls-native-certs), for a `wss` gateway `connect` was given no `--ca-file` for.
-pub(crate) fn system_roots() -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert); // one the system trusts but rustls cannot read
-    }
-    if roots.is_empty() {
-        return Err(
-            "no root certificate to check a wss:// gateway with: the system has none".into(),
-        );
-    }
-    Ok(roots)
 }
 
 #[cfg(test)]
