@@ -23,9 +23,9 @@ use super::client_tls;
 use super::frames::Role;
 use super::gateway_url::GatewayUrl;
 use super::handshake::{self, Answer};
+use super::served::Core;
 use super::server::{read_head, HeadError};
 use super::session::{self, Opened, Socket, Stopping};
-use super::Core;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);

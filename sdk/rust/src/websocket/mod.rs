@@ -12,7 +12,7 @@
 //! Either way the plugin runs its own lifecycle: the init and start hooks with `--config`
 //! before it serves, the stop and destroy hooks after the drain, within the stop's caps
 //! (`LINCHKIT_PLUGIN_STOP_GRACE_MS`, `_STOP_HOOKS_MS`), then the spans still buffered.
-//! Calls run through the gRPC binding's [`Shared`], so params, deadlines, errors and
+//! Calls run through the gRPC binding's [`Shared`](crate::service::Shared), so params, deadlines, errors and
 //! spans (`linchkit.plugin/<method>`) read the same on both bindings. Neither mode is
 //! registered in etcd (no dispatcher finds a WebSocket plugin in a registry):
 //! `LINCHKIT_REGISTER_ETCD` set (or `serve --websocket --register-etcd URL`, or any other
@@ -31,12 +31,11 @@ mod frames;
 mod gateway_url;
 mod handshake;
 mod protocol;
+mod served;
 mod server;
 mod session;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -46,63 +45,16 @@ use tokio::time::Instant;
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::process::{Environment, ServeError, CORE_VERSION};
 use crate::registry::settings::{self as registry_settings, RegistryConfig};
-use crate::service::Shared;
 use crate::stop::StopCaps;
 use crate::tracing::Tracer;
 use crate::{Json, Plugin};
 
 pub(crate) use cli::asked_for;
 use cli::Command;
+use served::Core;
 
 /// What asks a plugin to register in etcd; the WebSocket modes refuse it.
 const ENV_REGISTER_ETCD: &str = registry_settings::ENV_REGISTER_ETCD;
-
-/// The plugin as every connection serves it.
-pub(crate) struct Core {
-    pub(crate) shared: Arc<Shared>,
-    /// The `hello` every connection opens with.
-    pub(crate) hello: Vec<u8>,
-    /// What `health` answers: serving once started, not once stopping.
-    serving: AtomicBool,
-}
-
-impl Core {
-    async fn new(plugin: Plugin, tracer: Option<Tracer>) -> Arc<Core> {
-        // No gRPC health service here: `health` frames answer from `serving`.
-        let (health, _) = tonic_health::server::health_reporter();
-        let shared = Shared::new(plugin, health, false, tracer).await;
-        let (id, version) = shared.identity();
-        let (methods, streaming) = shared.method_names();
-        let hello = protocol::hello(id, version, &methods, &streaming);
-        Arc::new(Core {
-            shared,
-            hello,
-            serving: AtomicBool::new(false),
-        })
-    }
-
-    /// Runs the init and start hooks with `config`.
-    async fn open(&self, config: Json) -> Result<(), String> {
-        self.shared.open(config).await?;
-        self.serving.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-
-    pub(crate) fn serving(&self) -> bool {
-        self.serving.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn stop_serving(&self) {
-        self.serving.store(false, Ordering::SeqCst);
-    }
-
-    #[cfg(test)]
-    pub(crate) async fn ready(plugin: Plugin) -> Arc<Core> {
-        let core = Core::new(plugin, None).await;
-        core.open(Json::raw("{}")).await.expect("the hooks run");
-        core
-    }
-}
 
 /// Runs the WebSocket mode `env.args` ask for ([`asked_for`]) until `shutdown`.
 pub(crate) async fn run(
@@ -270,7 +222,8 @@ mod tests {
     //! host written here from the SDK's own frames.
 
     use std::collections::HashMap;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use serde_json::{json, Value};

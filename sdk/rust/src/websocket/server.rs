@@ -32,8 +32,8 @@ use tokio::time::Instant;
 
 use super::frames::Role;
 use super::handshake::{self, Refusal, Request};
+use super::served::Core;
 use super::session::{self, Opened, Stopping};
-use super::Core;
 use crate::auth::BearerToken;
 use crate::types;
 

@@ -29,7 +29,7 @@ use tokio_stream::StreamExt;
 
 use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
 use super::protocol::{self, Frame, FrameError};
-use super::Core;
+use super::served::Core;
 use crate::service::{run_streamed, within};
 use crate::{pb, types, Error, Json};
 
