@@ -54,7 +54,7 @@ impl Error {
     pub fn method_not_found(method: &str) -> Self {
         Error::new(
             types::METHOD_NOT_FOUND,
-            format!("plugin has no method {}", crate::params::shown_name(method)),
+            format!("plugin has no method {}", shown_name(method)),
         )
     }
 
@@ -100,3 +100,27 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// A caller's method name as an error message shows it: quoted (a NUL or a newline
+/// escaped) and cut to 64 bytes, so a 10,000-character name is not sent back whole.
+pub(crate) fn shown_name(name: &str) -> String {
+    if name.len() <= 64 {
+        return format!("{name:?}");
+    }
+    let mut cut = 64;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}…", &name[..cut])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_name_is_cut() {
+        assert!(shown_name(&"é".repeat(10_000)).len() < 80);
+        assert_eq!(shown_name("a\0\nb"), r#""a\0\nb""#);
+    }
+}

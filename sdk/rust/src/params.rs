@@ -102,19 +102,6 @@ fn hex4(raw: &[u8], i: usize) -> Option<u32> {
     u32::from_str_radix(digits, 16).ok()
 }
 
-/// A caller's method name as an error message shows it: quoted (a NUL or a newline
-/// escaped) and cut to 64 bytes, so a 10,000-character name is not sent back whole.
-pub fn shown_name(name: &str) -> String {
-    if name.len() <= 64 {
-        return format!("{name:?}");
-    }
-    let mut cut = 64;
-    while !name.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{:?}…", &name[..cut])
-}
-
 /// What a JSON value is, as a message says it: "an object", "an array", "a string",
 /// "a number", "a boolean" or "null" (Java's words, and TypeScript's).
 fn json_kind(value: &[u8]) -> &'static str {
@@ -657,11 +644,5 @@ mod tests {
         assert!(path.len() < 110 && path.ends_with('…'), "{path}");
         assert_eq!(shown_value(value), "a string");
         assert!(shown_value("9".repeat(300).as_bytes()).len() < 50);
-    }
-
-    #[test]
-    fn a_long_name_is_cut() {
-        assert!(shown_name(&"é".repeat(10_000)).len() < 80);
-        assert_eq!(shown_name("a\0\nb"), r#""a\0\nb""#);
     }
 }

@@ -186,7 +186,7 @@ impl Shared {
             format!(
                 "plugin {} has no method {}; it has: {known}",
                 self.id,
-                crate::params::shown_name(name)
+                crate::error::shown_name(name)
             ),
         )
     }
@@ -704,7 +704,7 @@ impl Shared {
             if std::panic::catch_unwind(run).is_err() {
                 crate::log::error(&format!(
                     "the handler of host event {} panicked; the connection goes on",
-                    crate::params::shown_name(name)
+                    crate::error::shown_name(name)
                 ));
             }
         }

@@ -414,7 +414,7 @@ impl Session {
             }
             Frame::Welcome => self.ended.welcomed = true,
             Frame::Unknown { kind, id } => {
-                let message = format!("unknown frame type {}", crate::params::shown_name(&kind));
+                let message = format!("unknown frame type {}", crate::error::shown_name(&kind));
                 self.send(protocol::error(id, &message)).await;
             }
             // The host could not use a frame of ours (one that predates `goaway` says so of
@@ -555,7 +555,7 @@ async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>) {
             if !std::mem::replace(&mut told, true) {
                 crate::log::warn(&format!(
                     "event {} not sent: its data {why}",
-                    crate::params::shown_name(&event.name)
+                    crate::error::shown_name(&event.name)
                 ));
             }
             continue;
