@@ -23,6 +23,7 @@ mod command_line;
 mod error;
 mod events;
 mod hosts;
+mod json;
 mod late_streams;
 mod log;
 mod otlp;
@@ -44,13 +45,13 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub use auth::{ENV_TOKEN, ENV_TOKEN_FILE};
 pub use error::{types, Error};
 pub use events::Emitter;
+pub use json::Json;
 pub use process::{Environment, ServeError};
 pub use stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 
@@ -64,55 +65,6 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The health service name of the plugin service.
 pub const SERVICE_NAME: &str = "linchkit.plugin.v1.PluginService";
-
-/// UTF-8 JSON text: params, results, chunks, config and event data travel as JSON bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Json(Vec<u8>);
-
-impl Json {
-    /// JSON text taken as it is (not checked).
-    pub fn raw(bytes: impl Into<Vec<u8>>) -> Self {
-        Json(bytes.into())
-    }
-
-    /// Encodes a value.
-    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
-        serde_json::to_vec(value).map(Json).map_err(|err| {
-            Error::new(
-                types::PLUGIN_ERROR,
-                format!("value is not JSON-encodable: {err}"),
-            )
-        })
-    }
-
-    /// Decodes into a value.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_slice(&self.0)
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.0
-    }
-
-    /// Empty bytes on the wire mean JSON `null`.
-    pub(crate) fn from_wire(bytes: Vec<u8>) -> Self {
-        if bytes.is_empty() {
-            Json::raw("null")
-        } else {
-            Json(bytes)
-        }
-    }
-}
-
-impl From<serde_json::Value> for Json {
-    fn from(value: serde_json::Value) -> Self {
-        Json(value.to_string().into_bytes())
-    }
-}
 
 /// One invocation of a method: its params and the context the host sent.
 pub struct Call {
