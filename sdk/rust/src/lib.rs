@@ -17,6 +17,32 @@
 //!
 //! A method fails with an [`Error`] (type, message, retryable, details), answered inside
 //! `CallReply.error`. A method that panics answers a `PluginError`; the plugin goes on.
+//!
+//! ## How the crate is layered
+//!
+//! The modules from the top down. A module uses only modules on the lines below its own,
+//! never one above it or beside it on its line, so no two modules use each other:
+//!
+//! 1. `serve`: [`Plugin::serve`] and [`Plugin::run`], the subprocess handshake and the
+//!    gRPC `serve`; `connect` and `serve --websocket` go to `websocket`.
+//! 2. `websocket`: the WebSocket binding, both modes (its parts, top down, in its docs).
+//! 3. `command_line`: what the `serve` and `connect` command lines share (the program's
+//!    name, the default address and its check, a refused argument's words) | `registry`:
+//!    the gRPC service's etcd registration (`registry::gateway` over `registry::settings`).
+//! 4. `service`: the plugin service both bindings call through: calls, hooks, the
+//!    `Events` streams, the stop.
+//! 5. `tracing`: a call's span.
+//! 6. This file's types: [`Plugin`], [`Call`], [`ChunkSender`], [`PROTOCOL_VERSION`].
+//! 7. `events`: plugin events to the hosts' streams | `otlp`: the span exporter and its
+//!    settings | `sampler` | `hosts`: the hosts attached | `size_status` | `late_streams` |
+//!    `tls`: AutoMTLS | `auth`: the bearer token | `stop`: the stop's caps | `process`: what
+//!    the process gives the plugin ([`Environment`]) and why it cannot serve
+//!    ([`ServeError`]).
+//! 8. `json`: [`Json`] | `params`: the params' checks and decoding.
+//! 9. `error`: the [`Error`] a method answers with.
+//! 10. `log`: the SDK's lines on stderr | `pb`: the protocol's generated code.
+//!
+//! This file also re-exports the public API from the modules that define it.
 
 mod auth;
 mod command_line;

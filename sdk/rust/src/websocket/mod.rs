@@ -19,10 +19,19 @@
 //! registry flag given a value) is refused at start, as the Go and Python SDKs refuse it;
 //! only the gRPC `serve` registers (`crate::registry`).
 //!
-//! Where the parts live: the command lines in `cli`, the frames and permessage-deflate in
-//! `frames` and the upgrade in `handshake` (neither does I/O), the protocol's frames in
-//! `protocol`, one connection in `session`, the listener in `server`, the dialling in
-//! `dial`.
+//! The parts, from the top down (each uses only parts on the lines below its own):
+//!
+//! 1. this file: [`run`], a mode from its command line to its stop.
+//! 2. `cli`: the command lines | `dial`: `connect`'s dialling, again after every drop.
+//! 3. `server`: the listener of `serve --websocket` (its reading of an HTTP head serves
+//!    `dial` too).
+//! 4. `client_tls`: the TLS client `connect` dials `wss://` with | `session`: one open
+//!    connection, whichever side dialled.
+//! 5. `served`: the plugin as every connection serves it ([`Core`](served::Core)).
+//! 6. `protocol`: the protocol's frames | `handshake`: the upgrade | `gateway_url`: a
+//!    gateway's URL, and how a line shows it.
+//! 7. `frames`: the WebSocket frames and permessage-deflate (neither `frames` nor
+//!    `handshake` does I/O).
 
 mod cli;
 mod client_tls;
