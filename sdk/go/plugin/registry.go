@@ -209,7 +209,7 @@ func instanceID() string {
 	return fmt.Sprintf("%s-%d-%s", clean, os.Getpid(), hex.EncodeToString(suffix))
 }
 
-func (r *registration) start() { go r.run() }
+func (r *registration) start() { go r.run(time.After) }
 
 // deregister deletes the key and revokes the lease, and returns once that is done or
 // bounded time has passed, and then leaveDelay later: the server serves meanwhile.
@@ -241,7 +241,9 @@ func refusedRetryWait(refusals int, pace time.Duration, draw func() float64) tim
 	return time.Duration(float64(ceiling) * (1 - draw()/2))
 }
 
-func (r *registration) run() {
+// run registers and keeps the key until stop, waiting between tries on after (time.After;
+// a test passes its own to see the waits asked for, without taking them).
+func (r *registration) run(after func(time.Duration) <-chan time.Time) {
 	defer close(r.done)
 	// Said once, not per retry; said again when the trouble changes (etcd answers again,
 	// and now turns the plugin away), so what the operator sees is current.
@@ -278,7 +280,7 @@ func (r *registration) run() {
 		case <-r.stop:
 			r.leave()
 			return
-		case <-time.After(wait):
+		case <-after(wait):
 		}
 	}
 }
