@@ -179,6 +179,9 @@ class Registration:
     lease every ``ttl / 3`` seconds. ``stop()`` deletes the key, revokes the lease and
     returns once that is done (or etcd failed to answer in time). ``access``: how to
     reach an etcd behind TLS and its users (checked here: ValueError names the setting).
+    ``pause``: how the thread waits between two tries, given the seconds; true when it
+    should stop (by default, until ``stop()`` or the time is up; tests pass their own to
+    see the waits asked for without taking them).
     """
 
     def __init__(
@@ -191,6 +194,7 @@ class Registration:
         instance: str | None = None,
         say: Callable[[str], None] = _stderr,
         access: EtcdAccess | None = None,
+        pause: Callable[[float], bool] | None = None,
     ) -> None:
         if ttl < 2:
             raise ValueError(f"the registration TTL must be at least 2 seconds, got {ttl}")
@@ -202,6 +206,7 @@ class Registration:
         self._lease: int | None = None
         self._written = False
         self._stopping = threading.Event()
+        self._pause = pause or self._stopping.wait
         #: Set while the key is known to be in the registry (tests and health wait on it).
         self.registered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="etcd-registration", daemon=True)
@@ -252,7 +257,8 @@ class Registration:
                     self._say(f"etcd answers again: {self.key} is registered")
                 failing, refusals = None, 0
                 wait = self.ttl / 3
-            self._stopping.wait(wait)
+            if self._pause(wait):
+                break
         self._deregister()
 
     def _renew(self) -> None:
