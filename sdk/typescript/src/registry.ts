@@ -193,6 +193,21 @@ export function registrationFrom(config: RegistryConfig, listening: Listening, l
 /** What the last try came to, so that an outage is said once and said again only when the trouble changes. */
 type Trouble = 'fine' | 'unavailable' | 'refused';
 
+/**
+ * How the loop waits between two tries: calls `done` after `ms` milliseconds, and returns
+ * what calls it at once (a stop). A test passes its own to see the waits asked for without
+ * taking them.
+ */
+export type Pause = (ms: number, done: () => void) => () => void;
+
+const timerPause: Pause = (ms, done) => {
+  const timer = setTimeout(done, ms);
+  return () => {
+    clearTimeout(timer);
+    done();
+  };
+};
+
 const base64 = (text: string): string => Buffer.from(text, 'utf8').toString('base64');
 
 /**
@@ -223,6 +238,7 @@ export class Registration {
     /** Seconds `deregister()` waits after leaving, still serving. */
     readonly leaveDelay: number,
     private readonly logger: Logger,
+    private readonly pause: Pause = timerPause,
   ) {}
 
   /** Begins registering (in the background): the server listens. */
@@ -278,11 +294,7 @@ export class Registration {
       }
       if (this.stopping) break;
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, wait);
-        this.wake = () => {
-          clearTimeout(timer);
-          resolve();
-        };
+        this.wake = this.pause(wait, resolve);
       });
     }
     await this.leave();

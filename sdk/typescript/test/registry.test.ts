@@ -12,7 +12,7 @@ import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { EtcdGateway, EtcdRefused, EtcdUnavailable, RegistrySettingError, isLoopback, message } from '#internal/etcdgateway';
 import { HandshakeError, parseCommand } from '#internal/handshake';
-import { REFUSED_RETRY_CAP_MS, advertisedAddress, isUnspecified, leaveDelayFrom, refusedRetryWait, registrationFrom } from '#internal/registry';
+import { REFUSED_RETRY_CAP_MS, Registration, advertisedAddress, isUnspecified, leaveDelayFrom, refusedRetryWait, registrationFrom } from '#internal/registry';
 import { RegistryConfig, SETTING_ETCD, SETTING_PREFIX } from '#internal/registryflags';
 import { Logger } from '#internal/log';
 import { assertOneLineFailure, runPlugin } from './cli-support';
@@ -217,6 +217,72 @@ test('a token etcd forgot is replaced once, unsaid; a wrong password and a denie
   } finally {
     etcd.close();
   }
+});
+
+test('the registration loop waits as the backoff says: doubled, capped, started again after a success, kept across an outage', async () => {
+  // What etcd does at each try: R refuses (HTTP 403, permission denied), U answers nothing
+  // etcd would (an etcd that does not answer, for the loop), A admits. refusedRetryWait's
+  // own test holds the waits' values; this one holds the loop to them.
+  const tries = 'RRRRRRARURUURAU';
+  const period = 10_000 / 3;
+  // The span each try's wait must lie in, in ms (a TTL of 10 s: the pace 1 s).
+  const expected: [number, number][] = [
+    [1000, 2000], // R
+    [2000, 4000], // R
+    [4000, 8000], // R
+    [8000, 16_000], // R
+    [15_000, 30_000], // R: the cap
+    [15_000, 30_000], // R
+    [period, period], // A
+    [1000, 2000], // R: from the first again
+    [1000, 1000], // U: the pace
+    [2000, 4000], // R: the second in a row still
+    [1000, 1000], // U
+    [1000, 1000], // U
+    [4000, 8000], // R
+    [period, period], // A
+    [1000, 1000], // U
+  ];
+  let tried = 0;
+  const etcd = await peer((request, _body, response) => {
+    const outcome = tries[tried] ?? 'A'; // leaving, every try made
+    response.setHeader('content-type', 'application/json');
+    if (outcome === 'R') {
+      response.statusCode = 403;
+      response.end('{"error":"etcdserver: permission denied","code":7,"message":"etcdserver: permission denied"}');
+    } else if (outcome === 'U') {
+      response.end('{}'); // no lease granted, none renewed: not etcd's answer
+    } else if (request.url === '/v3/lease/grant') {
+      response.end('{"header":{},"ID":"7587","TTL":"10"}');
+    } else if (request.url === '/v3/lease/keepalive') {
+      response.end('{"result":{"ID":"7587","TTL":"10"}}');
+    } else {
+      response.end('{"header":{}}');
+    }
+  });
+  const waits: number[] = [];
+  let everyTryMade: () => void = () => undefined;
+  const made = new Promise<void>((resolve) => (everyTryMade = resolve));
+  const registration = new Registration(gatewayTo(etcd.url), '/linchkit/plugins/echo/loop', '{"address":"127.0.0.1:50051"}', 10, 0, quiet, (ms, done) => {
+    waits.push(ms);
+    tried += 1;
+    if (tried < tries.length) setImmediate(done);
+    else everyTryMade(); // and waits until deregister() wakes it
+    return done;
+  });
+  try {
+    registration.start();
+    await made;
+    await registration.deregister();
+  } finally {
+    etcd.close();
+  }
+  assert.equal(waits.length, expected.length, `waits: ${waits.join(', ')}`);
+  expected.forEach(([low, high], index) => {
+    const wait = waits[index] ?? NaN;
+    assert.ok(low <= wait && wait <= high, `try ${index + 1} (${tries[index]}): ${wait} ms, want ${low} to ${high}; every wait: ${waits.join(', ')}`);
+  });
+  assert.deepEqual(etcd.seen.slice(-2).map((each) => each.path), ['/v3/kv/deleterange', '/v3/lease/revoke']);
 });
 
 test('example-plugin serve: a registry mistake is one line and exit 1, before serving', () => {
