@@ -769,7 +769,7 @@ pub(crate) fn why(answer: &Map<String, Value>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     //! The gateway against a fake etcd on a loopback port that answers what each test
     //! scripts (a real etcd: tests/test_plugin_registry_secure.py).
 
@@ -785,7 +785,9 @@ mod tests {
 
     /// A fake etcd answering `answers` in order, one per request, on kept-open
     /// connections; what it saw, once the answers ran out.
-    async fn fake_etcd(answers: Vec<(u16, String)>) -> (String, JoinHandle<Vec<Seen>>) {
+    pub(in crate::registry) async fn fake_etcd(
+        answers: Vec<(u16, String)>,
+    ) -> (String, JoinHandle<Vec<Seen>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
@@ -860,7 +862,7 @@ mod tests {
         .unwrap()
     }
 
-    fn answer(status: u16, body: &str) -> (u16, String) {
+    pub(in crate::registry) fn answer(status: u16, body: &str) -> (u16, String) {
         (status, body.to_string())
     }
 

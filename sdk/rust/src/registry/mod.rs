@@ -137,13 +137,20 @@ impl Registration {
         let leave_delay = self.leave_delay;
         Registered {
             stop,
-            task: tokio::spawn(self.run(stopping)),
+            task: tokio::spawn(self.run(stopping, tokio::time::sleep)),
             leaving_bound,
             leave_delay,
         }
     }
 
-    async fn run(mut self, mut stopping: oneshot::Receiver<()>) {
+    /// Registers and keeps the key until `stopping`, waiting between two tries on `pause`
+    /// (`tokio::time::sleep`; a test passes its own to see the waits asked for without
+    /// taking them).
+    async fn run<P, F>(mut self, mut stopping: oneshot::Receiver<()>, mut pause: P)
+    where
+        P: FnMut(Duration) -> F,
+        F: std::future::Future<Output = ()>,
+    {
         // Said once, not per retry; said again when the trouble changes (etcd answers
         // again, and now turns the plugin away), so what the operator sees is current.
         let mut failing = Trouble::None;
@@ -189,7 +196,7 @@ impl Registration {
                     self.leave().await;
                     return;
                 }
-                () = tokio::time::sleep(wait) => {}
+                () = pause(wait) => {}
             }
         }
     }
@@ -466,6 +473,7 @@ fn instance_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::gateway::tests::{answer, fake_etcd};
     use super::*;
     use std::collections::HashMap;
 
@@ -606,5 +614,95 @@ mod tests {
             .iter()
             .all(|wait| *wait > Duration::from_secs(15) && *wait <= REFUSED_RETRY_CAP));
         assert!(draws.iter().any(|wait| *wait != draws[0]), "spread");
+    }
+
+    /// The loop's waits, as it asks for them (`run`'s pause), against a fake etcd gateway
+    /// (gateway.rs's, on a loopback port) that answers each try as `TRIES` scripts it: `R`
+    /// refuses (HTTP 403, permission denied), `U` answers nothing etcd would (an etcd that
+    /// does not answer, for the loop), `A` admits. The test above holds the waits' values;
+    /// this one holds the loop to them: the refusal counted, doubled, capped, started
+    /// again after a success and kept across an outage.
+    #[tokio::test]
+    async fn the_loop_waits_as_the_backoff_says() {
+        const TRIES: &str = "RRRRRRARURUURAU";
+        let refuse = answer(
+            403,
+            r#"{"error":"etcdserver: permission denied","code":7,"message":"etcdserver: permission denied"}"#,
+        );
+        let silent = answer(200, "{}"); // no lease granted, none renewed: not etcd's answer
+        let renewed = answer(200, r#"{"result":{"ID":"7587","TTL":"10"}}"#);
+        let mut answers = Vec::new();
+        let mut lease = false;
+        for outcome in TRIES.chars() {
+            match (outcome, lease) {
+                ('R', _) => answers.push(refuse.clone()),
+                ('U', true) => answers.push(silent.clone()),
+                ('A', false) => {
+                    answers.push(answer(200, r#"{"header":{},"ID":"7587","TTL":"10"}"#));
+                    answers.push(answer(200, r#"{"header":{}}"#)); // the put
+                    lease = true;
+                }
+                ('A', true) => answers.push(renewed.clone()),
+                _ => unreachable!("a script this test does not answer"),
+            }
+        }
+        answers.push(answer(200, r#"{"header":{}}"#)); // leaving: the delete
+        answers.push(answer(200, r#"{"header":{}}"#)); // and the revoke
+        let (url, seen) = fake_etcd(answers).await;
+        let registration = registration(&[(settings::ENV_REGISTER_ETCD, &url)], "127.0.0.1:50051")
+            .expect("good settings");
+        let (stop, stopping) = oneshot::channel();
+        let mut stop = Some(stop);
+        let mut waits = Vec::new();
+        let pause = |wait: Duration| {
+            waits.push(wait);
+            if waits.len() < TRIES.len() {
+                return tokio::time::sleep(Duration::ZERO);
+            }
+            let _ = stop.take().map(|stop| stop.send(()));
+            tokio::time::sleep(Duration::from_secs(3600)) // the loop leaves on the stop
+        };
+        tokio::time::timeout(Duration::from_secs(60), registration.run(stopping, pause))
+            .await
+            .expect("the loop ends once every try is made");
+        let seen = seen.await.unwrap();
+        let paths: Vec<&str> = seen.iter().map(|(path, _, _)| path.as_str()).collect();
+        assert_eq!(
+            paths[paths.len() - 2..],
+            ["/v3/kv/deleterange", "/v3/lease/revoke"]
+        );
+        // The span each try's wait must lie in: (pace 1 s) 1-2 s after the first refusal,
+        // twice as long after each in a row, up to 15-30 s; a success's, the renewal
+        // period, TTL/3, which starts them again; an outage's, the pace, which keeps them.
+        let span =
+            |low: f64, high: f64| (Duration::from_secs_f64(low), Duration::from_secs_f64(high));
+        let period = Duration::from_secs(10) / 3;
+        let second = Duration::from_secs(1);
+        let expected = [
+            span(1.0, 2.0),   // R
+            span(2.0, 4.0),   // R
+            span(4.0, 8.0),   // R
+            span(8.0, 16.0),  // R
+            span(15.0, 30.0), // R: the cap
+            span(15.0, 30.0), // R
+            (period, period), // A
+            span(1.0, 2.0),   // R: from the first again
+            (second, second), // U: the pace
+            span(2.0, 4.0),   // R: the second in a row still
+            (second, second), // U
+            (second, second), // U
+            span(4.0, 8.0),   // R
+            (period, period), // A
+            (second, second), // U
+        ];
+        assert_eq!(waits.len(), expected.len(), "{waits:?}");
+        for (index, (wait, (low, high))) in waits.iter().zip(expected).enumerate() {
+            assert!(
+                low <= *wait && *wait <= high,
+                "try {} ({}): {wait:?}, want {low:?} to {high:?}; every wait: {waits:?}",
+                index + 1,
+                &TRIES[index..=index],
+            );
+        }
     }
 }
