@@ -287,9 +287,24 @@ public final class Registration {
     return quoted.append('"').toString();
   }
 
+  /**
+   * How the loop waits between two tries: {@code true} when it should stop. By default until
+   * {@link #deregister()} or the time is up; a test passes its own to see the waits asked for
+   * without taking them.
+   */
+  @FunctionalInterface
+  interface Pause {
+    boolean pause(long waitMs) throws InterruptedException;
+  }
+
   /** Starts registering, on a daemon thread of its own. */
   void start() {
-    thread = new Thread(this::run, "linchkit-registry");
+    start(waitMs -> stop.await(waitMs, TimeUnit.MILLISECONDS));
+  }
+
+  /** Starts registering, waiting between two tries on {@code pause}. */
+  void start(Pause pause) {
+    thread = new Thread(() -> run(pause), "linchkit-registry");
     thread.setDaemon(true);
     thread.start();
   }
@@ -343,7 +358,7 @@ public final class Registration {
   private static final int UNAVAILABLE = 1;
   private static final int REFUSED = 2;
 
-  private void run() {
+  private void run(Pause pause) {
     try {
       // Said once, not per retry; said again when the trouble changes (etcd answers again, and now
       // turns the plugin away), so what the operator sees is current.
@@ -372,7 +387,7 @@ public final class Registration {
             waitMs = refusedRetryWaitMs(refusals, paceMs, ThreadLocalRandom.current()::nextDouble);
           }
         }
-        if (stop.await(waitMs, TimeUnit.MILLISECONDS)) {
+        if (pause.pause(waitMs)) {
           leave();
           return;
         }

@@ -24,6 +24,8 @@ import java.util.Collections;
 import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.function.Function;
 import org.junit.jupiter.api.Test;
@@ -310,6 +312,73 @@ class RegistrationTest {
       assertFalse(keys.containsKey(key), "deleted at the stop");
       List<String> seen = List.copyOf(etcd.seen);
       assertEquals(List.of("/v3/kv/deleterange", "/v3/lease/revoke"), seen.subList(seen.size() - 2, seen.size()));
+    }
+  }
+
+  /**
+   * The loop's waits, as it asks for them (its {@link Registration.Pause}), against the stand-in
+   * answering each try as {@code tries} scripts it: R refuses (HTTP 403, permission denied), U
+   * answers nothing etcd would (an etcd that does not answer, for the loop), A admits. The test of
+   * {@code refusedRetryWaitMs} holds the waits' values; this one holds the loop to them: the
+   * refusal counted, doubled, capped, started again after a success and kept across an outage.
+   */
+  @Test
+  void theLoopWaitsAsTheBackoffSays() throws Exception {
+    String tries = "RRRRRRARURUURAU";
+    AtomicInteger tried = new AtomicInteger();
+    try (FakeGateway etcd = new FakeGateway(request -> {
+      char outcome = tried.get() < tries.length() ? tries.charAt(tried.get()) : 'A'; // leaving, every try made
+      if (outcome == 'R') {
+        return new Object[] {403, "{\"error\":\"etcdserver: permission denied\",\"code\":7,\"message\":\"etcdserver: permission denied\"}"};
+      }
+      if (outcome == 'U') return new Object[] {200, "{}"}; // no lease granted, none renewed: not etcd's answer
+      return switch (request.path) {
+        case "/v3/lease/grant" -> new Object[] {200, "{\"header\":{},\"ID\":\"7587\",\"TTL\":\"10\"}"};
+        case "/v3/lease/keepalive" -> new Object[] {200, "{\"result\":{\"ID\":\"7587\",\"TTL\":\"10\"}}"};
+        default -> new Object[] {200, "{\"header\":{}}"};
+      };
+    })) {
+      Map<String, String> env = Map.of(Registration.ETCD_ENV, etcd.url(), Registration.PREFIX_ENV, "/p",
+          Registration.TTL_ENV, "10", Registration.LEAVE_DELAY_ENV, "0");
+      Registration registration = Registration.from(settings(Map.of(), env), LOOPBACK);
+      List<Long> waits = Collections.synchronizedList(new ArrayList<>());
+      CountDownLatch everyTryMade = new CountDownLatch(1);
+      registration.start(waitMs -> {
+        waits.add(waitMs);
+        if (tried.incrementAndGet() < tries.length()) return false;
+        everyTryMade.countDown();
+        return true; // stop: the loop leaves
+      });
+      assertTrue(everyTryMade.await(60, TimeUnit.SECONDS), "the loop stopped short: " + waits);
+      registration.deregister();
+      List<String> seen = List.copyOf(etcd.seen);
+      assertEquals(List.of("/v3/kv/deleterange", "/v3/lease/revoke"), seen.subList(seen.size() - 2, seen.size()));
+      // The span each try's wait must lie in, in ms: (pace 1 s) 1-2 s after the first refusal,
+      // twice as long after each in a row, up to 15-30 s; a success's, the renewal period (TTL/3),
+      // which starts them again; an outage's, the pace, which keeps them.
+      long[][] expected = {
+        {1000, 2000}, // R
+        {2000, 4000}, // R
+        {4000, 8000}, // R
+        {8000, 16_000}, // R
+        {15_000, 30_000}, // R: the cap
+        {15_000, 30_000}, // R
+        {3333, 3333}, // A
+        {1000, 2000}, // R: from the first again
+        {1000, 1000}, // U: the pace
+        {2000, 4000}, // R: the second in a row still
+        {1000, 1000}, // U
+        {1000, 1000}, // U
+        {4000, 8000}, // R
+        {3333, 3333}, // A
+        {1000, 1000}, // U
+      };
+      assertEquals(expected.length, waits.size(), waits.toString());
+      for (int i = 0; i < expected.length; i++) {
+        long wait = waits.get(i);
+        assertTrue(expected[i][0] <= wait && wait <= expected[i][1], "try " + (i + 1) + " (" + tries.charAt(i) + "): "
+            + wait + " ms, want " + expected[i][0] + " to " + expected[i][1] + "; every wait: " + waits);
+      }
     }
   }
 }
