@@ -58,6 +58,7 @@ WEBSOCKET_MODES = {
     "typescript": ("websocket", "inbound"),
     "go": ("websocket", "inbound"),
     "rust": ("websocket", "inbound"),
+    "java": ("websocket",),
 }
 INBOUND_TOKEN = "conformance-inbound-token"
 

@@ -95,6 +95,11 @@ public final class BearerToken implements ServerInterceptor {
     return new ServerCall.Listener<Q>() {};
   }
 
+  /** The {@code Authorization} value that carries the token, for the server's own warm-up upgrade. */
+  String presented() {
+    return new String(expected, StandardCharsets.US_ASCII);
+  }
+
   @Override
   public String toString() {
     return "BearerToken(hidden)";

@@ -39,14 +39,20 @@ public final class Handshake {
   /** The default of {@code serve --address}: loopback only, any free port. */
   public static final String DEFAULT_SERVICE_ADDRESS = "127.0.0.1:0";
 
-  static final String SERVE_USAGE = "usage: serve [--address HOST:PORT] [--register-etcd URL ...] [--help]";
+  static final String SERVE_USAGE =
+      "usage: serve [--address HOST:PORT] [--websocket [--config JSON]] [--register-etcd URL ...] [--help]";
 
   /**
    * {@code serve --address HOST:PORT} (service mode, address non-null) with the registry flags given
    * ({@code registryFlags}, by flag name without dashes: {@link RegistrySettings}), {@code serve
    * --help} ({@code helpWanted}), or nothing (subprocess mode).
    */
-  public record Command(ServiceAddress serviceAddress, boolean helpWanted, Map<String, String> registryFlags) {
+  public record Command(ServiceAddress serviceAddress, boolean helpWanted, Map<String, String> registryFlags,
+      boolean websocket, String config) {
+    public Command(ServiceAddress serviceAddress, boolean helpWanted, Map<String, String> registryFlags) {
+      this(serviceAddress, helpWanted, registryFlags, false, null);
+    }
+
     public Command(ServiceAddress serviceAddress, boolean helpWanted) {
       this(serviceAddress, helpWanted, Map.of());
     }
@@ -167,6 +173,8 @@ public final class Handshake {
       throw new HandshakeException(what + "; " + SERVE_USAGE);
     }
     String address = DEFAULT_SERVICE_ADDRESS;
+    boolean websocket = false;
+    String config = null;
     Map<String, String> registry = new HashMap<>();
     for (int i = 1; i < args.length; i++) {
       String arg = args[i];
@@ -189,6 +197,14 @@ public final class Handshake {
         throw new HandshakeException("serve: --address needs a value; " + SERVE_USAGE);
       } else if (arg.startsWith("--address=")) {
         address = arg.substring("--address=".length());
+      } else if (arg.equals("--websocket")) {
+        websocket = true;
+      } else if (arg.equals("--config") && i + 1 < args.length) {
+        config = args[++i];
+      } else if (arg.equals("--config")) {
+        throw new HandshakeException("serve: --config needs a value; " + SERVE_USAGE);
+      } else if (arg.startsWith("--config=")) {
+        config = arg.substring("--config=".length());
       } else if (setting != null && equals >= 0) {
         registry.put(setting.flag, arg.substring(equals + 1));
       } else if (setting != null && i + 1 < args.length) {
@@ -200,6 +216,10 @@ public final class Handshake {
         throw new HandshakeException("serve: " + refused(arg, i + 1) + "; " + SERVE_USAGE);
       }
     }
-    return new Command(ServiceAddress.parse(address), false, registry);
+    ServiceAddress parsed = ServiceAddress.parse(address);
+    if (config != null && !websocket) {
+      throw new HandshakeException("serve: --config needs --websocket (a gRPC service gets its config from the Init call)");
+    }
+    return new Command(parsed, false, registry, websocket, config);
   }
 }

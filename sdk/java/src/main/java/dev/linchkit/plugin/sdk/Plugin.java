@@ -93,6 +93,10 @@ public final class Plugin {
   private final Map<String, List<EventHandler>> eventHandlers = new ConcurrentHashMap<>();
   private final List<BiConsumer<String, JsonElement>> sinks = new CopyOnWriteArrayList<>();
   private final Deque<Object[]> pending = new ArrayDeque<>();
+  /** How many events {@link #pending} keeps; the WebSocket modes keep 1000, as every SDK does there. */
+  private int pendingLimit = PENDING_EVENTS_LIMIT;
+  /** Events dropped from {@link #pending} since a listener last took it. */
+  private long pendingDropped;
 
   public Plugin(String id, String version) {
     this(id, version, "java");
@@ -153,7 +157,10 @@ public final class Plugin {
     JsonElement json = toJson(data);
     synchronized (pending) {
       if (sinks.isEmpty()) {
-        if (pending.size() >= PENDING_EVENTS_LIMIT) pending.removeFirst();
+        if (pending.size() >= pendingLimit) {
+          pending.removeFirst();
+          pendingDropped++;
+        }
         pending.addLast(new Object[] {name, json});
         return;
       }
@@ -177,14 +184,35 @@ public final class Plugin {
 
   /** Where emitted events go; returns the unsubscribe action. */
   Runnable addEventSink(BiConsumer<String, JsonElement> sink) {
+    return addEventSink(sink, dropped -> {});
+  }
+
+  /**
+   * {@link #addEventSink(BiConsumer)}, told after the events that waited for a listener how
+   * many were dropped from them (when any were): the WebSocket binding's {@code dropped} frame.
+   */
+  Runnable addEventSink(BiConsumer<String, JsonElement> sink, java.util.function.LongConsumer dropped) {
     synchronized (pending) {
       sinks.add(sink);
       while (!pending.isEmpty()) {
         Object[] event = pending.removeFirst();
         sink.accept((String) event[0], (JsonElement) event[1]);
       }
+      if (pendingDropped > 0) dropped.accept(pendingDropped);
+      pendingDropped = 0;
     }
     return () -> sinks.remove(sink);
+  }
+
+  /** Keep at most {@code limit} events while no listener is attached (the WebSocket modes: 1000). */
+  void keepAtMost(int limit) {
+    synchronized (pending) {
+      pendingLimit = limit;
+      while (pending.size() > limit) {
+        pending.removeFirst();
+        pendingDropped++;
+      }
+    }
   }
 
   void deliverHostEvent(String name, JsonElement data) throws Exception {

@@ -265,6 +265,15 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   /** One unary call, answered as a CallReply whatever happens, at the latest at its deadline. */
   CompletableFuture<CallReply> answer(CallRequest request) {
+    return answer(request, null);
+  }
+
+  /**
+   * {@link #answer(CallRequest)}, the call cancelled (its method interrupted, its reply the
+   * cancellation's) once {@code cancelled} completes, when it is not null: the WebSocket
+   * binding's {@code cancel} frame, or its connection's end ({@link WsSession}).
+   */
+  CompletableFuture<CallReply> answer(CallRequest request, CompletableFuture<?> cancelled) {
     JsonElement params;
     try {
       params = checkRequest(request);
@@ -300,17 +309,98 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     Runnable giveUp = () -> {
       if (reply.complete(errorReply(ctx.overError()))) task.cancel(true);
     };
-    watch(ctx, reply, giveUp);
+    watch(ctx, reply, giveUp, cancelled);
     return reply;
+  }
+
+  /**
+   * A streaming call of the WebSocket binding ({@link WsSession}): its chunks go to {@code out},
+   * which may wait (for the host's credit); completes with null once the method returned, or
+   * with the wire error it ended with, its deadline's or {@code cancelled}'s included. Checked
+   * as a unary call is (version, method, params) before the method runs; traced as one span.
+   */
+  CompletableFuture<dev.linchkit.plugin.v1.Error> stream(CallRequest request, Plugin.ChunkSink out, CompletableFuture<?> cancelled) {
+    CompletableFuture<dev.linchkit.plugin.v1.Error> finished = new CompletableFuture<>();
+    JsonElement params;
+    CallContext ctx;
+    try {
+      params = checkRequest(request);
+      ctx = contextOf(request);
+    } catch (PluginException error) {
+      finished.complete(Errors.toWire(error));
+      return finished;
+    }
+    Tracing.CallSpan span = tracing == null ? null : tracing.start(ctx);
+    AtomicBoolean ended = new AtomicBoolean();
+    java.util.function.Consumer<Throwable> end = error -> {
+      if (!ended.compareAndSet(false, true)) return;
+      dev.linchkit.plugin.v1.Error wire = error == null ? null : Errors.toWire(error);
+      // The span first: a host that read the stream's end sees its span ended.
+      if (span != null) span.end(wire);
+      finished.complete(wire);
+    };
+    Plugin.ChunkSink guarded = chunk -> {
+      if (ended.get()) throw ctx.overError();
+      out.send(chunk);
+    };
+    Future<?> task = workers.submit(() -> {
+      try {
+        if (span == null) {
+          plugin.invokeStream(request.getMethod(), params, ctx, guarded);
+        } else {
+          span.within(() -> {
+            plugin.invokeStream(request.getMethod(), params, ctx, guarded);
+            return null;
+          });
+        }
+        end.accept(null);
+      } catch (Throwable error) {
+        end.accept(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
+      }
+    });
+    watch(ctx, finished, () -> {
+      end.accept(ctx.overError());
+      task.cancel(true);
+    }, cancelled);
+    return finished;
+  }
+
+  /**
+   * A host event of the WebSocket binding, handed to the plugin's handlers on the host-event
+   * threads (bounded, as over gRPC); a handler that fails is logged and the next event runs.
+   */
+  void deliverHostEvent(String name, JsonElement data) {
+    hostEvents.run(() -> {
+      try {
+        plugin.deliverHostEvent(name, data);
+      } catch (Throwable error) {
+        Log.SDK.log(Level.SEVERE, "host event " + name + " failed", error);
+      }
+    });
   }
 
   /** At the deadline or on cancellation, {@code giveUp}; both watches end with {@code done}. */
   private void watch(CallContext ctx, CompletableFuture<?> done, Runnable giveUp) {
+    watch(ctx, done, giveUp, null);
+  }
+
+  /**
+   * {@link #watch(CallContext, CompletableFuture, Runnable)}, and {@code giveUp} too once
+   * {@code cancelled} completes (when not null), the call marked cancelled first.
+   */
+  private void watch(CallContext ctx, CompletableFuture<?> done, Runnable giveUp, CompletableFuture<?> cancelled) {
+    if (cancelled != null) {
+      cancelled.whenComplete((value, error) -> {
+        if (done.isDone()) return;
+        ctx.cancel();
+        giveUp.run();
+      });
+    }
     ScheduledFuture<?> timer = ctx.hasDeadline()
         ? timers.schedule(giveUp, Math.max(0, ctx.deadlineNanos() - System.nanoTime()), TimeUnit.NANOSECONDS)
         : null;
     Context grpcContext = Context.current();
-    Context.CancellationListener onCancel = cancelled -> {
+    Context.CancellationListener onCancel = grpcCancelled -> {
       ctx.cancel();
       giveUp.run();
     };

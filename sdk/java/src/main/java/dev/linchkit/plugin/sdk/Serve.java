@@ -1,5 +1,6 @@
 package dev.linchkit.plugin.sdk;
 
+import com.google.gson.JsonObject;
 import io.grpc.BindableService;
 import io.grpc.Server;
 import io.grpc.ServerInterceptor;
@@ -69,7 +70,12 @@ public final class Serve {
       "flags:",
       "  --address HOST:PORT  where to listen (default " + Handshake.DEFAULT_SERVICE_ADDRESS + "); port 0 takes any",
       "                       free port; an IPv6 address goes in brackets, e.g. [::1]:0",
+      "  --websocket          serve the WebSocket binding instead of gRPC: the dispatcher dials it",
+      "                       (provider: websocket, url: ws://HOST:PORT/); the line ends |websocket|",
+      "  --config JSON        with --websocket: the JSON object the init hook gets (default {});",
+      "                       a gRPC service gets it from the dispatcher's Init call",
       "  -h, --help           this help",
+
       "",
       "registry flags (docs/registry.md): register the service in etcd while it serves; each",
       "reads the variable in brackets when not given, and a flag wins over its variable:",
@@ -78,7 +84,8 @@ public final class Serve {
       "environment (docs/protocol.md, \"gRPC binding\"):",
       "  " + BearerToken.TOKEN_FILE_ENV,
       "      a file holding the bearer token (a mounted secret): every plugin call must then",
-      "      carry the metadata 'authorization: Bearer <token>'",
+      "      carry the metadata 'authorization: Bearer <token>' (with --websocket: every upgrade",
+      "      its Authorization header)",
       "  " + BearerToken.TOKEN_ENV,
       "      the bearer token itself, when there is no file; set one of the two, not both",
       "  Without either, anybody who can reach the address may call the plugin (a warning",
@@ -149,6 +156,10 @@ public final class Serve {
         System.out.print(SERVICE_HELP);
         System.out.flush();
         System.exit(0);
+      }
+      if (command.websocket()) {
+        serveWebSocket(plugin, command, System.getenv());
+        return;
       }
       Running running;
       if (command.isService()) {
@@ -275,15 +286,7 @@ public final class Serve {
         server.shutdownNow();
         Thread.currentThread().interrupt();
       }
-      long hooksBegan = System.nanoTime();
-      String abandoned = runHooks(plugin, caps.hooksMs());
-      // What remains of the hooks' cap: nothing once one was abandoned, all of it with no hook owed.
-      long hooksLeftMs = abandoned != null ? 0
-          : Math.max(0, caps.hooksMs() - TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - hooksBegan));
-      if (abandoned != null) {
-        Log.atExit(Level.WARNING, "the " + abandoned + " hook did not finish within "
-            + StopCaps.seconds(caps.hooksMs()) + " s of the stop; exiting without it", null);
-      }
+      long hooksLeftMs = runHooksWithinCap(plugin, caps);
       service.close();
       for (EventLoopGroup loop : loops) loop.shutdownGracefully(0, 1, TimeUnit.SECONDS);
       if (cleanup != null) deleteRecursively(cleanup);
@@ -296,6 +299,22 @@ public final class Serve {
       server.awaitTermination();
       stopped.await();
     }
+  }
+
+  /**
+   * The stop and destroy hooks {@code plugin} still owes, within {@code caps.hooksMs()}, a hook
+   * abandoned still running named in a warning; what remains of the cap (nothing once one was
+   * abandoned, all of it with no hook owed), for the spans still buffered.
+   */
+  static long runHooksWithinCap(Plugin plugin, StopCaps caps) {
+    long hooksBegan = System.nanoTime();
+    String abandoned = runHooks(plugin, caps.hooksMs());
+    if (abandoned != null) {
+      Log.atExit(Level.WARNING, "the " + abandoned + " hook did not finish within "
+          + StopCaps.seconds(caps.hooksMs()) + " s of the stop; exiting without it", null);
+      return 0;
+    }
+    return Math.max(0, caps.hooksMs() - TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - hooksBegan));
   }
 
   /**
@@ -466,8 +485,102 @@ public final class Serve {
     return running;
   }
 
+  /**
+   * {@code serve --websocket} ({@link WsServe}): refuses what it would not use (a registry), then
+   * listens, runs the plugin's own lifecycle (init with {@code --config}, start: no host sends
+   * Init there), says the handshake line ({@code 1|1|tcp|HOST:PORT|websocket|}) and serves until
+   * SIGTERM: goaway on each connection within the grace, then the stop and destroy hooks within
+   * theirs, then the spans.
+   */
+  private static void serveWebSocket(Plugin plugin, Handshake.Command command, Map<String, String> env)
+      throws Exception {
+    RegistrySettings registry = new RegistrySettings(command.registryFlags(), env);
+    if (!registry.value(RegistrySettings.Setting.ETCD).isEmpty()) {
+      // Refused, not ignored: an operator who set it expects the plugin to be found there.
+      throw new Handshake.HandshakeException("serve: " + registry.name(RegistrySettings.Setting.ETCD)
+          + ": a WebSocket server is not registered in etcd, as a dispatcher dials a websocket target at its one url"
+          + " and finds none in a registry: serve over gRPC to be found there, or leave it unset");
+    }
+    if (!command.registryFlags().isEmpty()) {
+      String flag = "--" + command.registryFlags().keySet().iterator().next();
+      throw new Handshake.HandshakeException("serve: " + flag + ": a WebSocket server is not registered, as a dispatcher"
+          + " dials a websocket target at its one url and finds none in a registry: serve over gRPC to be registered,"
+          + " or leave the flag out");
+    }
+    BearerToken token;
+    try {
+      token = BearerToken.configured(env);
+    } catch (Handshake.HandshakeException mistake) {
+      throw new Handshake.HandshakeException("serve: " + mistake.getMessage());
+    }
+    StopCaps caps = stopCaps(env, "serve: ");
+    JsonObject config = WsLifecycle.config("serve", command.config());
+    Handshake.ServiceAddress address = command.serviceAddress();
+    InetSocketAddress bindAddress = new InetSocketAddress(address.bindHost(), address.port());
+    if (bindAddress.isUnresolved()) throw cannotListen(address, "unknown host");
+    Tracing tracing = tracing(plugin, env);
+    PluginService service = new PluginService(plugin, new HealthStatusManager(), true, MAX_MESSAGE_BYTES, tracing);
+    // Events emitted while no host is connected wait for the next, as many as every SDK keeps.
+    plugin.keepAtMost(WsSession.EVENT_BUFFER);
+    WsServe server = new WsServe(plugin, service, token, caps.graceMs());
+    int port;
+    try {
+      port = server.listen(bindAddress);
+    } catch (Exception error) {
+      throw cannotListen(address, bindFailure(error));
+    }
+    server.warmUp(port);
+    try {
+      WsLifecycle.start(plugin, "serve", config);
+    } catch (Handshake.HandshakeException failed) {
+      server.stop();
+      throw failed;
+    }
+    if (token == null) {
+      Log.SDK.warning("no bearer token configured (" + BearerToken.TOKEN_FILE_ENV + " or " + BearerToken.TOKEN_ENV
+          + "): anybody who can reach " + address.host() + ":" + port + " can call this plugin");
+    }
+    CountDownLatch stopped = new CountDownLatch(1);
+    AtomicBoolean stopping = new AtomicBoolean();
+    Runnable stop = () -> {
+      if (!stopping.compareAndSet(false, true)) {
+        awaitQuietly(stopped);
+        return;
+      }
+      try {
+        server.stop();
+        long hooksLeftMs = runHooksWithinCap(plugin, caps);
+        service.close();
+        if (tracing != null) tracing.flushAtStop(hooksLeftMs);
+      } finally {
+        stopped.countDown();
+      }
+    };
+    stopOnSignals(() -> {
+      stop.run();
+      System.exit(0);
+    }, stop);
+    announce(Handshake.CORE_PROTOCOL_VERSION + "|" + PluginService.PROTOCOL_VERSION + "|tcp|" + address.host() + ":" + port
+        + "|websocket|");
+    stopped.await();
+    Thread.sleep(Long.MAX_VALUE); // the signal's handler exits the JVM once the stop is done
+  }
+
+  private static void awaitQuietly(CountDownLatch latch) {
+    boolean interrupted = false;
+    while (true) {
+      try {
+        latch.await();
+        break;
+      } catch (InterruptedException again) {
+        interrupted = true; // the stop is bounded: wait for it all the same
+      }
+    }
+    if (interrupted) Thread.currentThread().interrupt();
+  }
+
   /** Prints the handshake line; afterwards stdout goes to stderr, since the host reads no more of it. */
-  private static void announce(String line) {
+  static void announce(String line) {
     PrintStream stdout = System.out;
     stdout.println(line);
     stdout.flush();
@@ -491,19 +604,25 @@ public final class Serve {
     watcher.start();
   }
 
-  @SuppressWarnings("removal")
   private static void stopOnSignals(Running running) {
-    // SIGTERM/SIGINT: stop gracefully, then exit 0 (Running.stopAndExit).
+    stopOnSignals(running::stopAndExit, running::stop);
+  }
+
+  /**
+   * SIGTERM/SIGINT run {@code stopAndExit} (a graceful stop, then exit 0); any other exit (the
+   * plugin's own System.exit) still runs {@code stop}, in a shutdown hook: there the records the
+   * hooks log may be dropped, since LogManager resets alongside it.
+   */
+  @SuppressWarnings("removal")
+  static void stopOnSignals(Runnable stopAndExit, Runnable stop) {
     for (String name : new String[] {"TERM", "INT"}) {
       try {
-        sun.misc.Signal.handle(new sun.misc.Signal(name), signal -> running.stopAndExit());
+        sun.misc.Signal.handle(new sun.misc.Signal(name), signal -> stopAndExit.run());
       } catch (IllegalArgumentException unavailable) {
         // fall back to the shutdown hook below
       }
     }
-    // Any other exit (the plugin's own System.exit) still stops, in a shutdown hook: there the
-    // records the hooks log may be dropped, since LogManager resets alongside it.
-    Runtime.getRuntime().addShutdownHook(new Thread(running::stop, "plugin-shutdown"));
+    Runtime.getRuntime().addShutdownHook(new Thread(stop, "plugin-shutdown"));
   }
 
   private static void deleteRecursively(Path path) {

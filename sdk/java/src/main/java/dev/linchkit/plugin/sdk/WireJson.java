@@ -54,6 +54,11 @@ final class WireJson {
    * recursion, before Gson sees it.
    */
   static String unusable(String text) {
+    return unusable(text, MAX_DEPTH);
+  }
+
+  /** {@link #unusable(String)} with nesting past {@code maxDepth} refused. */
+  static String unusable(String text, int maxDepth) {
     int depth = 0;
     int n = text.length();
     for (int i = 0; i < n; i++) {
@@ -76,7 +81,7 @@ final class WireJson {
           }
         }
       } else if (c == '[' || c == '{') {
-        if (++depth > MAX_DEPTH) return "is nested deeper than " + MAX_DEPTH + " levels";
+        if (++depth > maxDepth) return "is nested deeper than " + maxDepth + " levels";
       } else if (c == ']' || c == '}') {
         depth--;
       } else if (c == '-' || (c >= '0' && c <= '9')) {
