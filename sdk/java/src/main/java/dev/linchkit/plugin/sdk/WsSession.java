@@ -599,9 +599,19 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     send(frame.toString());
   }
 
-  /** Hands {@code text} to the connection's writer, from any thread; dropped once it has closed. */
+  /**
+   * Hands {@code text} to the connection's writer, from any thread, behind every frame handed
+   * to it before; dropped once it has closed. Always through the event loop's queue: written
+   * inline from the event loop, a stream's response (its future completed before the loop
+   * looked) went out before the chunks its method had queued from its own thread.
+   */
   private void send(String text) {
-    if (channel.isActive()) channel.writeAndFlush(new TextWebSocketFrame(text), channel.voidPromise());
+    if (!channel.isActive()) return;
+    if (channel.eventLoop().inEventLoop()) {
+      channel.eventLoop().execute(() -> channel.writeAndFlush(new TextWebSocketFrame(text), channel.voidPromise()));
+    } else {
+      channel.writeAndFlush(new TextWebSocketFrame(text), channel.voidPromise());
+    }
   }
 
   /**
