@@ -58,7 +58,7 @@ WEBSOCKET_MODES = {
     "typescript": ("websocket", "inbound"),
     "go": ("websocket", "inbound"),
     "rust": ("websocket", "inbound"),
-    "java": ("websocket",),
+    "java": ("websocket", "inbound"),
 }
 INBOUND_TOKEN = "conformance-inbound-token"
 

@@ -70,6 +70,7 @@ EXTRA_ROOTS = {
     "python": "SSL_CERT_FILE",
     "go": "SSL_CERT_FILE",
     "rust": "SSL_CERT_FILE",
+    "java": "SSL_CERT_FILE",  # read by the SDK itself (ConnectTls): the JDK does not
     "typescript": "NODE_EXTRA_CA_CERTS",
 }
 #: What of the outer environment would decide trust instead of the test (this machine sets

@@ -18,7 +18,7 @@ and the fragment (``#TOKEN``). Each is tried where the URL is shown:
 before dialling, masked.) Before, the Rust and TypeScript refusals quoted the URL as
 written, Rust's "dialling" and "cannot reach" lines showed its query, Go's and Python's
 showed a bare query item, Go's quoted a fragment (in the dial's error), and TypeScript
-crashed on a URL with a fragment. The Java SDK has no ``connect``.
+crashed on a URL with a fragment. The Java SDK's ``connect`` (since 2026-12-06) masks alike.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ PLACES = {
 }
 #: The SDKs whose example plugin says that it cannot reach the gateway: all of them (before,
 #: Python's said it at INFO, which ``dispatcher-plugin connect`` did not print).
-NAMING_AN_UNREACHABLE_GATEWAY = {"go", "python", "rust", "typescript"}
+NAMING_AN_UNREACHABLE_GATEWAY = {"go", "java", "python", "rust", "typescript"}
 #: The SDKs that take no credentials in the URL (the token is for them): a user or a
 #: password there is refused before dialling, as a URL that cannot name a gateway is.
 REFUSING_USERINFO = {"rust"}

@@ -23,7 +23,7 @@ system's), ``--cert-file`` (``LINCHKIT_PLUGIN_CLIENT_CERT``) and ``--key-file``
 Before, the Go, Rust and TypeScript SDKs (and the Python example plugin's ``connect``)
 refused these options as unknown; Python's ``dispatcher-plugin connect`` said
 ``[Errno 2] No such file or directory`` or ``[SSL] PEM lib (_ssl.c:3905)`` naming no file.
-The Java SDK has no ``connect``.
+The Java SDK's ``connect`` (since 2026-12-06) takes them alike.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ deflated, both ways carry a small fraction of the payload; not, both carry all o
 
 Before, the Python and Go SDKs' ``connect`` never offered it and the TypeScript SDK's
 server never accepted it: ``compress: true`` deflated nothing there. The Java SDK speaks
-neither WebSocket mode (``WEBSOCKET_MODES``).
+both WebSocket modes since 2026-12-06 (``WEBSOCKET_MODES``).
 """
 
 from __future__ import annotations

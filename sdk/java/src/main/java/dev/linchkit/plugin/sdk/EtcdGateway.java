@@ -278,7 +278,7 @@ final class EtcdGateway {
   }
 
   /** The unencrypted private key in {@code pem}: PKCS#8, or PKCS#1 (RSA) or SEC 1 (EC) as OpenSSL writes them. */
-  private static PrivateKey privateKey(byte[] pem) throws IOException {
+  static PrivateKey privateKey(byte[] pem) throws IOException {
     try (PEMParser parser = new PEMParser(new StringReader(new String(pem, StandardCharsets.US_ASCII)))) {
       JcaPEMKeyConverter converter = new JcaPEMKeyConverter();
       for (Object item = parser.readObject(); item != null; item = parser.readObject()) {

@@ -75,6 +75,10 @@ public final class Serve {
       "  --config JSON        with --websocket: the JSON object the init hook gets (default {});",
       "                       a gRPC service gets it from the dispatcher's Init call",
       "  -h, --help           this help",
+      "",
+      "  connect --url ws://HOST/v1/plugins/connect [--config JSON] [--ca-file PEM]",
+      "          [--cert-file PEM --key-file PEM]: dial the dispatcher's gateway instead",
+      "          (connect --help says more)",
 
       "",
       "registry flags (docs/registry.md): register the service in etcd while it serves; each",
@@ -151,6 +155,10 @@ public final class Serve {
     Log.formatRootConsoleUnlessConfigured();
     Log.quietStreamErrors();
     try {
+      if (args.length > 0 && args[0].equals("connect")) {
+        WsConnect.run(plugin, args, System.getenv()); // reverse mode over WebSocket: exits the JVM itself
+        return;
+      }
       Handshake.Command command = Handshake.parseCommand(args);
       if (command.helpWanted()) {
         System.out.print(SERVICE_HELP);

@@ -306,7 +306,8 @@ final class WsServe {
       WebSocketDecoderConfig config = WebSocketDecoderConfig.newBuilder()
           .maxFramePayloadLength(WsSession.MAX_MESSAGE_BYTES)
           .allowExtensions(true)
-          .closeOnProtocolViolation(true)
+          // The session closes (1009 past the limit), as a dialling plugin's does.
+          .closeOnProtocolViolation(false)
           // Not UTF-8 is the session's to answer, with an error frame: the connection stays.
           .withUTF8Validator(false)
           .build();

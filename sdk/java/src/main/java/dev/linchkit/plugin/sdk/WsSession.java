@@ -21,6 +21,7 @@ import io.netty.handler.codec.TooLongFrameException;
 import io.netty.handler.codec.compression.DecompressionException;
 import io.netty.handler.codec.http.websocketx.BinaryWebSocketFrame;
 import io.netty.handler.codec.http.websocketx.CloseWebSocketFrame;
+import io.netty.handler.codec.http.websocketx.CorruptedWebSocketFrameException;
 import io.netty.handler.codec.http.websocketx.PingWebSocketFrame;
 import io.netty.handler.codec.http.websocketx.PongWebSocketFrame;
 import io.netty.handler.codec.http.websocketx.TextWebSocketFrame;
@@ -340,6 +341,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     // anything else (a reset, a corrupt frame the decoder already answered) ends the connection.
     if (isTooLarge(cause)) {
       closeNow(1009, "a message over " + MAX_MESSAGE_BYTES + " bytes");
+    } else if (cause instanceof CorruptedWebSocketFrameException corrupt && corrupt.closeStatus() != null) {
+      closeNow(corrupt.closeStatus().code(), "a frame this plugin cannot read");
     } else {
       ctx.close();
     }
