@@ -6,7 +6,7 @@ names the endpoint); the plugin is the example served by ``dispatcher-plugin ser
 own process, exporting through the standard ``OTEL_*`` variables. The example plugin of
 each SDK (``make sdks``: Python's too) is held to the same as a gRPC service: one span
 ``linchkit.plugin/<method>`` per call, with the same attributes in every language; over
-WebSocket (TypeScript's and Go's ``serve --websocket`` and ``connect``; Python's
+WebSocket (TypeScript's, Go's, Rust's and Java's ``serve --websocket`` and ``connect``; Python's
 in tests/test_python_plugin_spans.py) a call and a stream are traced the same.
 """
 
@@ -480,6 +480,8 @@ WEBSOCKET_CASES = [
     ("go", "connect"),
     ("rust", "serve --websocket"),
     ("rust", "connect"),
+    ("java", "serve --websocket"),
+    ("java", "connect"),
 ]
 WEBSOCKET_IDS = [f"{language}-{mode}" for language, mode in WEBSOCKET_CASES]
 WS_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
