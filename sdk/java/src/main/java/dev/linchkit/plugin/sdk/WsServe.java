@@ -19,7 +19,10 @@ import io.netty.handler.codec.http.DefaultFullHttpResponse;
 import io.netty.handler.codec.http.FullHttpRequest;
 import io.netty.handler.codec.http.FullHttpResponse;
 import io.netty.handler.codec.http.HttpHeaderNames;
-import io.netty.handler.codec.http.HttpObjectAggregator;
+import io.netty.handler.codec.http.DefaultFullHttpRequest;
+import io.netty.handler.codec.http.EmptyHttpHeaders;
+import io.netty.handler.codec.http.HttpObject;
+import io.netty.handler.codec.http.HttpRequest;
 import io.netty.handler.codec.http.HttpResponseStatus;
 import io.netty.handler.codec.http.HttpServerCodec;
 import io.netty.handler.codec.http.HttpVersion;
@@ -73,8 +76,8 @@ final class WsServe {
   static final int MAX_WAITING = 100;
   /** A head must be complete within this of the connection's opening (slowloris). */
   static final long HEAD_TIMEOUT_MS = 10_000;
-  /** The most of an upgrade request the server reads: a head, and a small body of a request that is none. */
-  static final int MAX_REQUEST_BYTES = 64 << 10;
+  /** How long a refused request's connection stays open after the answer, its body read and dropped. */
+  static final long LINGER_MS = 1_000;
 
   private final Plugin plugin;
   private final PluginService service;
@@ -123,7 +126,6 @@ final class WsServe {
             waitForHead(channel);
             channel.pipeline()
                 .addLast(new HttpServerCodec())
-                .addLast(new HttpObjectAggregator(MAX_REQUEST_BYTES))
                 .addLast(new WebSocketServerCompressionHandler(WsSession.MAX_MESSAGE_BYTES))
                 .addLast(new Upgrade());
           }
@@ -260,9 +262,22 @@ final class WsServe {
   }
 
   /** Reads one request: refuses it, or upgrades it and hands the connection to a session. */
-  private final class Upgrade extends SimpleChannelInboundHandler<FullHttpRequest> {
+  /**
+   * Reads one request's head: refuses it, or upgrades it and hands the connection to a session.
+   * Its body is never read whole, only dropped: a peer without the token is answered 401 by its
+   * head, however large a body follows (an aggregator answered a 100 KB one 413 and hung).
+   */
+  private final class Upgrade extends SimpleChannelInboundHandler<HttpObject> {
+    /** The head was answered: what follows (a body, another request) is dropped. */
+    private boolean answered;
+
     @Override
-    protected void channelRead0(ChannelHandlerContext ctx, FullHttpRequest request) {
+    protected void channelRead0(ChannelHandlerContext ctx, HttpObject message) {
+      if (answered || !(message instanceof HttpRequest head)) return;
+      answered = true;
+      FullHttpRequest request = new DefaultFullHttpRequest(head.protocolVersion(), head.method(), head.uri(),
+          Unpooled.EMPTY_BUFFER, head.headers(), EmptyHttpHeaders.INSTANCE);
+      request.setDecoderResult(head.decoderResult());
       headRead(ctx.channel());
       // The token first: a caller without it learns nothing else, not even whether the
       // plugin is stopping or what its request lacked.
@@ -371,6 +386,16 @@ final class WsServe {
     if (status == HttpResponseStatus.UNAUTHORIZED) response.headers().set(HttpHeaderNames.WWW_AUTHENTICATE, "Bearer");
     if (status == HttpResponseStatus.UPGRADE_REQUIRED) response.headers().set(HttpHeaderNames.UPGRADE, "websocket");
     if (retryAfter > 0) response.headers().set(HttpHeaderNames.RETRY_AFTER, retryAfter);
-    ctx.writeAndFlush(response).addListener(ChannelFutureListener.CLOSE);
+    // Its output shut, its input read and dropped a moment more, then closed: closed with a
+    // body still unread, the kernel would reset the connection and the answer could be lost.
+    Channel channel = ctx.channel();
+    ctx.writeAndFlush(response).addListener(written -> {
+      if (channel instanceof SocketChannel socket && written.isSuccess()) {
+        socket.shutdownOutput();
+        channel.eventLoop().schedule(() -> channel.close(), LINGER_MS, TimeUnit.MILLISECONDS);
+      } else {
+        channel.close();
+      }
+    });
   }
 }
