@@ -19,19 +19,32 @@ import java.io.StringReader;
 final class WsLifecycle {
   private WsLifecycle() {}
 
-  /** {@code --config} as the init hooks get it: {} when not given; refused unless a JSON object. */
+  /**
+   * {@code --config} as the init hooks get it: {} when not given; refused unless a JSON object,
+   * in every SDK's words ("is not valid JSON", "must be a JSON object"), never with its text: a
+   * config may hold a secret.
+   */
   static JsonObject config(String mode, String text) throws Handshake.HandshakeException {
     if (text == null) return new JsonObject();
+    JsonElement value = parsed(text);
+    if (value == null) throw new Handshake.HandshakeException(mode + ": --config is not valid JSON");
+    if (!value.isJsonObject()) {
+      throw new Handshake.HandshakeException(mode + ": --config must be a JSON object");
+    }
+    return value.getAsJsonObject();
+  }
+
+  /** One JSON value and nothing after it, or null. */
+  private static JsonElement parsed(String text) {
     JsonReader reader = new JsonReader(new StringReader(text));
     reader.setStrictness(Strictness.STRICT);
     reader.setNestingLimit(WireJson.MAX_DEPTH);
     try {
       JsonElement value = JsonParser.parseReader(reader);
-      if (reader.peek() == JsonToken.END_DOCUMENT && value.isJsonObject()) return value.getAsJsonObject();
+      return reader.peek() == JsonToken.END_DOCUMENT ? value : null;
     } catch (JsonParseException | IOException | IllegalStateException notJson) {
-      // said below, without the text: a config may hold a secret
+      return null;
     }
-    throw new Handshake.HandshakeException(mode + ": --config is not a JSON object");
   }
 
   /** The init hooks with {@code config}, then the start hooks; a failing one ends the command in one line. */
