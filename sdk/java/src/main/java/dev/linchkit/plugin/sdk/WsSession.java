@@ -59,13 +59,16 @@ import java.util.concurrent.TimeUnit;
  * session stops reading (TCP pushes back on the host) and holds what was read already; it stops
  * reading too while the socket takes no more of what it writes, so a host that does not read
  * costs its calls in flight and their answers, never a growing buffer, and one that takes
- * nothing for 1.5 heartbeats is dropped. A stream waits for the host's credit (a window of
- * {@link #STREAM_WINDOW} chunks). A message over {@link #MAX_MESSAGE_BYTES}, or one that
- * inflates past it, closes the connection 1009 (the pipeline's decoder, aggregator and
- * inflater count; this class closes).
+ * nothing for 1.5 heartbeats is dropped. The plugin's events wait while the socket takes no
+ * more, at most {@link #EVENTS_WAITING} of them, the oldest dropped first (said once on stderr
+ * per connection), as the Go and Rust SDKs' sessions and an Events stream do. A stream waits
+ * for the host's credit (a window of {@link #STREAM_WINDOW} chunks). A message over {@link
+ * #MAX_MESSAGE_BYTES}, or one that inflates past it, closes the connection 1009 (the pipeline's
+ * decoder, aggregator and inflater count; this class closes).
  *
  * <p>Writes never block the caller: every frame is handed to Netty, whose one event loop per
- * connection writes them in order. All state but {@link #calls} is the event loop's.
+ * connection writes them in order (events as the socket takes them). All state but {@link
+ * #calls} and {@link #events} is the event loop's.
  */
 final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** The largest message either way, as every SDK's (the dispatcher's default too). */
@@ -82,6 +85,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   static final long CLOSE_HANDSHAKE_WAIT_MS = 1_000;
   /** Events kept while no host is connected (every SDK's WebSocket modes). */
   static final int EVENT_BUFFER = 1000;
+  /** Event frames waiting while the socket takes no more; past them the oldest is dropped. */
+  static final int EVENTS_WAITING = PluginService.EVENTS_PER_STREAM;
 
   private final Plugin plugin;
   private final PluginService service;
@@ -98,6 +103,15 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   private final Map<Long, Call> calls = new ConcurrentHashMap<>();
   /** Calls read while {@link #MAX_IN_FLIGHT} ran: started as slots free. */
   private final ArrayDeque<Call> waiting = new ArrayDeque<>();
+  /**
+   * The plugin's event frames (and the {@code dropped} frame after those that waited for a
+   * host) not yet handed to the socket, oldest first; guarded by itself: emitted from any thread.
+   */
+  private final ArrayDeque<String> events = new ArrayDeque<>();
+  /** Events dropped from {@link #events} for a host that did not read them; under its lock. */
+  private long eventsDropped;
+  /** A flush of {@link #events} is queued on the event loop; under its lock. */
+  private boolean eventsFlushQueued;
   private int running;
   private Runnable unsubscribe = () -> {};
   private boolean closeSent;
@@ -187,7 +201,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     hello.add("streaming", streaming);
     send(hello.toString());
     if (!channel.isActive() || !host) return;
-    unsubscribe = plugin.addEventSink(this::sendEvent, dropped -> send("{\"type\":\"dropped\",\"count\":" + dropped + "}"));
+    unsubscribe = plugin.addEventSink(this::sendEvent, dropped -> queueEvent("{\"type\":\"dropped\",\"count\":" + dropped + "}"));
     // Closed meanwhile (end() ran before there was anything to unsubscribe): unsubscribe now.
     if (!channel.isActive()) unsubscribe.run();
     scheduleHeartbeat();
@@ -278,6 +292,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   public void channelWritabilityChanged(ChannelHandlerContext ctx) {
     if (channel.isWritable()) {
       unwritableSince = 0;
+      flushEvents();
       resumeReading();
     } else {
       unwritableSince = System.nanoTime();
@@ -588,7 +603,55 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     event.addProperty("type", "event");
     event.addProperty("event", name);
     event.add("data", data == null ? JsonNull.INSTANCE : data);
-    send(event.toString());
+    queueEvent(event.toString());
+  }
+
+  /**
+   * Queues an event frame, from any thread, and has the event loop hand what waits to the
+   * socket while it takes more. A method that emits never waits for the host; past {@link
+   * #EVENTS_WAITING} frames the oldest is dropped: handed straight to Netty, as before, every
+   * event for a host that reads nothing stayed in its outbound buffer until the heartbeat found
+   * the host stalled, 15 s of events later.
+   */
+  private void queueEvent(String frame) {
+    if (!channel.isActive()) return;
+    boolean firstDrop = false;
+    boolean flush;
+    synchronized (events) {
+      if (events.size() >= EVENTS_WAITING) {
+        events.poll();
+        firstDrop = eventsDropped++ == 0;
+      }
+      events.add(frame);
+      flush = !eventsFlushQueued;
+      eventsFlushQueued = true;
+    }
+    if (firstDrop) {
+      Log.SDK.warning("the host is not reading its Events stream; dropping the oldest events");
+    }
+    // Through the event loop's queue, behind the frames handed to it before (the hello first).
+    if (flush) channel.eventLoop().execute(this::flushEvents);
+  }
+
+  /**
+   * Hands the waiting event frames to the socket while it takes more. On the event loop; once
+   * the socket takes no more, {@link #channelWritabilityChanged} calls it again when it drains.
+   */
+  private void flushEvents() {
+    boolean wrote = false;
+    while (true) {
+      String frame;
+      synchronized (events) {
+        if (events.isEmpty() || !channel.isActive() || !channel.isWritable()) {
+          eventsFlushQueued = false;
+          break;
+        }
+        frame = events.poll();
+      }
+      channel.write(new TextWebSocketFrame(frame), channel.voidPromise());
+      wrote = true;
+    }
+    if (wrote) channel.flush();
   }
 
   private void error(Long id, String message) {
@@ -639,8 +702,14 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
 
   @Override
   public String toString() {
+    int eventsWaiting;
+    long dropped;
+    synchronized (events) {
+      eventsWaiting = events.size();
+      dropped = eventsDropped;
+    }
     return "WsSession(" + plugin.id() + ", calls=" + calls.size() + ", waiting=" + waiting.size()
-        + ", goaway=" + goneAway + ")";
+        + ", events_waiting=" + eventsWaiting + ", events_dropped=" + dropped + ", goaway=" + goneAway + ")";
   }
 
   /** The sessions of one server or dialler, for a stop to say goaway on each and wait for them. */

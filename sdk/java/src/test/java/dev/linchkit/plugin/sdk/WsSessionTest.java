@@ -3,12 +3,23 @@ package dev.linchkit.plugin.sdk;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import dev.linchkit.plugin.v1.CallRequest;
+import io.grpc.protobuf.services.HealthStatusManager;
+import io.netty.channel.embedded.EmbeddedChannel;
+import io.netty.handler.codec.http.websocketx.TextWebSocketFrame;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
 import org.junit.jupiter.api.Test;
 
-/** What a session reads of a frame; the frames on a connection: tests/conformance. */
+/**
+ * What a session reads of a frame, and what it holds for a host that does not read; the frames
+ * on a connection: tests/conformance.
+ */
 class WsSessionTest {
   @Test
   void anIdIsAnIntegerThatFitsALong() {
@@ -45,5 +56,59 @@ class WsSessionTest {
   void aPeersCloseReasonIsShownEscapedAndCut() {
     assertEquals("\\u001b[2J\\u000aINFO x", WsSession.shownReason("\u001b[2J\nINFO x"));
     assertEquals(201, WsSession.shownReason("y".repeat(500)).length());
+  }
+
+  /**
+   * A plugin that emits while its host reads nothing holds at most {@link
+   * PluginService#EVENTS_PER_STREAM} of those events, the oldest dropped first, as the Go and
+   * Rust SDKs do and as an Events stream does: before, each went to Netty's outbound buffer,
+   * which grew with every event until the heartbeat found the host stalled 15 s later.
+   */
+  @Test
+  void eventsForAHostThatDoesNotReadAreBoundedTheOldestDropped() {
+    Plugin plugin = new Plugin("example", "1.0.0", "java");
+    PluginService service = new PluginService(plugin, new HealthStatusManager(), true);
+    EmbeddedChannel channel = new EmbeddedChannel();
+    WsSession session = new WsSession(plugin, service, 1_000, channel);
+    channel.pipeline().addLast(session);
+    session.begin();
+    channel.runPendingTasks();
+    assertEquals("hello", type(frames(channel).get(0)));
+    // The host takes nothing: the socket's buffer is full (as a high water mark reached says).
+    channel.unsafe().outboundBuffer().setUserDefinedWritability(1, false);
+    int emitted = 3 * PluginService.EVENTS_PER_STREAM;
+    for (int seq = 0; seq < emitted; seq++) {
+      plugin.emit("tick", Map.of("seq", seq));
+      channel.runPendingTasks();
+    }
+    List<JsonObject> sent = frames(channel);
+    assertTrue(sent.isEmpty(), sent.size() + " events were written while the host took nothing");
+    // The host reads again: the newest events come, in order.
+    channel.unsafe().outboundBuffer().setUserDefinedWritability(1, true);
+    channel.runPendingTasks();
+    sent = frames(channel);
+    assertEquals(PluginService.EVENTS_PER_STREAM, sent.size());
+    int first = emitted - PluginService.EVENTS_PER_STREAM;
+    for (int i = 0; i < sent.size(); i++) {
+      assertEquals("event", type(sent.get(i)));
+      assertEquals(first + i, sent.get(i).getAsJsonObject("data").get("seq").getAsInt());
+    }
+    assertTrue(session.toString().contains("events_dropped=" + first), session.toString());
+    channel.finishAndReleaseAll();
+  }
+
+  private static String type(JsonObject frame) {
+    return frame.get("type").getAsString();
+  }
+
+  /** The frames the session has written since this was last asked. */
+  private static List<JsonObject> frames(EmbeddedChannel channel) {
+    List<JsonObject> frames = new ArrayList<>();
+    for (Object written; (written = channel.readOutbound()) != null; ) {
+      TextWebSocketFrame frame = (TextWebSocketFrame) written;
+      frames.add(JsonParser.parseString(frame.text()).getAsJsonObject());
+      frame.release();
+    }
+    return frames;
   }
 }
