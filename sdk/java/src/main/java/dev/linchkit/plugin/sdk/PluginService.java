@@ -343,13 +343,28 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       if (ended.get()) throw ctx.overError();
       out.send(chunk);
     };
-    Future<?> task = workers.submit(() -> {
+    Future<?> task = runStream(request.getMethod(), params, ctx, guarded, span, end);
+    watch(ctx, finished, () -> {
+      end.accept(ctx.overError());
+      task.cancel(true);
+    }, cancelled);
+    return finished;
+  }
+
+  /**
+   * Runs the streaming method on a worker, within {@code span} when traced, and ends the stream
+   * with {@code end}: null once it returned, else its error (its deadline's, when the method was
+   * interrupted because the call was over). Both bindings' streams run so.
+   */
+  private Future<?> runStream(String method, JsonElement params, CallContext ctx, Plugin.ChunkSink sink,
+      Tracing.CallSpan span, java.util.function.Consumer<Throwable> end) {
+    return workers.submit(() -> {
       try {
         if (span == null) {
-          plugin.invokeStream(request.getMethod(), params, ctx, guarded);
+          plugin.invokeStream(method, params, ctx, sink);
         } else {
           span.within(() -> {
-            plugin.invokeStream(request.getMethod(), params, ctx, guarded);
+            plugin.invokeStream(method, params, ctx, sink);
             return null;
           });
         }
@@ -358,11 +373,6 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         end.accept(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
       }
     });
-    watch(ctx, finished, () -> {
-      end.accept(ctx.overError());
-      task.cancel(true);
-    }, cancelled);
-    return finished;
   }
 
   /**
@@ -535,22 +545,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         out.onNext(item);
       }
     };
-    Future<?> task = workers.submit(() -> {
-      try {
-        Tracing.CallSpan traced = span.get();
-        if (traced == null) {
-          plugin.invokeStream(request.getMethod(), params, ctx, sink);
-        } else {
-          traced.within(() -> {
-            plugin.invokeStream(request.getMethod(), params, ctx, sink);
-            return null;
-          });
-        }
-        end.accept(null);
-      } catch (Throwable error) {
-        end.accept(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
-      }
-    });
+    Future<?> task = runStream(request.getMethod(), params, ctx, sink, span.get(), end);
     watch(ctx, finished, () -> {
       end.accept(ctx.overError());
       task.cancel(true);
