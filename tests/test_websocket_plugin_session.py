@@ -6,12 +6,16 @@ and keeps it once a waiter is cancelled: every later wait on it raises ``Cancell
 at once. When each call task wrote its own answer, the host cancelling one call whose
 answer waited for the socket ended another call's stream there, without its answer. One
 writer task per session now writes every frame; a cancelled call only gives up its own.
+
+The plugin's events for a host that reads nothing wait in a bounded queue, the oldest
+dropped past it, as in every SDK.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -22,6 +26,7 @@ import orjson
 import pytest
 
 from linchkit_plugin import Plugin
+from linchkit_plugin._ws_session import _SESSION_EVENT_QUEUE
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_server import WebSocketPluginServer
 
@@ -184,5 +189,64 @@ async def test_a_host_that_stops_reading_is_dropped_after_one_and_a_half_heartbe
             assert orjson.loads((await good.receive()).data)["type"] == "hello"
             await good.send_bytes(_frame("health", 2))
             assert orjson.loads((await good.receive()).data)["status"] == "serving"
+    finally:
+        await server.aclose(grace=0.5)
+
+
+async def test_events_for_a_host_that_does_not_read_keep_the_newest_1024(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The host stops reading until large answers fill the socket, then the plugin emits
+    # three times the bound. Before, the session kept the first 1,024 events and dropped the
+    # newest; it now keeps the newest, as the Go, Rust and Java SDKs and an Events stream do,
+    # and hands none to the socket while it takes no more.
+    plugin = BlobPlugin()
+    server = WebSocketPluginServer(PluginHost(plugin), plugin_id="blobs", version="1.0.0")
+    url = await server.start()
+    emitted = 3 * _SESSION_EVENT_QUEUE
+    try:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.ws_connect(url, max_msg_size=0) as socket,
+        ):
+            assert orjson.loads((await socket.receive()).data)["type"] == "hello"
+            (session,) = server.sessions
+            writing = session.socket._writer  # aiohttp's, for its transport's flow control
+            assert writing is not None
+            calls = 0
+            for call_id in range(1, 9):
+                await socket.send_bytes(_frame("call", call_id, "blob", {"size": BIG}))
+                calls += 1
+                await asyncio.sleep(0.3)  # written, and taken by the socket if it can
+                if writing.protocol.writing_paused:
+                    break
+            assert writing.protocol.writing_paused
+            await _until(lambda: session._draining)
+            with caplog.at_level(logging.WARNING, "linchkit_plugin.websocket"):
+                for seq in range(emitted):
+                    plugin.emit("tick", {"seq": seq})
+                await asyncio.sleep(0.1)  # the events sender's turn: it hands nothing over
+            assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
+            warnings = [r for r in caplog.records if "not reading" in r.getMessage()]
+            assert len(warnings) == 1, warnings
+            assert warnings[0].getMessage() == (
+                "the host is not reading its Events stream; dropping the oldest events"
+            )
+
+            # The host reads again: its answers, and the newest 1,024 events, in order.
+            answers = 0
+            ticks: list[int] = []
+            async with asyncio.timeout(30):
+                while answers < calls or len(ticks) < _SESSION_EVENT_QUEUE:
+                    frame = orjson.loads((await socket.receive()).data)
+                    if frame["type"] == "response":
+                        answers += 1
+                    elif frame["type"] == "event":
+                        ticks.append(frame["data"]["seq"])
+            assert ticks == list(range(emitted - _SESSION_EVENT_QUEUE, emitted))
+            # Nothing more waits: a health probe is answered next.
+            await socket.send_bytes(_frame("health", 99))
+            assert orjson.loads((await socket.receive()).data)["type"] == "health"
+            assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
     finally:
         await server.aclose(grace=0.5)

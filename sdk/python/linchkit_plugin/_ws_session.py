@@ -15,6 +15,12 @@ plugin's answers instead of growing a buffer here. A host that reads nothing at 
 not waited for for ever: a write it takes nothing of for ``STALL_HEARTBEATS`` heartbeats
 drops the connection, as the dispatcher drops a plugin that does so
 (``providers/websocket/writer.py``); the session ends, and a dialling plugin dials again.
+
+The plugin's events wait in a queue of their own while the socket takes no more (while the
+writer waits for it to drain), at most ``_SESSION_EVENT_QUEUE`` of them, the oldest dropped
+and counted past it (said once per session), as the Go, Rust and Java SDKs' sessions and an
+Events stream do. The events sender hands the writer one event at a time, so a call's
+answer waits behind one event at most, never behind every event emitted meanwhile.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ log = logging.getLogger("linchkit_plugin.websocket")
 
 Socket = web.WebSocketResponse[Any] | aiohttp.ClientWebSocketResponse[Any]
 
-#: Frames of one session's events waiting to be written; beyond it the newest is dropped.
+#: Frames of one session's events waiting to be written; beyond it the oldest is dropped.
 _SESSION_EVENT_QUEUE = 1024
 #: Frames given up by their senders that may wait in the writer's queue before it is pruned.
 _GIVEN_UP_KEPT = 64
@@ -105,7 +111,11 @@ class PluginSession:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._windows: dict[int, _Window] = {}
-        self._events: asyncio.Queue[bytes] = asyncio.Queue(_SESSION_EVENT_QUEUE)
+        #: Event frames not yet handed to the writer, oldest first (``queue_event``).
+        self._events: deque[bytes] = deque()
+        #: Done once ``_events`` has a frame for the idle events sender.
+        self._events_queued: asyncio.Future[None] | None = None
+        #: Events dropped from ``_events`` for a host that did not read them.
         self.events_dropped = 0
         self.protocol_errors = 0
         #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
@@ -118,6 +128,9 @@ class PluginSession:
         self._given_up = 0
         #: The writer waits for the socket to drain: senders wait for their frames.
         self._draining = False
+        #: Set while the writer does not wait for the socket: the events sender waits on it.
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._writer: asyncio.Task[None] | None = None
         self._writing_ended = False
         #: How long one write may wait for the socket to drain (None: no bound).
@@ -129,10 +142,18 @@ class PluginSession:
         self.close_reason = ""
 
     def queue_event(self, frame: bytes) -> None:
-        try:
-            self._events.put_nowait(frame)
-        except asyncio.QueueFull:  # a host that does not read: bounded, counted
+        """Queue an event frame for the host; never waits. Past ``_SESSION_EVENT_QUEUE``
+        frames waiting the oldest is dropped: a host that reads nothing gets the newest
+        events once it reads again, as from every SDK (this one used to keep the oldest)."""
+        if len(self._events) >= _SESSION_EVENT_QUEUE:
+            self._events.popleft()
+            if not self.events_dropped:
+                log.warning("the host is not reading its Events stream; dropping the oldest events")
             self.events_dropped += 1
+        self._events.append(frame)
+        queued = self._events_queued
+        if queued is not None and not queued.done():
+            queued.set_result(None)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -287,14 +308,25 @@ class PluginSession:
             self._windows.pop(call_id, None)
 
     async def _send_events(self) -> None:
+        """Hand the writer the waiting events, oldest first, one at a time and only while
+        the socket takes more: those that wait meanwhile stay in ``_events``, where the
+        bound applies, not in the writer's queue, ahead of the calls' answers."""
+        loop = asyncio.get_running_loop()
         while True:
-            frame = await self._events.get()
-            await self._send(frame)
+            if not self._events:
+                self._events_queued = loop.create_future()
+                await self._events_queued
+                continue
+            if self._draining:
+                await self._drained.wait()
+                continue
+            await self._send(self._events.popleft(), until_written=True)
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, *, until_written: bool = False) -> None:
         """Queue ``data`` for the writer; while the writer waits for the socket to drain,
-        wait for it to go out (a host that reads slowly slows the sender). A sender
-        cancelled before its frame's turn keeps it from being written."""
+        or always with ``until_written``, wait for it to go out (a host that reads slowly
+        slows the sender). A sender cancelled before its frame's turn keeps it from being
+        written."""
         if self._writing_ended:
             return  # the connection is gone: nobody to send to
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -302,7 +334,7 @@ class PluginSession:
         filled = self._outbox_filled
         if filled is not None and not filled.done():
             filled.set_result(None)
-        if not self._draining:
+        if not (self._draining or until_written):
             return
         try:
             await written
@@ -345,6 +377,7 @@ class PluginSession:
             if written.done():
                 continue  # its sender gave up before its turn: it is never written
             self._draining = True
+            self._drained.clear()
             try:
                 async with asyncio.timeout(self.stall_after):
                     await self.socket.send_frame(data, WSMsgType.TEXT)
@@ -355,6 +388,7 @@ class PluginSession:
                 return
             finally:
                 self._draining = False
+                self._drained.set()
             if not written.done():
                 written.set_result(None)
 
@@ -387,7 +421,8 @@ class PluginSession:
 
     def __repr__(self) -> str:
         return (
-            f"<PluginSession in_flight={len(self._tasks)} protocol_errors={self.protocol_errors}>"
+            f"<PluginSession in_flight={len(self._tasks)} events_waiting={len(self._events)}"
+            f" events_dropped={self.events_dropped} protocol_errors={self.protocol_errors}>"
         )
 
 
