@@ -17,6 +17,9 @@
  * generator, its `finally` run, as over gRPC), streams honour the host's `credit` (a window
  * of 256 chunks), `health`
  * is answered, host `event`s reach `plugin.on` handlers and the plugin's events go out.
+ * Those wait in a queue per connection while the socket takes no more (`ws` holds
+ * `EVENTS_HIGH_WATER` bytes unsent), at most `EVENTS_WAITING` of them, the oldest dropped and
+ * counted past it (said once on stderr), as the Go, Rust and Java SDKs and an Events stream do.
  * Events emitted while no host is connected wait, the newest `MAX_BUFFERED_EVENTS` of them, and
  * go to the next host followed by a `dropped` frame with the count lost, if any. Given
  * a `Tracing`, each call and each stream runs in its span, as over gRPC (tracing.ts): a
@@ -50,6 +53,16 @@ export const MAX_IN_FLIGHT = 1024;
 const MAX_FRAME_DEPTH = MAX_DEPTH + 2;
 /** Bytes queued on a socket the host does not read before the session stops reading calls. */
 const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
+/**
+ * The plugin's event frames one connection keeps while the socket takes no more; past it the
+ * oldest is dropped (EVENTS_PER_STREAM in server.ts: an Events stream's bound, every SDK's).
+ */
+export const EVENTS_WAITING = 1024;
+/**
+ * Bytes `ws` may hold unsent before the session hands it no more events: past it the host is
+ * not keeping up, and a call's answer sent meanwhile waits behind at most this much of them.
+ */
+export const EVENTS_HIGH_WATER = 64 * 1024;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /**
  * Events the plugin keeps while no host is connected, the oldest dropped and counted past
@@ -102,6 +115,9 @@ export class Session {
   private paused = false;
   private draining = false;
   private readonly backlog: RawData[] = [];
+  /** The plugin's event frames not yet handed to `ws`, oldest first (`queueEvent`). */
+  private readonly events: Buffer[] = [];
+  private dropped = 0;
   /** The gateway accepted the hello (reverse mode): only then the redial backoff resets. */
   welcomed = false;
   /** Resolves once the socket has closed, however. */
@@ -130,8 +146,8 @@ export class Session {
       streaming: methods.filter((method) => method.streaming).map((method) => method.name).sort(),
     });
     this.unsubscribe = plugin.addEventSink(
-      (name, data) => this.send({ type: 'event', event: name, data }),
-      (count) => this.send({ type: 'dropped', count }),
+      (name, data) => this.queueEvent({ type: 'event', event: name, data }),
+      (count) => this.queueEvent({ type: 'dropped', count }),
     );
     this.socket.on('message', (data: RawData) => {
       // pause() stops the socket, not the messages ws already read: those wait here.
@@ -143,6 +159,7 @@ export class Session {
     this.socket.on('error', () => undefined);
     this.socket.once('close', () => {
       this.unsubscribe();
+      this.events.length = 0;
       for (const controller of this.calls.values()) controller.abort(new DeadlineExceeded('the connection closed'));
       this.calls.clear();
     });
@@ -163,11 +180,44 @@ export class Session {
     await this.ended;
   }
 
+  /** Events dropped on this connection for a host that did not read them. */
+  get eventsDropped(): number {
+    return this.dropped;
+  }
+
   private send(frame: JsonObject): void {
     if (this.socket.readyState !== WebSocket.OPEN) return;
     // ws queues what the peer has not taken without limit: past MAX_BUFFERED_BYTES stop
     // reading calls until it drained, so a host that never reads cannot grow this process.
-    this.socket.send(encodeJson(frame), { binary: false }, () => this.flow());
+    this.socket.send(encodeJson(frame), { binary: false }, () => this.flushEvents());
+    this.flow();
+  }
+
+  /**
+   * Queue one of the plugin's event frames; never waits for the host. Each used to go
+   * straight to ws, whose buffer grew with every event for a host that reads nothing: they
+   * now wait here, the oldest dropped past EVENTS_WAITING.
+   */
+  private queueEvent(frame: JsonObject): void {
+    if (this.socket.readyState !== WebSocket.OPEN) return;
+    const data = encodeJson(frame);
+    if (this.events.length >= EVENTS_WAITING) {
+      this.events.shift();
+      if (this.dropped++ === 0) log.warn('the host is not reading its Events stream; dropping the oldest events');
+    }
+    this.events.push(data);
+    this.flushEvents();
+  }
+
+  /**
+   * Hand ws the waiting events while the socket takes them. Once it holds EVENTS_HIGH_WATER
+   * bytes unsent, what it holds has send callbacks to come: the last one, called as the
+   * socket drains, calls this again.
+   */
+  private flushEvents(): void {
+    while (this.events.length > 0 && this.socket.readyState === WebSocket.OPEN && this.socket.bufferedAmount < EVENTS_HIGH_WATER) {
+      this.socket.send(this.events.shift() as Buffer, { binary: false }, () => this.flushEvents());
+    }
     this.flow();
   }
 
