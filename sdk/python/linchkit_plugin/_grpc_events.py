@@ -78,10 +78,8 @@ def _offer(queue: EventQueue, payload: tuple[str, bytes]) -> None:
         queue.get_nowait()
         dropped = _dropped.get(queue, 0)
         if not dropped:
-            log.warning(
-                "the host is not reading its Events stream; dropping the oldest events past %d",
-                EVENTS_PER_STREAM,
-            )
+            # Every SDK's words (the WebSocket sessions' too), so one search finds them all.
+            log.warning("the host is not reading its Events stream; dropping the oldest events")
         _dropped[queue] = dropped + 1
     queue.put_nowait(payload)
 
