@@ -1,5 +1,5 @@
 //! RFC 6455 framing and RFC 7692 permessage-deflate, without I/O: bytes in, messages out
-//! ([`Decoder`]), messages in, bytes out ([`Encoder`]). The connection (`super::link`)
+//! ([`Decoder`]), messages in, bytes out ([`Encoder`]). The connection (`super::session`)
 //! feeds what it reads and writes what these give back; everything a peer can get wrong
 //! is decided here, and tested synchronously.
 //!
