@@ -423,6 +423,18 @@ def serve_command(*args: str) -> list[str]:
     ]
 
 
+def run_serve(*args: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    """``serve`` with ``args``, run to its end (30 s at most), in this process's environment
+    with ``environment`` added."""
+    return subprocess.run(
+        serve_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+
+
 def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
     for _ in range(300):
         if path.exists():
@@ -516,21 +528,10 @@ def test_serve_without_a_token_serves_anyone_and_says_so(tmp_path: Path) -> None
 
 def test_serve_refuses_an_empty_token_file_and_a_bad_limit(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("\n")
-    empty = subprocess.run(
-        serve_command("--token-file", str(tmp_path / "token")),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    empty = run_serve("--token-file", str(tmp_path / "token"))
     assert empty.returncode == 1
     assert "token" in empty.stderr and "empty" in empty.stderr
-    bad = subprocess.run(
-        serve_command(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "LINCHKIT_PLUGIN_MAX_BATCH_ITEMS": "lots"},
-    )
+    bad = run_serve(LINCHKIT_PLUGIN_MAX_BATCH_ITEMS="lots")
     assert bad.returncode == 1
     assert "LINCHKIT_PLUGIN_" in bad.stderr
 
@@ -640,12 +641,7 @@ def test_serve_refuses_a_log_level_it_does_not_know(websocket: bool) -> None:
     uvicorn's ``KeyError`` and its traceback, once the plugin had started (HTTP), or the
     level dropped and the plugin served (--websocket)."""
     flags = ["--websocket"] if websocket else []
-    done = subprocess.run(
-        serve_command(*flags, "--port", "0", "--log-level", "verbose"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_serve(*flags, "--port", "0", "--log-level", "verbose")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "dispatcher-plugin serve: error: argument --log-level: invalid choice: 'verbose'"
@@ -682,13 +678,7 @@ def test_serve_websocket_refuses_the_http_server_s_tls_and_socket_flags(
     served plain ws:// on --host/--port (an operator who asked for TLS got none); then it
     refused them with status 1, and a flag given the value of its variable was named as
     the variable."""
-    done = subprocess.run(
-        serve_command("--websocket", "--port", "0", *given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **environment},
-    )
+    done = run_serve("--websocket", "--port", "0", *given, **environment)
     assert_a_usage_error(done, said)
     assert ".pem" not in done.stderr and "never.sock" not in done.stderr
 
@@ -702,13 +692,7 @@ def test_serve_websocket_refuses_the_http_server_s_tls_and_socket_variables(
 ) -> None:
     """From the environment they are no usage error: one line naming the variable, status
     1, as a WebSocket server told to register by ``LINCHKIT_REGISTER_ETCD`` is refused."""
-    done = subprocess.run(
-        serve_command("--websocket", "--port", "0"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, variable: value},
-    )
+    done = run_serve("--websocket", "--port", "0", **{variable: value})
     assert_one_error_line(done, f"{variable}: {NOT_OVER_WEBSOCKET}, whose server listens on")
 
 
@@ -739,13 +723,7 @@ def test_serve_websocket_refuses_a_limit_flag_it_would_not_apply(
     unsaid: an operator who set --max-body-bytes believed it in force. Then it refused one
     with status 1 when its value was not the default, named as its variable when the
     variable had the same value."""
-    done = subprocess.run(
-        serve_command("--websocket", "--port", "0", *given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **environment},
-    )
+    done = run_serve("--websocket", "--port", "0", *given, **environment)
     assert_a_usage_error(done, f"{said} {NOT_OVER_WEBSOCKET}")
 
 
@@ -770,13 +748,7 @@ def test_serve_websocket_refuses_a_limit_flag_it_would_not_apply(
 def test_serve_websocket_refuses_a_limit_variable_or_a_limit_it_cannot_apply(
     given: list[str], environment: dict[str, str], said: str
 ) -> None:
-    done = subprocess.run(
-        serve_command("--websocket", "--port", "0", *given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **environment},
-    )
+    done = run_serve("--websocket", "--port", "0", *given, **environment)
     assert_one_error_line(done, said)
 
 
@@ -816,13 +788,7 @@ def test_serve_over_websocket_by_its_variable_names_the_variable(
     """WebSocket from ``LINCHKIT_PLUGIN_WEBSOCKET``, not the flag: a refusal names the
     variable, and how to serve over HTTP is to unset it. Before, every one said
     "(--websocket)", a flag the operator never typed."""
-    done = subprocess.run(
-        serve_command("--port", "0", *given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "LINCHKIT_PLUGIN_WEBSOCKET": "1", **environment},
-    )
+    done = run_serve("--port", "0", *given, LINCHKIT_PLUGIN_WEBSOCKET="1", **environment)
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith(said), done.stderr
     assert "--websocket" not in line, line
@@ -833,12 +799,8 @@ def test_serve_over_websocket_by_its_variable_names_the_variable(
 
 def test_serve_over_websocket_by_its_flag_and_its_variable_names_the_flag() -> None:
     """Typed, the flag is what the operator gave, whatever the environment says too."""
-    done = subprocess.run(
-        serve_command("--port", "0", "--websocket", "--register-prefix", "/p"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "LINCHKIT_PLUGIN_WEBSOCKET": "1"},
+    done = run_serve(
+        "--port", "0", "--websocket", "--register-prefix", "/p", LINCHKIT_PLUGIN_WEBSOCKET="1"
     )
     assert_a_usage_error(done, f"argument --register-prefix: {NOT_OVER_WEBSOCKET}")
 
@@ -859,25 +821,13 @@ def test_serve_names_a_number_variable_that_is_none(variable: str, text: str, sa
     ``Error: a LINCHKIT_PLUGIN_* setting is not a number: invalid literal for int() with
     base 10: 'http'``, which named none, and ``connect``, which reads neither, ended so
     too."""
-    done = subprocess.run(
-        serve_command(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, variable: text},
-    )
+    done = run_serve(**{variable: text})
     assert_one_error_line(done, said)
 
 
 def test_a_number_variable_that_is_none_is_not_read_past_its_flag_or_by_connect() -> None:
     """Its flag typed wins over it, and ``connect`` reads no such variable: neither ends on it."""
-    done = subprocess.run(
-        serve_command("--port", "99999"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "LINCHKIT_PLUGIN_PORT": "http"},
-    )
+    done = run_serve("--port", "99999", LINCHKIT_PLUGIN_PORT="http")
     assert_one_error_line(done, "--port must be in 0-65535")
     done = subprocess.run(
         [
@@ -912,13 +862,7 @@ def test_serve_names_a_limit_it_refuses_as_it_was_given(
 ) -> None:
     """The flag when typed, the variable when it came from the environment. Before, the
     ``ServerLimits`` field (``max_body_bytes must be at least 1``), typed nowhere."""
-    done = subprocess.run(
-        serve_command("--port", "0", *given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **environment},
-    )
+    done = run_serve("--port", "0", *given, **environment)
     assert_one_error_line(done, said)
 
 
@@ -937,13 +881,7 @@ def test_serve_names_where_it_cannot_listen_as_it_was_given(
 ) -> None:
     """Before, ``--port`` and ``--host`` whichever gave them: an operator who set only the
     variable looked for a flag on a command line that had none."""
-    done = subprocess.run(
-        serve_command(*given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **environment},
-    )
+    done = run_serve(*given, **environment)
     assert_one_error_line(done, said)
 
 
@@ -971,13 +909,7 @@ def test_serve_names_a_config_it_cannot_use_and_shows_none_of_it(
     """The flag when typed, the variable when it came from the environment, never its
     text (a config may hold a secret), as every SDK's example plugin names its --config
     (tests/conformance/test_serve_cli.py). Before: orjson's message alone, naming neither."""
-    done = subprocess.run(
-        serve_command("--port", "0", *given),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **environment},
-    )
+    done = run_serve("--port", "0", *given, **environment)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip() == said or done.stderr.startswith(said), done.stderr
     assert "s3cr3t" not in done.stderr and done.stdout == ""

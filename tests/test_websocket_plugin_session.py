@@ -18,7 +18,7 @@ import base64
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -63,6 +63,22 @@ async def _until(condition: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.005)
 
 
+async def _stall_the_socket(socket: Any, writing: Any, call_ids: Iterable[int]) -> list[int]:
+    """Send a large call under each of ``call_ids`` while the host reads nothing, until the
+    session's socket takes no more writes: the ids sent. aiohttp's reader stops taking from
+    the socket once a whole answer waits in its queue, so large answers fill the socket's
+    buffers until the last one waits for them to drain."""
+    sent = []
+    for call_id in call_ids:
+        await socket.send_bytes(_frame("call", call_id, "blob", {"size": BIG}))
+        sent.append(call_id)
+        await asyncio.sleep(0.3)  # written, and taken by the socket if it can
+        if writing.protocol.writing_paused:
+            break
+    assert writing.protocol.writing_paused
+    return sent
+
+
 async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_other() -> None:
     server = WebSocketPluginServer(PluginHost(BlobPlugin()), plugin_id="blobs", version="1.0.0")
     url = await server.start()
@@ -75,16 +91,9 @@ async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_
             (session,) = server.sessions
             writing = session.socket._writer  # aiohttp's, for its transport's flow control
             assert writing is not None
-            # The host reads nothing from here on: aiohttp's reader stops taking from the
-            # socket once a whole answer waits in its queue. Large answers fill the
-            # socket's buffers until the last one waits for them to drain.
+            # The host reads nothing from here on.
             big = [1, 3, 5, 7]
-            for call_id in big:
-                await socket.send_bytes(_frame("call", call_id, "blob", {"size": BIG}))
-                await asyncio.sleep(0.3)  # written, and taken by the socket if it can
-                if writing.protocol.writing_paused:
-                    break
-            assert writing.protocol.writing_paused
+            await _stall_the_socket(socket, writing, big)
             # Stream 2 starts behind them; then the host cancels the large calls.
             await socket.send_bytes(_frame("stream", 2, "blobs", {"n": CHUNKS, "size": CHUNK}))
             await _until(lambda: 2 in session._tasks)
@@ -213,14 +222,7 @@ async def test_events_for_a_host_that_does_not_read_keep_the_newest_1024(
             (session,) = server.sessions
             writing = session.socket._writer  # aiohttp's, for its transport's flow control
             assert writing is not None
-            calls = 0
-            for call_id in range(1, 9):
-                await socket.send_bytes(_frame("call", call_id, "blob", {"size": BIG}))
-                calls += 1
-                await asyncio.sleep(0.3)  # written, and taken by the socket if it can
-                if writing.protocol.writing_paused:
-                    break
-            assert writing.protocol.writing_paused
+            calls = len(await _stall_the_socket(socket, writing, range(1, 9)))
             await _until(lambda: session._draining)
             with caplog.at_level(logging.WARNING, "linchkit_plugin.websocket"):
                 for seq in range(emitted):
