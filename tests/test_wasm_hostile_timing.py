@@ -440,7 +440,12 @@ async def test_an_attach_given_up_while_its_start_code_runs_leaves_no_thread(
 
     async with Dispatcher(manifest(plugin(module))) as dispatcher:
         reload = asyncio.create_task(dispatcher.reload(manifest(plugin(module), slow)))
-        await until(threads, "the attach's thread")
+        # Before the attach's thread: a child process runs the same start code first
+        # (providers.wasm.trial), which a starved machine can make slow (CI once waited
+        # past 30 s). A reload that ended instead says how.
+        await until(lambda: threads() or reload.done(), "the attach's thread", timeout=90)
+        if reload.done():
+            pytest.fail(f"the reload ended before its attach started a thread: {reload!r}")
         await asyncio.sleep(0.2)
         reload.cancel()
         with pytest.raises(asyncio.CancelledError):
