@@ -16,7 +16,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from dispatcher import DeadlineExceeded, Dispatcher, Overloaded, TargetUnavailable
-from linchkit_plugin.ws_protocol import hello_frame
+from linchkit_plugin.ws_protocol import MAX_MESSAGE_BYTES_HEADER, hello_frame
 from tests.conftest import manifest
 
 Script = Callable[[web.WebSocketResponse], Awaitable[None]]
@@ -24,8 +24,15 @@ HELLO = hello_frame("liar", "1.0.0", ["echo"])
 
 
 @contextlib.asynccontextmanager
-async def scripted(script: Script, **target: Any) -> AsyncIterator[Dispatcher]:
+async def scripted(
+    script: Script, *, upgrades: list[web.Request] | None = None, **target: Any
+) -> AsyncIterator[Dispatcher]:
+    """A dispatcher dialling a plugin that runs ``script`` on each connection; each
+    connection's upgrade request into ``upgrades``."""
+
     async def handler(request: web.Request) -> web.WebSocketResponse:
+        if upgrades is not None:
+            upgrades.append(request)
         ws = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024)
         await ws.prepare(request)
         with contextlib.suppress(ConnectionError):
@@ -82,6 +89,23 @@ async def answer_calls(ws: web.WebSocketResponse, before: Callable[[int], list[b
             await ws.send_str(
                 orjson.dumps({"type": "response", "id": frame["id"], "response": response}).decode()
             )
+
+
+@pytest.mark.parametrize("bound", [None, 65_536], ids=["default", "set"])
+async def test_the_upgrade_tells_the_plugin_the_largest_message_the_host_reads(
+    bound: int | None,
+) -> None:
+    """Its target's ``max_message_bytes``, so that the plugin refuses its own larger answer
+    as that call's ``too_large`` error: sent, it would close the connection (1009) under
+    every call on it."""
+    upgrades: list[web.Request] = []
+    target = {} if bound is None else {"max_message_bytes": bound}
+    async with scripted(
+        lambda ws: answer_calls(ws, lambda _: []), upgrades=upgrades, **target
+    ) as d:
+        assert await d.call("liar", "echo", {"n": 1}) == {"n": 1}
+    (upgrade,) = upgrades
+    assert upgrade.headers[MAX_MESSAGE_BYTES_HEADER] == str(bound or 8 * 1024 * 1024)
 
 
 async def test_garbage_and_unknown_ids_are_counted_and_dropped_calls_still_answer() -> None:

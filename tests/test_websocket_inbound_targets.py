@@ -227,6 +227,21 @@ async def test_an_answer_over_its_methods_bound_fails_that_call_and_no_other(
         assert channel.in_flight == 0
 
 
+async def test_the_welcome_tells_the_plugin_the_largest_message_the_connection_reads() -> None:
+    """The largest of its targets' bounds, which the connection reads up to: a plugin
+    refuses its own larger answer, typed, rather than have the connection closed (1009)
+    under every call on it. Each call's own, smaller bound stays the gateway's to hold."""
+    async with (
+        gateway_of(several(narrow_first=True)) as (_, url),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers=MULTI_HEADERS) as socket,
+    ):
+        await socket.send_bytes(hello_frame("multi", "1.0.0", ["wide", "narrow"]))
+        welcome = orjson.loads((await socket.receive(timeout=5)).data)
+        assert welcome["type"] == "welcome"
+        assert welcome["max_message_bytes"] == WIDE_BYTES
+
+
 @pytest.mark.parametrize("narrow_first", [True, False], ids=["narrow first", "wide first"])
 async def test_a_call_is_refused_over_its_own_methods_bound_before_it_is_sent(
     narrow_first: bool,

@@ -355,10 +355,17 @@ async def _refuse(socket: Socket, code: int, reason: str) -> None:
 
 
 async def _welcome(connection: InboundConnection) -> None:
-    """Tell the plugin the name of its instance; the channel closed if that fails."""
+    """Tell the plugin the name of its instance and the largest message the gateway reads
+    of it (a larger answer it refuses itself, typed, rather than have the connection
+    closed under every call on it); the channel closed if that fails."""
     channel = connection.channel
+    welcome = {
+        "type": "welcome",
+        "instance": connection.key,
+        "max_message_bytes": channel.max_message_bytes,
+    }
     try:
-        await channel.send_event(encode_frame({"type": "welcome", "instance": connection.key}))
+        await channel.send_event(encode_frame(welcome))
     except TargetUnavailable:
         await channel.close()  # and its writer with it
         raise

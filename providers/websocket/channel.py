@@ -198,6 +198,11 @@ class Channel:
         return self._reader.protocol_errors
 
     @property
+    def max_message_bytes(self) -> int:
+        """The largest message the socket reads: what the plugin is told to send at most."""
+        return self._bounds.own.max_message_bytes
+
+    @property
     def events_dropped(self) -> int:
         """The plugin's events beyond ``max_events_per_second``, dropped."""
         return self._events.dropped

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 
 from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError, TargetUnavailable
-from linchkit_plugin.ws_protocol import encode_frame
+from linchkit_plugin.ws_protocol import MAX_MESSAGE_BYTES_HEADER, encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.served import served_names
@@ -208,7 +208,7 @@ class DialedPlugin:
     async def _dial(self) -> Channel:
         target = self.target
         assert target.url is not None
-        headers = {}
+        headers = {MAX_MESSAGE_BYTES_HEADER: str(target.max_message_bytes)}
         if target.token is not None:
             headers["Authorization"] = f"Bearer {target.token.get_secret_value()}"
         heartbeat = target.heartbeat_ms / 1000

@@ -35,6 +35,7 @@ __all__ = [
     "GOAWAY_GRACE",
     "HELLO_TIMEOUT",
     "MAX_FRAME_DEPTH",
+    "MAX_MESSAGE_BYTES_HEADER",
     "PLUGIN_ID_HEADER",
     "PLUGIN_VERSION_HEADER",
     "SHOWN_REASON_CHARS",
@@ -86,6 +87,12 @@ MAX_FRAME_DEPTH: Final = MAX_PARAMS_DEPTH + 2
 #: Headers of the upgrade request a plugin dialling the gateway sends (reverse mode).
 PLUGIN_ID_HEADER: Final = "X-Plugin-Id"
 PLUGIN_VERSION_HEADER: Final = "X-Plugin-Version"
+
+#: The largest message the host reads, announced so that a plugin refuses its own larger
+#: answer as that call's ``too_large`` error instead of sending it (which would close the
+#: connection, 1009, failing every call on it): a header of the host's upgrade request in
+#: dial mode; in reverse mode the ``welcome`` frame's ``max_message_bytes``.
+MAX_MESSAGE_BYTES_HEADER: Final = "LinchKit-Max-Message-Bytes"
 
 
 class FrameError(ProviderError):
