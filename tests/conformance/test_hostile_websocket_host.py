@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import WSMsgType, web
 
+from linchkit_plugin.ws_protocol import MAX_MESSAGE_BYTES_HEADER
 from tests.conformance.conftest import (
     LANGUAGES,
     WEBSOCKET_MODES,
@@ -43,6 +44,8 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_IN_FLIGHT = 1024
 TIMEOUT = 10.0
 MARKER = "hostile-marker-do-not-echo"
+#: ``Link.connect``'s cap when the host says none.
+UNSAID: Any = object()
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -75,8 +78,10 @@ class Link:
         self.next_id += 1
         return self.next_id
 
-    async def connect(self) -> Any:
-        """A new connection whose hello has been read (the previous one closed)."""
+    async def connect(self, *, cap: Any = UNSAID) -> Any:
+        """A new connection whose hello has been read (the previous one closed); ``cap``:
+        the largest message this host says it reads (serve: the upgrade's header, as
+        given; connect: the welcome's ``max_message_bytes``), unless UNSAID."""
         await self.close()
         if self.mode == "serve":
             assert self.client is not None
@@ -85,6 +90,7 @@ class Link:
                 max_msg_size=64 * 1024 * 1024,
                 autoping=True,
                 compress=15 if self.deflate else 0,
+                headers={} if cap is UNSAID else {MAX_MESSAGE_BYTES_HEADER: cap},
             )
         else:
             async with asyncio.timeout(TIMEOUT):
@@ -101,7 +107,10 @@ class Link:
         assert hello["type"] == "hello", hello
         assert hello["id"] == "example", hello
         if self.mode == "connect":
-            await ws.send_str(orjson.dumps({"type": "welcome", "instance": "x"}).decode())
+            welcome = {"type": "welcome", "instance": "x"}
+            if cap is not UNSAID:
+                welcome["max_message_bytes"] = cap
+            await ws.send_str(orjson.dumps(welcome).decode())
         return ws
 
     async def close(self, *, abort: bool = False) -> None:
@@ -328,6 +337,39 @@ async def test_params_250_deep_still_echo(link: Link) -> None:
         deep = [deep]
     await send(ws, {"type": "call", "id": call_id, "request": request("echo", deep)})
     assert (await response(ws, call_id))["ok"] is True
+
+
+async def test_a_cap_the_host_announces_bounds_the_plugin_s_answers(link: Link) -> None:
+    """An answer over the host's cap is that call's ``too_large`` error, not sent: the
+    host would close the connection (1009) under every call on it."""
+    ws = await link.connect(cap="2048" if link.mode == "serve" else 2048)
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 4000)})
+    answer = await response(ws, call_id)
+    assert answer["ok"] is False, answer
+    error = answer["error"]
+    assert error["type"] == "provider_error" and not error.get("retryable"), error
+    assert error["details"]["reason"] == "too_large", error
+    assert error["details"]["limit"] == 2048 and error["details"]["bytes"] > 4000, error
+    assert "the result of echo" in error["message"], error
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 1000)})
+    assert await response(ws, call_id) == {"ok": True, "result": "x" * 1000}
+
+
+HEADER_CAPS = ["1023", "abc", "-5", "+4096", "1e6", "12.5", "99999999999999999", ""]
+WELCOME_CAPS: list[Any] = [1023, "4096", 12.5, -1, True, None, 2**60, [4096]]
+
+
+@pytest.mark.parametrize("which", range(len(HEADER_CAPS)))
+async def test_a_cap_that_is_no_valid_one_leaves_the_plugin_s_own(link: Link, which: int) -> None:
+    """Below 1,024, not a plain decimal integer, past 2**53: ignored, not taken as a
+    smaller bound (nor the connection ended); the plugin's own 8 MiB stays."""
+    cap = HEADER_CAPS[which] if link.mode == "serve" else WELCOME_CAPS[which]
+    ws = await link.connect(cap=cap)
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 4000)})
+    assert await response(ws, call_id) == {"ok": True, "result": "x" * 4000}
 
 
 async def test_a_long_method_name_is_not_found_and_not_echoed(link: Link) -> None:
