@@ -123,7 +123,9 @@ class WebSocketTarget(TargetConfig):
         ge=1024,
         le=1 << 30,
         description="The largest message of a call, and of its answer (a call over it:"
-        " invalid_params; an answer: the connection closes, 1009). inbound, with several"
+        " invalid_params). Told to the plugin, which refuses its own larger answer as that"
+        " call's provider_error (too_large) and keeps the connection; a plugin that sends"
+        " one all the same has the connection closed (1009). inbound, with several"
         " targets: the connection reads up to the largest of theirs, and an answer over"
         " its own call's target's fails that call (provider_error).",
     )
