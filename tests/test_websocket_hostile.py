@@ -173,6 +173,84 @@ async def test_a_call_larger_than_the_limit_is_refused_before_it_is_sent() -> No
         assert await d.call("liar", "echo", {"small": 1}) == {"small": 1}
 
 
+def hello_reading(cap: Any) -> bytes:
+    """A hello saying the plugin reads messages of up to ``cap`` bytes."""
+    hello = orjson.loads(HELLO)
+    hello["max_message_bytes"] = cap
+    return orjson.dumps(hello)
+
+
+def answering_with(hello: bytes, calls: list[Any], events: list[Any]) -> Script:
+    """A plugin that says ``hello``, then answers each call with its params (each call's
+    params into ``calls``, each host event's data into ``events``)."""
+
+    async def script(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(hello)
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                return
+            frame = orjson.loads(message.data)
+            if frame["type"] == "event":
+                events.append(frame["data"])
+            elif frame["type"] == "call":
+                calls.append(frame["request"]["params"])
+                answer = {"ok": True, "result": frame["request"]["params"]}
+                await ws.send_str(
+                    orjson.dumps(
+                        {"type": "response", "id": frame["id"], "response": answer}
+                    ).decode()
+                )
+
+    return script
+
+
+async def test_a_call_larger_than_the_plugin_says_it_reads_is_refused_before_it_is_sent() -> None:
+    """Its hello's ``max_message_bytes``, below the target's: the call is the caller's
+    ``too_large`` error, never sent (sent, the plugin would close the connection under
+    every call on it), and the connection stays."""
+    from dispatcher import InvalidParams
+
+    calls: list[Any] = []
+    async with scripted(answering_with(hello_reading(4096), calls, [])) as d:
+        with pytest.raises(InvalidParams, match="the plugin reads") as refused:
+            await d.call("liar", "echo", {"blob": "y" * 5000})
+        assert refused.value.details["reason"] == "too_large"
+        assert refused.value.details["limit"] == 4096
+        assert not refused.value.retryable
+        assert await d.call("liar", "echo", {"small": 1}) == {"small": 1}
+        assert calls == [{"small": 1}]
+        assert channel_of(d).plugin_reads == 4096
+
+
+async def test_a_host_event_larger_than_the_plugin_says_it_reads_is_refused_and_the_next_goes() -> (
+    None
+):
+    from dispatcher import InvalidParams
+
+    events: list[Any] = []
+    async with scripted(answering_with(hello_reading(4096), [], events)) as d:
+        assert await d.call("liar", "echo", {"up": 1}) == {"up": 1}
+        with pytest.raises(InvalidParams, match="the plugin reads") as refused:
+            await d.publish("liar", "large", "z" * 5000)
+        assert refused.value.details["reason"] == "too_large"
+        await d.publish("liar", "small", 1)
+        async with asyncio.timeout(5):
+            while not events:  # noqa: ASYNC110 (another side's socket: polled)
+                await asyncio.sleep(0.01)
+        assert events == [1]
+        assert not channel_of(d).closed
+
+
+@pytest.mark.parametrize("cap", [1023, "4096", True, 12.5, 2**60, [4096], None])
+async def test_a_hello_cap_that_is_no_valid_one_bounds_nothing(cap: Any) -> None:
+    """Below 1,024, past 2**53, or no JSON integer: the plugin is sent what its target
+    allows, as a plugin that says none is."""
+    calls: list[Any] = []
+    async with scripted(answering_with(hello_reading(cap), calls, [])) as d:
+        assert await d.call("liar", "echo", {"blob": "y" * 5000}) == {"blob": "y" * 5000}
+        assert channel_of(d).plugin_reads is None
+
+
 async def test_an_event_flood_is_bounded_and_calls_go_on() -> None:
     received = 0
 

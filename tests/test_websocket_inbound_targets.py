@@ -19,6 +19,7 @@ import contextlib
 import copy
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import ANY
 
 import aiohttp
 import orjson
@@ -240,6 +241,27 @@ async def test_the_welcome_tells_the_plugin_the_largest_message_the_connection_r
         welcome = orjson.loads((await socket.receive(timeout=5)).data)
         assert welcome["type"] == "welcome"
         assert welcome["max_message_bytes"] == WIDE_BYTES
+
+
+async def test_a_call_larger_than_the_plugin_says_it_reads_is_refused_before_it_is_sent() -> None:
+    """The hello's ``max_message_bytes`` (8 kB) is below the connection's (1 MiB): a call
+    of 20 kB is the caller's ``too_large`` error, never sent, and the connection stays."""
+    async with (
+        gateway_of(several(narrow_first=True)) as (dispatcher, url),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers=MULTI_HEADERS) as socket,
+    ):
+        hello = orjson.loads(hello_frame("multi", "1.0.0", ["wide", "narrow"]))
+        await socket.send_bytes(orjson.dumps({**hello, "max_message_bytes": 8192}))
+        assert orjson.loads((await socket.receive(timeout=5)).data)["type"] == "welcome"
+        assert dispatcher.fleets is not None
+        fleets = list(dispatcher.fleets.fleets.values())
+        await until(lambda: all(fleet.instances for fleet in fleets), 10)
+        with pytest.raises(InvalidParams, match="the plugin reads") as refused:
+            await dispatcher.call("multi", "wide", {"size": BETWEEN, "pad": "p" * BETWEEN})
+        assert refused.value.details == {"reason": "too_large", "bytes": ANY, "limit": 8192}
+        assert channel_of(dispatcher).plugin_reads == 8192
+        assert not channel_of(dispatcher).closed
 
 
 @pytest.mark.parametrize("narrow_first", [True, False], ids=["narrow first", "wide first"])

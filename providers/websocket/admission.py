@@ -186,6 +186,7 @@ class InboundAdmission:
             max_events_per_second=first.max_events_per_second,
             sink=self._sink_of(plugin),
         )
+        channel.plugin_reads = hello.get("max_message_bytes")
         served = served_names(hello.get("methods", ()))
         fleets = frozenset(target.key for target in targets)
         return InboundConnection(

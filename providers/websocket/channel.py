@@ -101,6 +101,11 @@ class Channel:
         also the limits of a call made without ``CallLimits`` of its own."""
         self.socket = socket
         self.describe = describe
+        #: The largest message the plugin reads, as its ``hello`` said (None: it said
+        #: none, and is sent what its target allows). A larger call or host event is
+        #: refused here, typed: sent, the plugin would close the connection (1009) under
+        #: every call on it.
+        self.plugin_reads: int | None = None
         self._ids = ids if ids is not None else itertools.count(1)
         self._bounds = CallBounds(
             CallLimits(max_in_flight=max_in_flight, max_message_bytes=max_message_bytes)
@@ -219,10 +224,21 @@ class Channel:
     ) -> bytes:
         data = encode_frame({"type": kind, "id": call_id, "request": invocation.request_wire(now)})
         if len(data) > limits.max_message_bytes:
-            raise InvalidParams(
+            raise _too_large(
                 f"{invocation.plugin}.{invocation.method}: the call is {len(data)} bytes,"
                 f" over its target's max_message_bytes={limits.max_message_bytes}"
-                f" ({self.describe})"
+                f" ({self.describe})",
+                len(data),
+                limits.max_message_bytes,
+            )
+        reads = self.plugin_reads
+        if reads is not None and len(data) > reads:
+            raise _too_large(
+                f"{invocation.plugin}.{invocation.method}: the call is {len(data)} bytes,"
+                f" over the {reads} bytes the plugin reads (its hello's max_message_bytes)"
+                f" ({self.describe})",
+                len(data),
+                reads,
             )
         return data
 
@@ -381,6 +397,16 @@ class Channel:
         }
 
     async def send_event(self, data: bytes) -> None:
+        """Send the frame ``data`` (an event, or the welcome); ``InvalidParams`` if it is
+        larger than the plugin reads."""
+        reads = self.plugin_reads
+        if reads is not None and len(data) > reads:
+            raise _too_large(
+                f"{self.describe}: the event is {len(data)} bytes, over the {reads} bytes"
+                " the plugin reads (its hello's max_message_bytes)",
+                len(data),
+                reads,
+            )
         await self._sent(self._writer.queue(data), None)
 
     # -- sending ---------------------------------------------------------------------------
@@ -456,3 +482,9 @@ class Channel:
             f"<Channel {self.describe} {state} in_flight={self.in_flight}"
             f" to_write={self.to_write} unknown_ids={self.unknown_ids}>"
         )
+
+
+def _too_large(message: str, size: int, limit: int) -> InvalidParams:
+    """A message of ``size`` bytes that would be over ``limit``: the caller's to make
+    smaller (not retryable), as HTTP's 413 and gRPC's over-cap refusal are."""
+    return InvalidParams(message, details={"reason": "too_large", "bytes": size, "limit": limit})

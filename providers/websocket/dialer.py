@@ -129,6 +129,8 @@ class DialedPlugin:
         return channel
 
     async def send_event(self, event: str, data: Any) -> None:
+        """Send the host event, or keep it for the next connection while there is none;
+        ``InvalidParams`` if it is larger than the connected plugin reads."""
         frame = encode_frame({"type": "event", "event": event, "data": data})
         channel = self.channel
         if channel is not None and channel.usable and not self._events:
@@ -243,6 +245,7 @@ class DialedPlugin:
         )
         try:
             await self._read_hello(socket)
+            channel.plugin_reads = self.hello.get("max_message_bytes")
         except BaseException:
             # No hello, a wrong one, or the dial was cancelled: not waiting for a plugin
             # that may neither read nor close to say goodbye.
@@ -265,7 +268,13 @@ class DialedPlugin:
     async def _flush_events(self, channel: Channel) -> None:
         try:
             while self._events:
-                await channel.send_event(self._events[0])
+                try:
+                    await channel.send_event(self._events[0])
+                except InvalidParams as refused:
+                    # Kept while no plugin was connected: larger than this one reads, and
+                    # its publisher has long had its answer. Lost, and counted so.
+                    self.events_dropped += 1
+                    log.warning("%s; a host event kept for it is dropped", refused.message)
                 self._events.popleft()
             if self.events_dropped:
                 dropped, self.events_dropped = self.events_dropped, 0
