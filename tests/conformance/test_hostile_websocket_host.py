@@ -73,6 +73,8 @@ class Link:
     done: dict[int, asyncio.Event] = field(default_factory=dict)
     transports: dict[int, Any] = field(default_factory=dict)
     next_id: int = 1
+    #: The last connection's hello.
+    hello: dict[str, Any] = field(default_factory=dict)
 
     def new_id(self) -> int:
         self.next_id += 1
@@ -103,7 +105,7 @@ class Link:
                     self.current = ws
                     await self.close()
         self.current = ws
-        hello = await frame(ws)
+        hello = self.hello = await frame(ws)
         assert hello["type"] == "hello", hello
         assert hello["id"] == "example", hello
         if self.mode == "connect":
@@ -337,6 +339,13 @@ async def test_params_250_deep_still_echo(link: Link) -> None:
         deep = [deep]
     await send(ws, {"type": "call", "id": call_id, "request": request("echo", deep)})
     assert (await response(ws, call_id))["ok"] is True
+
+
+async def test_the_hello_says_the_largest_message_the_plugin_reads(link: Link) -> None:
+    """So that the host sends it no larger call or event: one would close the connection
+    (1009) under every call on it."""
+    await link.connect()
+    assert link.hello.get("max_message_bytes") == MAX_MESSAGE_BYTES, link.hello
 
 
 async def test_a_cap_the_host_announces_bounds_the_plugin_s_answers(link: Link) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from dispatcher import Dispatcher, ProviderError
+from dispatcher import Dispatcher, InvalidParams, ProviderError
 from tests.conformance.conftest import (
     INBOUND_TOKEN,
     LANGUAGES,
@@ -190,4 +190,20 @@ async def test_a_chunk_over_the_default_cap_is_refused_by_the_plugin_itself(
         with pytest.raises(ProviderError) as refused:
             await read_stream(found.dispatcher, {"n": 1, "pad": 9_000_000}, [])
         assert_too_large(refused.value, "a chunk of count", DEFAULT_CAP)
+        assert await sleeping == {"slept_ms": 1500}
+
+
+@pytest.mark.parametrize(("language", "mode"), CASES, ids=[f"{lang}-{m}" for lang, m in CASES])
+async def test_a_call_over_what_the_plugin_reads_is_refused_before_it_is_sent(
+    language: str, mode: str, tmp_path: Path
+) -> None:
+    """A target that allows 16 MiB, a plugin that reads 8 MiB (its hello says so): a 9 MB
+    call is the caller's ``too_large``, never sent, and the connection stays."""
+    async with linked(language, mode, tmp_path, max_message_bytes=2 * DEFAULT_CAP) as found:
+        sleeping = in_flight(found.dispatcher)
+        await asyncio.sleep(0.2)
+        with pytest.raises(InvalidParams) as refused:
+            await found.dispatcher.call("example", "echo", {"blob": "x" * 9_000_000})
+        assert refused.value.details["reason"] == "too_large", refused.value.details
+        assert refused.value.details["limit"] == DEFAULT_CAP, refused.value.details
         assert await sleeping == {"slept_ms": 1500}
