@@ -241,6 +241,39 @@ async def test_a_host_event_larger_than_the_plugin_says_it_reads_is_refused_and_
         assert not channel_of(d).closed
 
 
+async def test_a_kept_host_event_larger_than_the_next_plugin_reads_is_dropped_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Published while no plugin is connected, kept, and larger than the plugin that
+    connects says it reads: dropped (sent, it would close the connection), counted in the
+    ``dropped`` frame, and logged; the events kept after it go."""
+    connected = asyncio.Event()
+    frames: list[Any] = []
+
+    async def late_hello(ws: web.WebSocketResponse) -> None:
+        connected.set()
+        await asyncio.sleep(0.5)  # the dispatcher waits for the hello: events are kept
+        await ws.send_bytes(hello_reading(4096))
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                return
+            frames.append(orjson.loads(message.data))
+
+    async with scripted(late_hello, connect_timeout_ms=50) as d:
+        async with asyncio.timeout(5):
+            await connected.wait()
+        await d.publish("liar", "large", "z" * 5000)
+        await d.publish("liar", "small", 1)
+        async with asyncio.timeout(5):
+            while len(frames) < 2:  # noqa: ASYNC110 (another side's socket: polled)
+                await asyncio.sleep(0.01)
+    assert frames == [
+        {"type": "event", "event": "small", "data": 1},
+        {"type": "dropped", "count": 1},
+    ]
+    assert "a host event kept for it is dropped" in caplog.text
+
+
 @pytest.mark.parametrize("cap", [1023, "4096", True, 12.5, 2**60, [4096], None])
 async def test_a_hello_cap_that_is_no_valid_one_bounds_nothing(cap: Any) -> None:
     """Below 1,024, past 2**53, or no JSON integer: the plugin is sent what its target
