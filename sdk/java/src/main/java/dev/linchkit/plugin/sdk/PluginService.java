@@ -200,13 +200,31 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
    * the host makes of any reply refused for its size.
    */
   PluginException tooLarge(String what, long bytes) {
+    return tooLarge(what, bytes, maxReplyBytes, "gRPC message size cap");
+  }
+
+  /**
+   * {@link #tooLarge(String, long)} of a binding's own {@code cap} ("gRPC message size cap",
+   * "WebSocket message cap") of {@code limit} bytes.
+   */
+  static PluginException tooLarge(String what, long bytes, long limit, String cap) {
     JsonObject details = new JsonObject();
     details.addProperty("reason", "too_large");
     details.addProperty("bytes", bytes);
-    details.addProperty("limit", maxReplyBytes);
-    return new PluginException("provider_error",
-        what + " is " + bytes + " bytes, over the gRPC message size cap of " + maxReplyBytes + " bytes",
+    details.addProperty("limit", limit);
+    return new PluginException("provider_error", what + " is " + bytes + " bytes, over the " + cap + " of " + limit + " bytes",
         false, details, 0);
+  }
+
+  /**
+   * What a stream's sink ({@link #stream}) throws for a chunk it will not send: the stream ends
+   * at once with this error, and its method is stopped as a cancel stops it (interrupted, each
+   * later chunk refused), whether or not the method lets the exception through.
+   */
+  static final class ChunkRefused extends PluginException {
+    ChunkRefused(PluginException error) {
+      super(error.type(), error.getMessage(), error.retryable(), error.details(), error.retryAfterSeconds());
+    }
   }
 
   /** {@code reply}, or the too-large error in its place when it is over the cap. */
@@ -339,14 +357,23 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       if (span != null) span.end(wire);
       finished.complete(wire);
     };
+    // The method's task, once submitted: a chunk may be refused before runStream returns.
+    CompletableFuture<Future<?>> task = new CompletableFuture<>();
     Plugin.ChunkSink guarded = chunk -> {
       if (ended.get()) throw ctx.overError();
-      out.send(chunk);
+      try {
+        out.send(chunk);
+      } catch (ChunkRefused refused) {
+        ctx.cancel();
+        end.accept(refused);
+        task.thenAccept(running -> running.cancel(true));
+        throw refused;
+      }
     };
-    Future<?> task = runStream(request.getMethod(), params, ctx, guarded, span, end);
+    task.complete(runStream(request.getMethod(), params, ctx, guarded, span, end));
     watch(ctx, finished, () -> {
       end.accept(ctx.overError());
-      task.cancel(true);
+      task.join().cancel(true);
     }, cancelled);
     return finished;
   }

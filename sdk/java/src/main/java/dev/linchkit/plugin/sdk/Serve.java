@@ -527,7 +527,7 @@ public final class Serve {
     InetSocketAddress bindAddress = new InetSocketAddress(address.bindHost(), address.port());
     if (bindAddress.isUnresolved()) throw cannotListen(address, "unknown host");
     Tracing tracing = tracing(plugin, env);
-    PluginService service = new PluginService(plugin, new HealthStatusManager(), true, MAX_MESSAGE_BYTES, tracing);
+    PluginService service = new PluginService(plugin, new HealthStatusManager(), true, WsSession.NO_REPLY_CAP, tracing);
     // Events emitted while no host is connected wait for the next, as many as every SDK keeps.
     plugin.keepAtMost(WsSession.EVENT_BUFFER);
     WsServe server = new WsServe(plugin, service, token, caps.graceMs());

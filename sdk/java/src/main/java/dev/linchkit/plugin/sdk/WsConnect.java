@@ -48,6 +48,7 @@ import java.util.concurrent.atomic.AtomicReference;
  * over that one connection (a {@link WsSession}), dialling again after a drop with exponential
  * backoff and full jitter (100 ms doubling to 10 s), reset only by the gateway's
  * {@code welcome}: one that closes every connection at once is never dialled in a tight loop.
+ * The welcome's {@code max_message_bytes} caps what the session sends ({@link WsSession}).
  *
  * <p>A 400, 401, 403 or 404 at the upgrade is final, and so is a close 4403 after the hello (it
  * names another id or version than the one admitted, or a protocol the gateway does not speak):
@@ -231,7 +232,7 @@ final class WsConnect {
     StopCaps caps = Serve.stopCaps(env, "connect: ");
     JsonObject config = WsLifecycle.config("connect", command.config());
     Tracing tracing = Serve.tracing(plugin, env);
-    PluginService service = new PluginService(plugin, new HealthStatusManager(), true, Serve.MAX_MESSAGE_BYTES, tracing);
+    PluginService service = new PluginService(plugin, new HealthStatusManager(), true, WsSession.NO_REPLY_CAP, tracing);
     // Events emitted while no host is connected wait for the next, as many as every SDK keeps.
     plugin.keepAtMost(WsSession.EVENT_BUFFER);
     WsLifecycle.start(plugin, "connect", config);

@@ -66,7 +66,9 @@ import java.util.concurrent.TimeUnit;
  * sent a whole head count too: at most {@link #MAX_WAITING} at once, the oldest closed to make
  * room, each head due within {@link #HEAD_TIMEOUT_MS} of the connection's opening.
  * permessage-deflate is accepted when the dispatcher offers it (a target with {@code compress:
- * true}), a deflated message inflated up to the 8 MiB limit only. No TLS, as in every SDK's
+ * true}), a deflated message inflated up to the 8 MiB limit only. The upgrade's {@link
+ * WsSession#MAX_MESSAGE_BYTES_HEADER}, the largest message the dispatcher reads, caps what the
+ * session sends (one such header, or it is ignored). No TLS, as in every SDK's
  * WebSocket server: a {@code wss://} url reaches the plugin through a proxy that terminates it.
  */
 final class WsServe {
@@ -297,6 +299,9 @@ final class WsServe {
       Channel channel = ctx.channel();
       boolean host = !warmUpKey.equals(request.headers().get(WARM_UP_HEADER));
       WsSession session = new WsSession(plugin, service, graceMs, channel, host);
+      // One header, or none: two could each say another cap.
+      List<String> announced = request.headers().getAll(WsSession.MAX_MESSAGE_BYTES_HEADER);
+      if (announced.size() == 1) session.hostAnnounced(announced.get(0));
       boolean stopping;
       boolean full = false;
       boolean first = false;

@@ -13,6 +13,7 @@ import com.google.protobuf.ByteString;
 import dev.linchkit.plugin.v1.CallReply;
 import dev.linchkit.plugin.v1.CallRequest;
 import io.netty.buffer.ByteBuf;
+import io.netty.buffer.ByteBufUtil;
 import io.netty.channel.Channel;
 import io.netty.channel.ChannelFutureListener;
 import io.netty.channel.ChannelHandlerContext;
@@ -66,6 +67,14 @@ import java.util.concurrent.TimeUnit;
  * #MAX_MESSAGE_BYTES}, or one that inflates past it, closes the connection 1009 (the pipeline's
  * decoder, aggregator and inflater count; this class closes).
  *
+ * <p>What it sends is held to the send cap: the smaller of {@link #MAX_MESSAGE_BYTES} and the
+ * cap the host announced ({@link #MAX_MESSAGE_BYTES_HEADER} on the upgrade, {@code
+ * max_message_bytes} in {@code welcome}), measured as the frame's UTF-8 bytes. A frame over it
+ * is never sent, as the host would close the connection 1009 and fail every call on it: a
+ * {@code response} becomes the too-large error of its id, a {@code chunk} ends its stream with
+ * that error (its method stopped as a cancel stops it), an {@code event} is dropped (said once
+ * on stderr per connection). The connection stays.
+ *
  * <p>Writes never block the caller: every frame is handed to Netty, whose one event loop per
  * connection writes them in order (events as the socket takes them). All state but {@link
  * #calls} and {@link #events} is the event loop's.
@@ -73,6 +82,18 @@ import java.util.concurrent.TimeUnit;
 final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** The largest message either way, as every SDK's (the dispatcher's default too). */
   static final int MAX_MESSAGE_BYTES = 8 << 20;
+  /** The upgrade's header in which a dialling host announces the largest message it reads. */
+  static final String MAX_MESSAGE_BYTES_HEADER = "LinchKit-Max-Message-Bytes";
+  /** The smallest and the largest cap a host may announce: others are ignored. */
+  static final long MIN_ANNOUNCED_CAP = 1024;
+  static final long MAX_ANNOUNCED_CAP = 1L << 53;
+  /**
+   * The reply cap of the {@link PluginService} behind the WebSocket modes: none, as each
+   * session holds its answers to its own send cap and says so in the WebSocket's words.
+   */
+  static final int NO_REPLY_CAP = Integer.MAX_VALUE;
+  /** How the refusals name the cap (the gRPC binding names its own). */
+  static final String CAP_NAME = "WebSocket message cap";
   /** Calls running at once on one connection; past them the session reads nothing. */
   static final int MAX_IN_FLIGHT = 1024;
   /** The chunks a stream may send before the host grants more. */
@@ -122,6 +143,10 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   private long unwritableSince;
   /** The gateway accepted the hello ({@code welcome}): only then does a redial's backoff reset. */
   volatile boolean welcomed;
+  /** The largest frame this session sends: {@link #MAX_MESSAGE_BYTES}, or the host's smaller cap. */
+  private volatile long sendCap = MAX_MESSAGE_BYTES;
+  /** An event over the send cap was said on stderr: the next ones are dropped without a word. */
+  private final java.util.concurrent.atomic.AtomicBoolean eventRefusalSaid = new java.util.concurrent.atomic.AtomicBoolean();
   /** The host's close frame's code, -1 without one, and its reason as a log may show it. */
   volatile int closeCode = -1;
   volatile String closeReason = "";
@@ -151,6 +176,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     final long id;
     final boolean stream;
     final JsonElement request;
+    /** The method called, once its envelope was read: named by a refusal of its answer. */
+    volatile String method = "";
     /** Completed by a cancel frame or the connection's end: the method is interrupted, nothing answered. */
     final CompletableFuture<Void> cancelled = new CompletableFuture<>();
     private int credit = STREAM_WINDOW;
@@ -423,7 +450,11 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
           service.deliverHostEvent(name.getAsString(), data == null ? JsonNull.INSTANCE : data);
         }
       }
-      case "welcome" -> welcomed = true;
+      case "welcome" -> {
+        welcomed = true;
+        JsonElement cap = frame.get("max_message_bytes");
+        if (cap != null && cap.isJsonPrimitive() && cap.getAsJsonPrimitive().isNumber()) hostAnnounced(cap.getAsString());
+      }
       // The host could not use a frame of ours (an older one says so of goaway): never
       // answered, or two peers could trade error frames for ever; dropped is the host's count.
       case "error", "dropped" -> { }
@@ -459,6 +490,39 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     }
   }
 
+  /**
+   * The cap a host announced in {@code text} (the header's value, a welcome's number as
+   * written): digits only, at most 16, from {@link #MIN_ANNOUNCED_CAP} to {@link
+   * #MAX_ANNOUNCED_CAP}; else -1 (absent, a sign, a fraction, an exponent, too small or large).
+   */
+  static long announcedCap(String text) {
+    if (text == null || text.isEmpty() || text.length() > 16) return -1;
+    for (int i = 0; i < text.length(); i++) {
+      if (text.charAt(i) < '0' || text.charAt(i) > '9') return -1;
+    }
+    long cap = Long.parseLong(text);
+    return cap < MIN_ANNOUNCED_CAP || cap > MAX_ANNOUNCED_CAP ? -1 : cap;
+  }
+
+  /**
+   * Takes the cap the host announced ({@link #announcedCap}'s forms) as the send cap when it is
+   * smaller than the session's own; anything else leaves the session's own.
+   */
+  void hostAnnounced(String text) {
+    long cap = announcedCap(text);
+    if (cap > 0) sendCap = Math.min(MAX_MESSAGE_BYTES, cap);
+  }
+
+  /** The largest frame this session sends now. */
+  long sendCap() {
+    return sendCap;
+  }
+
+  /** The bytes {@code frame} takes on the wire before any deflate: its UTF-8 as Netty writes it. */
+  private static long wireBytes(String frame) {
+    return ByteBufUtil.utf8Bytes(frame);
+  }
+
   // ---- calls -------------------------------------------------------------------------
 
   private void admit(Call call) {
@@ -476,6 +540,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     CallRequest request;
     try {
       request = envelope(call.request);
+      call.method = request.getMethod();
     } catch (PluginException notAnEnvelope) {
       respond(call, PluginService.errorReply(notAnEnvelope));
       finished(call);
@@ -489,14 +554,20 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       return;
     }
     Plugin.ChunkSink chunks = chunk -> {
-      String data = Plugin.toJson(chunk).toString();
+      String frame = "{\"type\":\"chunk\",\"id\":" + call.id + ",\"data\":" + Plugin.toJson(chunk) + "}";
+      long bytes = wireBytes(frame);
+      long cap = sendCap;
+      if (bytes > cap) {
+        throw new PluginService.ChunkRefused(
+            PluginService.tooLarge("a chunk of " + WireJson.shownName(call.method), bytes, cap, CAP_NAME));
+      }
       try {
         call.take();
       } catch (InterruptedException interrupted) {
         Thread.currentThread().interrupt();
         throw PluginException.deadlineExceeded("the stream was cancelled");
       }
-      send("{\"type\":\"chunk\",\"id\":" + call.id + ",\"data\":" + data + "}");
+      send(frame);
     };
     service.stream(request, chunks, call.cancelled).whenComplete((error, thrown) -> {
       CallReply reply = error == null && thrown == null
@@ -524,6 +595,18 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** The call's answer, unless the host cancelled it or the connection ended: nobody waits for it then. */
   private void respond(Call call, CallReply reply) {
     if (call.cancelled.isDone()) return;
+    String frame = responseFrame(call, reply);
+    long bytes = wireBytes(frame);
+    long cap = sendCap;
+    if (bytes > cap) {
+      String what = (reply.getOk() ? "the result of " : "the error of ") + WireJson.shownName(call.method);
+      frame = responseFrame(call, PluginService.errorReply(PluginService.tooLarge(what, bytes, cap, CAP_NAME)));
+    }
+    send(frame);
+  }
+
+  /** The {@code response} frame of {@code reply} to {@code call}. */
+  private static String responseFrame(Call call, CallReply reply) {
     StringBuilder frame = new StringBuilder("{\"type\":\"response\",\"id\":").append(call.id).append(",\"response\":");
     if (reply.getOk()) {
       String result = reply.getResultJson().isEmpty() ? "null" : reply.getResultJson().toStringUtf8();
@@ -547,7 +630,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       response.add("error", wire);
       frame.append(response);
     }
-    send(frame.append('}').toString());
+    return frame.append('}').toString();
   }
 
   /**
@@ -603,7 +686,18 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     event.addProperty("type", "event");
     event.addProperty("event", name);
     event.add("data", data == null ? JsonNull.INSTANCE : data);
-    queueEvent(event.toString());
+    String frame = event.toString();
+    long bytes = wireBytes(frame);
+    long cap = sendCap;
+    if (bytes > cap) {
+      // Once a connection: a plugin that emits such events in a loop would fill stderr.
+      if (eventRefusalSaid.compareAndSet(false, true)) {
+        Log.SDK.warning("event " + WireJson.shownName(name) + " is " + bytes + " bytes, over the " + CAP_NAME + " of "
+            + cap + " bytes: not sent");
+      }
+      return;
+    }
+    queueEvent(frame);
   }
 
   /**
@@ -709,7 +803,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       dropped = eventsDropped;
     }
     return "WsSession(" + plugin.id() + ", calls=" + calls.size() + ", waiting=" + waiting.size()
-        + ", events_waiting=" + eventsWaiting + ", events_dropped=" + dropped + ", goaway=" + goneAway + ")";
+        + ", send_cap=" + sendCap + ", events_waiting=" + eventsWaiting + ", events_dropped=" + dropped + ", goaway=" + goneAway + ")";
   }
 
   /** The sessions of one server or dialler, for a stop to say goaway on each and wait for them. */
