@@ -52,6 +52,11 @@ public final class Params {
     throw PluginException.invalidParams(method + ": '" + name + "' must be an integer, got " + value);
   }
 
+  /** {@link #integer(String, long, long)}, or {@code fallback} when the param is absent. */
+  public long integer(String name, long min, long max, long fallback) throws PluginException {
+    return values.has(name) ? integer(name, min, max) : fallback;
+  }
+
   public long integer(String name) throws PluginException {
     return integer(name, Long.MIN_VALUE, Long.MAX_VALUE);
   }

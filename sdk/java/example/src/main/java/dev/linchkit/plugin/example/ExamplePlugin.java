@@ -61,6 +61,22 @@ public final class ExamplePlugin {
     return HexFormat.of().formatHex(bytes);
   }
 
+  /**
+   * The params' {@code pad} (0 when absent) as that many letters x: how the conformance suite
+   * makes a chunk or an event as large as it needs.
+   */
+  static String pad(Params params) throws PluginException {
+    return "x".repeat((int) params.integer("pad", 0, Integer.MAX_VALUE, 0));
+  }
+
+  /** A chunk of count with its padding: {@code {"i": k, "pad": "xx…"}}, in that order. */
+  static Map<String, Object> chunk(long i, String pad) {
+    Map<String, Object> chunk = new LinkedHashMap<>();
+    chunk.put("i", i);
+    chunk.put("pad", pad);
+    return chunk;
+  }
+
   public static Plugin plugin() {
     Plugin plugin = new Plugin("example", "1.0.0", "java");
 
@@ -82,14 +98,19 @@ public final class ExamplePlugin {
       return Map.of("slept_ms", ms);
     });
 
-    plugin.streamingMethod("count", "chunks {\"i\": 0} … {\"i\": n-1}", (params, ctx, out) -> {
-      long n = new Params(params, "count").integer("n", 0, Integer.MAX_VALUE);
-      for (long i = 0; i < n; i++) out.send(Map.of("i", i));
-    });
+    plugin.streamingMethod("count", "chunks {\"i\": 0} … {\"i\": n-1}, each with `pad` letters x when `pad` > 0",
+        (params, ctx, out) -> {
+          Params p = new Params(params, "count");
+          long n = p.integer("n", 0, Integer.MAX_VALUE);
+          String pad = pad(p);
+          for (long i = 0; i < n; i++) out.send(pad.isEmpty() ? Map.of("i", i) : chunk(i, pad));
+        });
 
-    plugin.method("emit", "emits plugin event `name` with `data`", (params, ctx) -> {
+    plugin.method("emit", "emits plugin event `name` with `data`, or with `pad` letters x when `pad` > 0", (params, ctx) -> {
       Params p = new Params(params, "emit");
-      plugin.emit(p.string("name"), p.any("data"));
+      String name = p.string("name");
+      String pad = pad(p);
+      plugin.emit(name, pad.isEmpty() ? p.any("data") : pad);
       return true;
     });
 

@@ -1,7 +1,12 @@
 package dev.linchkit.plugin.example;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
 
+import com.google.gson.Gson;
+import com.google.gson.JsonParser;
+import dev.linchkit.plugin.sdk.Params;
+import dev.linchkit.plugin.sdk.PluginException;
 import org.junit.jupiter.api.Test;
 
 class ExamplePluginTest {
@@ -9,5 +14,22 @@ class ExamplePluginTest {
   void digestHashesThePreviousDigestEachRound() throws Exception {
     assertEquals("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", ExamplePlugin.digest("abc", 1));
     assertEquals("4f8b42c22dd3729b519ba6f68d2da7cc5b2d606d05daed5ad5128cc03e6c6358", ExamplePlugin.digest("abc", 2));
+  }
+
+  @Test
+  void padIsThatManyLettersXAndNoneWhenAbsent() throws Exception {
+    assertEquals("", ExamplePlugin.pad(new Params(JsonParser.parseString("{\"n\":1}"), "count")));
+    assertEquals("", ExamplePlugin.pad(new Params(JsonParser.parseString("{\"pad\":0}"), "count")));
+    assertEquals("xxx", ExamplePlugin.pad(new Params(JsonParser.parseString("{\"pad\":3}"), "count")));
+    assertEquals("{\"i\":7,\"pad\":\"xxx\"}", new Gson().toJson(ExamplePlugin.chunk(7, "xxx")));
+  }
+
+  @Test
+  void padThatIsNoNonNegativeIntegerIsInvalidParams() {
+    for (String pad : new String[] {"-1", "1.5", "\"3\"", "null", "true", "[3]"}) {
+      PluginException refused = assertThrows(PluginException.class,
+          () -> ExamplePlugin.pad(new Params(JsonParser.parseString("{\"pad\":" + pad + "}"), "emit")), pad);
+      assertEquals("invalid_params", refused.type(), pad);
+    }
   }
 }
