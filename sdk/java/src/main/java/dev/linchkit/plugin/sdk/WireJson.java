@@ -122,4 +122,16 @@ final class WireJson {
     int cut = Character.isHighSurrogate(name.charAt(63)) ? 63 : 64;
     return new JsonPrimitive(name.substring(0, cut)).toString() + "…";
   }
+
+  /**
+   * {@link #shownName} without its quotes, escaped and cut alike: how the WebSocket binding's
+   * refusals of a message over the host's cap name a method or an event ({@code the result of
+   * config is …}), as every SDK's do.
+   */
+  static String bareName(String name) {
+    String shown = shownName(name);
+    return shown.endsWith("…")
+        ? shown.substring(1, shown.length() - 2) + "…"
+        : shown.substring(1, shown.length() - 1);
+  }
 }

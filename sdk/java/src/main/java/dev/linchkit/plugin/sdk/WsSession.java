@@ -559,7 +559,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       long cap = sendCap;
       if (bytes > cap) {
         throw new PluginService.ChunkRefused(
-            PluginService.tooLarge("a chunk of " + WireJson.shownName(call.method), bytes, cap, CAP_NAME));
+            PluginService.tooLarge("a chunk of " + WireJson.bareName(call.method), bytes, cap, CAP_NAME));
       }
       try {
         call.take();
@@ -599,7 +599,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     long bytes = wireBytes(frame);
     long cap = sendCap;
     if (bytes > cap) {
-      String what = (reply.getOk() ? "the result of " : "the error of ") + WireJson.shownName(call.method);
+      String what = (reply.getOk() ? "the result of " : "the error of ") + WireJson.bareName(call.method);
       frame = responseFrame(call, PluginService.errorReply(PluginService.tooLarge(what, bytes, cap, CAP_NAME)));
     }
     send(frame);
@@ -692,7 +692,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     if (bytes > cap) {
       // Once a connection: a plugin that emits such events in a loop would fill stderr.
       if (eventRefusalSaid.compareAndSet(false, true)) {
-        Log.SDK.warning("event " + WireJson.shownName(name) + " is " + bytes + " bytes, over the " + CAP_NAME + " of "
+        Log.SDK.warning("event " + WireJson.bareName(name) + " is " + bytes + " bytes, over the " + CAP_NAME + " of "
             + cap + " bytes: not sent");
       }
       return;

@@ -50,4 +50,11 @@ class WireJsonTest {
     assertTrue(WireJson.shownName("x".repeat(10_000)).length() < 80);
     assertEquals("\"a\\u0000\\nb\"", WireJson.shownName("a\u0000\nb"));
   }
+
+  @Test
+  void aBareNameIsTheShownOneWithoutItsQuotes() {
+    assertEquals("config", WireJson.bareName("config"));
+    assertEquals("a\\u0000\\nb", WireJson.bareName("a\u0000\nb"));
+    assertEquals("x".repeat(64) + "…", WireJson.bareName("x".repeat(10_000)));
+  }
 }

@@ -217,7 +217,7 @@ class WsSendCapTest {
     int n = 8 << 20;
     call(1, "big", "{\"n\":" + n + "}");
     long bytes = "{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":\"\"}}".length() + n;
-    assertTooLarge(error(next()), "the result of \"big\" is " + bytes + " bytes, over the WebSocket message cap of "
+    assertTooLarge(error(next()), "the result of big is " + bytes + " bytes, over the WebSocket message cap of "
         + (8 << 20) + " bytes", bytes, 8 << 20);
     connectionStays(2);
   }
@@ -255,7 +255,7 @@ class WsSendCapTest {
     long bytes = "{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":\"\"}}".length() + 5000;
     String frame = next();
     assertEquals(1, JsonParser.parseString(frame).getAsJsonObject().get("id").getAsLong());
-    assertTooLarge(error(frame), "the result of \"big\" is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
+    assertTooLarge(error(frame), "the result of big is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
         bytes, 4096);
     connectionStays(2);
   }
@@ -278,7 +278,7 @@ class WsSendCapTest {
     // 1000 U+2028 are 3000 bytes of UTF-8 but 6000 once escaped as \u2028, as they are sent.
     call(1, "lines", "{\"n\":1000}");
     long bytes = "{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":\"\"}}".length() + 6000;
-    assertTooLarge(error(next()), "the result of \"lines\" is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
+    assertTooLarge(error(next()), "the result of lines is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
         bytes, 4096);
   }
 
@@ -290,7 +290,7 @@ class WsSendCapTest {
     JsonObject error = error(next());
     long bytes = error.getAsJsonObject("details").get("bytes").getAsLong();
     assertTrue(bytes > 5000, error.toString());
-    assertTooLarge(error, "the error of \"fails\" is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
+    assertTooLarge(error, "the error of fails is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
         bytes, 4096);
     connectionStays(2);
   }
@@ -305,7 +305,7 @@ class WsSendCapTest {
     // At once: the method sleeps 30 s after the refused chunk, and is interrupted.
     String frame = next();
     long bytes = "{\"type\":\"chunk\",\"id\":1,\"data\":{\"i\":1,\"pad\":\"\"}}".length() + 5000;
-    assertTooLarge(error(frame), "a chunk of \"count\" is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
+    assertTooLarge(error(frame), "a chunk of count is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
         bytes, 4096);
     assertTrue(producerStopped.await(5, TimeUnit.SECONDS), "the method went on after its chunk was refused");
     connectionStays(2);
@@ -329,7 +329,7 @@ class WsSendCapTest {
           .allMatch(record -> record.getLevel() == Level.WARNING));
     }
     long bytes = "{\"type\":\"event\",\"event\":\"big\",\"data\":\"\"}".length() + 5000;
-    assertEquals(List.of("event \"big\" is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes: not sent"), lines);
+    assertEquals(List.of("event big is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes: not sent"), lines);
     assertTrue(received.isEmpty(), received.toString());
   }
 
@@ -365,7 +365,7 @@ class WsSendCapTest {
           + "\"params\":{\"n\":5000}}}", true).get(10, TimeUnit.SECONDS);
       long bytes = "{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":\"\"}}".length() + 5000;
       assertTooLarge(error(messages.poll(10, TimeUnit.SECONDS)),
-          "the result of \"big\" is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes", bytes, 4096);
+          "the result of big is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes", bytes, 4096);
       socket.sendText("{\"type\":\"call\",\"id\":2,\"request\":{\"v\":1,\"plugin\":\"capped\",\"method\":\"big\","
           + "\"params\":{\"n\":3}}}", true).get(10, TimeUnit.SECONDS);
       assertEquals("{\"type\":\"response\",\"id\":2,\"response\":{\"ok\":true,\"result\":\"xxx\"}}",
