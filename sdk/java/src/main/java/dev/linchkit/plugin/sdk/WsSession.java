@@ -49,7 +49,7 @@ import java.util.concurrent.TimeUnit;
  * opens the connection and puts a session at the end of its pipeline; the frames are this
  * class's.
  *
- * <p>A session says hello, runs each {@code call} and {@code stream} through the
+ * <p>A session says hello (with the largest message it reads), runs each {@code call} and {@code stream} through the
  * {@link PluginService} the gRPC binding uses (so errors, deadlines, params and spans read the
  * same), cancels one on {@code cancel}, answers {@code health}, hands host events to the
  * plugin's handlers and sends the plugin's events (those that waited for a host first, then a
@@ -226,6 +226,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     }
     hello.add("methods", methods);
     hello.add("streaming", streaming);
+    // The largest message this plugin reads: the host sends no larger call or event.
+    hello.addProperty("max_message_bytes", MAX_MESSAGE_BYTES);
     send(hello.toString());
     if (!channel.isActive() || !host) return;
     unsubscribe = plugin.addEventSink(this::sendEvent, dropped -> queueEvent("{\"type\":\"dropped\",\"count\":" + dropped + "}"));

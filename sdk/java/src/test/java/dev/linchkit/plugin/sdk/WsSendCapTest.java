@@ -73,6 +73,8 @@ class WsSendCapTest {
   private PluginService service;
   private WsSession session;
   private Channel host;
+  /** The session's hello. */
+  private JsonObject hello;
 
   @BeforeEach
   void plugin() {
@@ -142,7 +144,8 @@ class WsSendCapTest {
         })
         .connect(address).sync().channel();
     session = served.get(5, TimeUnit.SECONDS);
-    assertEquals("hello", type(next()));
+    hello = JsonParser.parseString(next()).getAsJsonObject();
+    assertEquals("hello", hello.get("type").getAsString());
   }
 
   private void hostSends(String frame) {
@@ -203,6 +206,13 @@ class WsSendCapTest {
         "9007199254740993", "99999999999999999", "00000000000002048", "0x1000", "٢٠٤٨"}) {
       assertEquals(-1, WsSession.announcedCap(ignored), String.valueOf(ignored));
     }
+  }
+
+  /** The host sends no call or event larger than the plugin reads: it would close the connection 1009. */
+  @Test
+  void theHelloSaysTheLargestMessageThePluginReads() throws Exception {
+    connect();
+    assertEquals(8 << 20, hello.get("max_message_bytes").getAsLong(), hello.toString());
   }
 
   @Test
