@@ -41,6 +41,7 @@ import java.util.Map;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicBoolean;
 
 /**
  * One WebSocket connection to a host, served alike in both WebSocket modes (docs/protocol.md,
@@ -49,10 +50,10 @@ import java.util.concurrent.TimeUnit;
  * opens the connection and puts a session at the end of its pipeline; the frames are this
  * class's.
  *
- * <p>A session says hello (with the largest message it reads), runs each {@code call} and {@code stream} through the
- * {@link PluginService} the gRPC binding uses (so errors, deadlines, params and spans read the
- * same), cancels one on {@code cancel}, answers {@code health}, hands host events to the
- * plugin's handlers and sends the plugin's events (those that waited for a host first, then a
+ * <p>A session says hello (with the largest message it reads), runs each {@code call} and
+ * {@code stream} through the {@link PluginService} the gRPC binding uses (so errors,
+ * deadlines, params and spans read the same), cancels one on {@code cancel}, answers {@code
+ * health}, hands host events to the plugin's handlers and sends the plugin's events (those that waited for a host first, then a
  * {@code dropped} frame with the count lost). A frame it cannot use gets an {@code error} frame
  * in one short line that never quotes it, and the connection stays.
  *
@@ -146,7 +147,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** The largest frame this session sends: {@link #MAX_MESSAGE_BYTES}, or the host's smaller cap. */
   private volatile long sendCap = MAX_MESSAGE_BYTES;
   /** An event over the send cap was said on stderr: the next ones are dropped without a word. */
-  private final java.util.concurrent.atomic.AtomicBoolean eventRefusalSaid = new java.util.concurrent.atomic.AtomicBoolean();
+  private final AtomicBoolean eventRefusalSaid = new AtomicBoolean();
   /** The host's close frame's code, -1 without one, and its reason as a log may show it. */
   volatile int closeCode = -1;
   volatile String closeReason = "";
@@ -805,7 +806,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       dropped = eventsDropped;
     }
     return "WsSession(" + plugin.id() + ", calls=" + calls.size() + ", waiting=" + waiting.size()
-        + ", send_cap=" + sendCap + ", events_waiting=" + eventsWaiting + ", events_dropped=" + dropped + ", goaway=" + goneAway + ")";
+        + ", send_cap=" + sendCap + ", events_waiting=" + eventsWaiting + ", events_dropped=" + dropped
+        + ", goaway=" + goneAway + ")";
   }
 
   /** The sessions of one server or dialler, for a stop to say goaway on each and wait for them. */
