@@ -163,6 +163,8 @@ async def dial(
                         hello=hello,
                         max_in_flight=max_in_flight,
                         heartbeat=heartbeat,
+                        # The gateway's cap comes in its welcome, before any call.
+                        max_message_bytes=max_message_bytes,
                     )
                     if on_connected is not None:
                         outcome = on_connected()

@@ -23,8 +23,9 @@ log = logging.getLogger("linchkit_plugin.websocket")
 class EventReceiver(Protocol):
     """One connection's side of the outbox: ``linchkit_plugin.ws_server.PluginSession``."""
 
-    def queue_event(self, frame: bytes) -> None:
-        """Send ``frame`` (an encoded ``event`` or ``dropped`` frame); never blocks."""
+    def queue_event(self, frame: bytes, event: str = "") -> None:
+        """Send ``frame`` (an encoded ``event`` or ``dropped`` frame; ``event``: an event's
+        name, for the log); never blocks."""
 
 
 class EventOutbox:
@@ -36,7 +37,8 @@ class EventOutbox:
 
     def __init__(self, limit: int = 1000) -> None:
         self.limit = limit
-        self._waiting: deque[bytes] = deque(maxlen=limit)
+        #: Each event waiting: its name and its frame.
+        self._waiting: deque[tuple[str, bytes]] = deque(maxlen=limit)
         self.dropped = 0
         self._sessions: set[EventReceiver] = set()
 
@@ -51,16 +53,17 @@ class EventOutbox:
         if not self._sessions:
             if len(self._waiting) == self._waiting.maxlen:
                 self.dropped += 1
-            self._waiting.append(frame)
+            self._waiting.append((event, frame))
             return
         for session in self._sessions:
-            session.queue_event(frame)
+            session.queue_event(frame, event)
 
     def join(self, session: EventReceiver) -> None:
         """``session`` takes the events waiting, then a ``dropped`` frame with the count
         lost, if any, then every event emitted until it leaves."""
         while self._waiting:
-            session.queue_event(self._waiting.popleft())
+            event, frame = self._waiting.popleft()
+            session.queue_event(frame, event)
         if self.dropped:
             session.queue_event(encode_frame({"type": "dropped", "count": self.dropped}))
             self.dropped = 0

@@ -21,6 +21,12 @@ writer waits for it to drain), at most ``_SESSION_EVENT_QUEUE`` of them, the old
 and counted past it (said once per session), as the Go, Rust and Java SDKs' sessions and an
 Events stream do. The events sender hands the writer one event at a time, so a call's
 answer waits behind one event at most, never behind every event emitted meanwhile.
+
+No frame goes out over the session's send cap (``send_cap``: its own read cap, or the
+host's announced one where smaller, ``_ws_send_cap``): a call's answer over it is answered
+``provider_error`` (``too_large``) instead, a stream's chunk over it ends the stream so, and
+an event over it is not sent (the first logged), so that the host does not close the
+connection with every other call on it.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from linchkit_plugin._ws_events import EventOutbox
+from linchkit_plugin._ws_send_cap import MAX_ANNOUNCED, cap_of_welcome, shown_name, too_large
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import error_response, ok_response, parse_request
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
     DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_BYTES,
     GOAWAY_GRACE,
     STREAM_WINDOW,
     FrameError,
@@ -101,9 +109,14 @@ class PluginSession:
         hello: bytes,
         max_in_flight: int = 1024,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        announced_cap: int | None = None,
     ) -> None:
         """``heartbeat``: the connection's (seconds); a write may wait ``STALL_HEARTBEATS``
-        of it for the host to take anything (None: for ever)."""
+        of it for the host to take anything (None: for ever). ``max_message_bytes``: the
+        largest message this side reads; ``announced_cap``: the host's, where its upgrade
+        request announced a valid one (``_ws_send_cap.cap_of_header``). No frame larger
+        than either is sent."""
         self.host = host
         self.socket = socket
         self.outbox = outbox
@@ -117,6 +130,15 @@ class PluginSession:
         self._events_queued: asyncio.Future[None] | None = None
         #: Events dropped from ``_events`` for a host that did not read them.
         self.events_dropped = 0
+        # 0: aiohttp reads messages of any size; then only the host's cap bounds the sends.
+        self._max_message_bytes = max_message_bytes if max_message_bytes > 0 else MAX_ANNOUNCED
+        #: The largest frame sent: the host's cap where it announced a smaller one (in the
+        #: upgrade request, or in reverse mode its ``welcome``).
+        self.send_cap = self._max_message_bytes
+        if announced_cap is not None:
+            self.send_cap = min(self._max_message_bytes, announced_cap)
+        #: Events not sent for being over ``send_cap`` (the first is logged).
+        self.events_too_large = 0
         self.protocol_errors = 0
         #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
         self.welcomed = False
@@ -141,10 +163,14 @@ class PluginSession:
         #: or removed this plugin, the gateway stops), for the log.
         self.close_reason = ""
 
-    def queue_event(self, frame: bytes) -> None:
+    def queue_event(self, frame: bytes, event: str = "") -> None:
         """Queue an event frame for the host; never waits. Past ``_SESSION_EVENT_QUEUE``
         frames waiting the oldest is dropped: a host that reads nothing gets the newest
-        events once it reads again, as from every SDK (this one used to keep the oldest)."""
+        events once it reads again, as from every SDK (this one used to keep the oldest).
+        A frame over ``send_cap`` is not sent: the event ``event`` (its name) is lost,
+        not the connection."""
+        if self._too_large(frame, event):
+            return
         if len(self._events) >= _SESSION_EVENT_QUEUE:
             self._events.popleft()
             if not self.events_dropped:
@@ -154,6 +180,21 @@ class PluginSession:
         queued = self._events_queued
         if queued is not None and not queued.done():
             queued.set_result(None)
+
+    def _too_large(self, frame: bytes, event: str) -> bool:
+        """Whether the event ``frame`` is over ``send_cap``: then it is not sent, and the
+        first such on this connection is logged."""
+        if len(frame) <= self.send_cap:
+            return False
+        if not self.events_too_large:
+            log.warning(
+                "event %s is %d bytes, over the WebSocket message cap of %d bytes: not sent",
+                shown_name(event),
+                len(frame),
+                self.send_cap,
+            )
+        self.events_too_large += 1
+        return True
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,6 +281,10 @@ class PluginSession:
                     log.exception("on_event(%r) raised", name)
         elif kind == "welcome":
             self.welcomed = True
+            # Frames are ordered: the gateway's cap arrives before any call.
+            announced = cap_of_welcome(frame.get("max_message_bytes"))
+            if announced is not None:
+                self.send_cap = min(self._max_message_bytes, announced)
         elif kind == "dropped":
             # The peer's text, escaped and cut as a close reason is: printed by a dialling
             # plugin's executable, it must neither forge a line nor run in a terminal.
@@ -256,9 +301,11 @@ class PluginSession:
             )
 
     async def _run_call(self, kind: str, call_id: int, frame: dict[str, Any]) -> None:
+        method = ""
         try:
             try:
                 request = parse_request(frame.get("request"))
+                method = request.method
                 deadline_ms = request.deadline_ms  # positive, or None (no deadline)
                 timeout = None if deadline_ms is None else deadline_ms / 1000
                 if kind == "call":
@@ -277,6 +324,14 @@ class PluginSession:
                 data = encode_frame({"type": "response", "id": call_id, "response": response})
             except InvalidParams as error:
                 failure = ProviderError(f"the plugin's result is not JSON: {error.message}")
+                data = encode_frame(
+                    {"type": "response", "id": call_id, "response": error_response(failure)}
+                )
+            if len(data) > self.send_cap:
+                answer = "result" if response["ok"] else "error"
+                failure = too_large(
+                    f"the {answer} of {shown_name(method)}", len(data), self.send_cap
+                )
                 data = encode_frame(
                     {"type": "response", "id": call_id, "response": error_response(failure)}
                 )
@@ -300,8 +355,14 @@ class PluginSession:
                 contextlib.aclosing(self.host.stream(method, params, context)) as chunks,
             ):
                 async for chunk in chunks:
+                    data = encode_frame({"type": "chunk", "id": call_id, "data": chunk})
+                    if len(data) > self.send_cap:
+                        # Out of the loop: aclosing stops the producer, as a cancel does.
+                        raise too_large(
+                            f"a chunk of {shown_name(method)}", len(data), self.send_cap
+                        )
                     await window.take()  # the host's credit: a slow reader slows this stream
-                    await self._send(encode_frame({"type": "chunk", "id": call_id, "data": chunk}))
+                    await self._send(data)
         except TimeoutError:
             raise DeadlineExceeded(f"stream {method!r} passed its deadline") from None
         finally:
@@ -422,7 +483,8 @@ class PluginSession:
     def __repr__(self) -> str:
         return (
             f"<PluginSession in_flight={len(self._tasks)} events_waiting={len(self._events)}"
-            f" events_dropped={self.events_dropped} protocol_errors={self.protocol_errors}>"
+            f" events_dropped={self.events_dropped} send_cap={self.send_cap}"
+            f" events_too_large={self.events_too_large} protocol_errors={self.protocol_errors}>"
         )
 
 

@@ -46,6 +46,7 @@ from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
+from linchkit_plugin._ws_send_cap import MAX_MESSAGE_BYTES_HEADER, cap_of_header
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin._ws_waiting import HEADER_TIMEOUT, MAX_WAITING, WaitingConnections
 from linchkit_plugin.auth import BearerToken
@@ -255,6 +256,9 @@ class WebSocketPluginServer:
                 hello=self.hello,
                 max_in_flight=self.max_in_flight,
                 heartbeat=self.heartbeat,
+                max_message_bytes=self.max_message_bytes,
+                # The dispatcher's read cap: no frame over it is sent.
+                announced_cap=cap_of_header(request.headers.getall(MAX_MESSAGE_BYTES_HEADER, [])),
             )
             self.sessions.add(session)
             try:

@@ -1,0 +1,82 @@
+"""The largest message a WebSocket session sends: its send cap, and what goes in place of
+a frame over it.
+
+The host closes a connection (1009) on a message over its read cap, and with it every
+call and stream in flight there. So a session sends nothing over
+``min(its own read cap, the host's announced cap)``: the host announces its cap in the
+upgrade request's ``LinchKit-Max-Message-Bytes`` header (the dispatcher dialling in) or
+in the gateway's ``welcome`` frame (``max_message_bytes``, reverse mode). An announcement
+that is not a whole number from 1,024 to 2**53 is ignored: the session keeps its own cap.
+
+In place of a frame over the cap:
+
+* a ``response``: a ``response`` with the same id whose error is ``provider_error``,
+  ``details`` ``{"reason": "too_large", "bytes": N, "limit": L}``;
+* a stream's ``chunk``: the same error ends the stream, its producer stopped as a
+  ``cancel`` stops it;
+* an ``event``: nothing; the first on a connection is logged at WARNING.
+
+The connection stays open for the other calls, streams and events.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from linchkit_plugin.errors import ProviderError
+
+__all__ = [
+    "MAX_ANNOUNCED",
+    "MAX_MESSAGE_BYTES_HEADER",
+    "MIN_ANNOUNCED",
+    "cap_of_header",
+    "cap_of_welcome",
+    "shown_name",
+    "too_large",
+]
+
+#: The upgrade request's header in which the dispatcher announces its read cap.
+MAX_MESSAGE_BYTES_HEADER: Final = "LinchKit-Max-Message-Bytes"
+#: The least cap an announcement may set: smaller, a call's answer could not carry an error.
+MIN_ANNOUNCED: Final = 1024
+#: The most: the largest integer every SDK's JSON carries exactly.
+MAX_ANNOUNCED: Final = 2**53
+
+_DIGITS = re.compile(r"[0-9]{1,16}")
+
+
+def _within(value: int) -> int | None:
+    return value if MIN_ANNOUNCED <= value <= MAX_ANNOUNCED else None
+
+
+def cap_of_header(values: list[str]) -> int | None:
+    """The cap the upgrade request's ``LinchKit-Max-Message-Bytes`` headers announce
+    (``values``, each one sent), or None: none, more than one, or not 1-16 ASCII digits
+    of a value from 1,024 to 2**53."""
+    if len(values) != 1 or _DIGITS.fullmatch(values[0]) is None:
+        return None
+    return _within(int(values[0]))
+
+
+def cap_of_welcome(value: Any) -> int | None:
+    """The cap a ``welcome`` frame's ``max_message_bytes`` announces, or None: absent, not
+    a JSON integer (a string, 12.5, ``true``), or outside 1,024 to 2**53."""
+    if type(value) is not int:
+        return None
+    return _within(value)
+
+
+def shown_name(name: str) -> str:
+    """A method's or event's name as the SDK's messages show it: quoted (a NUL or a newline
+    escaped) and cut to 64 characters."""
+    return repr(name[:64]) + ("…" if len(name) > 64 else "")
+
+
+def too_large(what: str, size: int, limit: int) -> ProviderError:
+    """The error sent in place of a frame of ``size`` bytes over the cap ``limit``;
+    ``what`` names the frame's payload (``the result of 'echo'``)."""
+    return ProviderError(
+        f"{what} is {size} bytes, over the WebSocket message cap of {limit} bytes",
+        details={"reason": "too_large", "bytes": size, "limit": limit},
+    )
