@@ -29,6 +29,14 @@ def _integer(name: str, value: Any) -> int:
     return value
 
 
+def _padding(pad: Any) -> str:
+    """``pad`` letters x: how the suite makes a chunk or an event as large as it needs."""
+    length = _integer("pad", pad)
+    if length < 0:
+        raise InvalidParams(f"'pad' must be a non-negative integer, got {length}")
+    return "x" * length
+
+
 class ExamplePlugin(Plugin):
     methods = ("echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks")
 
@@ -95,16 +103,20 @@ class ExamplePlugin(Plugin):
         await asyncio.sleep(_integer("ms", ms) / 1000)
         return {"slept_ms": ms}
 
-    async def count(self, n: int) -> AsyncIterator[dict[str, int]]:
-        """Streams {"i": 0} … {"i": n-1}."""
+    async def count(self, n: int, pad: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """Streams {"i": 0} … {"i": n-1}; with ``pad`` > 0 each chunk also carries
+        ``"pad"``, a string of that many letters x."""
+        padding = _padding(pad)
         for i in range(_integer("n", n)):
-            yield {"i": i}
+            yield {"i": i, "pad": padding} if padding else {"i": i}
 
-    async def emit(self, name: str, data: Any = None) -> bool:  # type: ignore[override]
-        """Emits the plugin event ``name`` with ``data``."""
+    async def emit(self, name: str, data: Any = None, pad: int = 0) -> bool:  # type: ignore[override]
+        """Emits the plugin event ``name`` with ``data``; with ``pad`` > 0 the data is a
+        string of that many letters x instead."""
         if not isinstance(name, str):
             raise InvalidParams("'name' must be a string")
-        Plugin.emit(self, name, data)
+        padding = _padding(pad)
+        Plugin.emit(self, name, padding if padding else data)
         return True
 
     async def config(self) -> Any:
