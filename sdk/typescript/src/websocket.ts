@@ -28,6 +28,15 @@
  * Stopping loses no call: the plugin says `goaway` on each connection (having stopped
  * listening, or redialling), goes on answering what still arrives, and the host closes the
  * connection once its calls are answered; after `GOAWAY_GRACE` the plugin closes it (1001).
+ *
+ * No frame goes out over the session's send cap: `MAX_MESSAGE_BYTES` (what it reads), or the
+ * host's cap where it announced a smaller one (the upgrade request's
+ * `LinchKit-Max-Message-Bytes` header, or in reverse mode the gateway's `welcome`, its
+ * `max_message_bytes`; anything but a whole number from 1,024 to 2^53 is ignored). The host
+ * closes a connection (1009) on a message over its cap, and with it every call on it: so a
+ * call's answer over the cap is answered `provider_error` (`too_large`) instead, a stream's
+ * chunk over it ends the stream so (its generator closed, as a cancel closes it), and an
+ * event over it is not sent, the first on a connection said on stderr.
  */
 import * as http from 'node:http';
 import type { Duplex } from 'node:stream';
@@ -36,17 +45,51 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
 import { maskedUrl } from './connect';
 import { type ClientTls, alertRefusal } from './connecttls';
-import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
+import { DeadlineExceeded, InvalidParams, PluginError, ProviderError, toWireError } from './errors';
 import { formatListenAddress, listen, parseListenAddress } from './listen';
 import { log, shown } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
 import type { CallSpan, Tracing } from './tracing';
-import { MAX_DEPTH } from './wirejson';
+import { MAX_DEPTH, shownName } from './wirejson';
 
 export const STREAM_WINDOW = 256;
 export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
+/** The upgrade request's header in which the dispatcher announces its read cap. */
+export const MAX_MESSAGE_BYTES_HEADER = 'LinchKit-Max-Message-Bytes';
+/** The least cap a host may announce: smaller, a call's answer could not carry an error. */
+const MIN_ANNOUNCED = 1024;
+/** The most: the largest integer every SDK's JSON carries exactly. */
+const MAX_ANNOUNCED = 2 ** 53;
+
+/**
+ * The cap the upgrade request's `LinchKit-Max-Message-Bytes` headers announce (`values`, each
+ * one sent: `headersDistinct`), or undefined: none, more than one, or not 1-16 ASCII digits of
+ * a value from 1,024 to 2^53.
+ */
+export function capOfHeader(values: readonly string[] | undefined): number | undefined {
+  if (values?.length !== 1 || !/^[0-9]{1,16}$/.test(values[0] as string)) return undefined;
+  // As a BigInt: a number rounds 2^53 + 1 down to 2^53.
+  return capOfWelcome(BigInt(values[0] as string));
+}
+
+/**
+ * The cap a `welcome` frame's `max_message_bytes` announces, or undefined: absent, not a
+ * JSON integer (a string, 12.5, `true`), or outside 1,024 to 2^53 (which arrives as a BigInt:
+ * it is past the integers a number holds exactly).
+ */
+export function capOfWelcome(value: unknown): number | undefined {
+  if (typeof value === 'bigint') return value >= MIN_ANNOUNCED && value <= MAX_ANNOUNCED ? Number(value) : undefined;
+  if (typeof value !== 'number' || !Number.isInteger(value)) return undefined;
+  return value >= MIN_ANNOUNCED && value <= MAX_ANNOUNCED ? value : undefined;
+}
+
+/** The error sent in place of a frame of `size` bytes over the cap `limit`; `what` names its payload. */
+function tooLarge(what: string, size: number, limit: number): PluginError {
+  const message = `${what} is ${size} bytes, over the WebSocket message cap of ${limit} bytes`;
+  return new PluginError('provider_error', message, { details: { reason: 'too_large', bytes: size, limit } });
+}
 /** Calls one connection runs at once; beyond it the session stops reading (TCP pushes back). */
 export const MAX_IN_FLIGHT = 1024;
 /** A frame may nest a call's 250 levels of params under its own object and its request's. */
@@ -118,6 +161,13 @@ export class Session {
   /** The plugin's event frames not yet handed to `ws`, oldest first (`queueEvent`). */
   private readonly events: Buffer[] = [];
   private dropped = 0;
+  /** Events not sent for being over `sendCap` (the first said on stderr). */
+  private eventsOverCap = 0;
+  /**
+   * The largest frame sent: `MAX_MESSAGE_BYTES`, or the host's cap where it announced a
+   * smaller one (the upgrade request's header, or in reverse mode its `welcome`).
+   */
+  private sendCap = MAX_MESSAGE_BYTES;
   /** The gateway accepted the hello (reverse mode): only then the redial backoff resets. */
   welcomed = false;
   /** Resolves once the socket has closed, however. */
@@ -128,8 +178,11 @@ export class Session {
     private readonly socket: WebSocket,
     /** Each call and stream runs in a span continuing its traceparent; undefined: untraced. */
     private readonly tracing?: Tracing,
+    /** The host's read cap, as its upgrade request announced it (`capOfHeader`); undefined: none. */
+    announcedCap?: number,
   ) {
     this.ended = new Promise((resolve) => socket.once('close', () => resolve()));
+    if (announcedCap !== undefined) this.sendCap = Math.min(MAX_MESSAGE_BYTES, announcedCap);
   }
 
   /** Say hello, then serve until the socket closes (the returned promise resolves then). */
@@ -187,10 +240,27 @@ export class Session {
 
   private send(frame: JsonObject): void {
     if (this.socket.readyState !== WebSocket.OPEN) return;
+    this.sendBytes(encodeJson(frame));
+  }
+
+  private sendBytes(data: Buffer): void {
+    if (this.socket.readyState !== WebSocket.OPEN) return;
     // ws queues what the peer has not taken without limit: past MAX_BUFFERED_BYTES stop
     // reading calls until it drained, so a host that never reads cannot grow this process.
-    this.socket.send(encodeJson(frame), { binary: false }, () => this.flushEvents());
+    this.socket.send(data, { binary: false }, () => this.flushEvents());
     this.flow();
+  }
+
+  /** A call's answer; over `sendCap`, `too_large` in its place (the connection stays). */
+  private sendResponse(id: number, method: string, response: JsonObject): void {
+    if (this.socket.readyState !== WebSocket.OPEN) return;
+    const data = encodeJson({ type: 'response', id, response });
+    if (data.length <= this.sendCap) {
+      this.sendBytes(data);
+      return;
+    }
+    const what = `the ${response.ok === true ? 'result' : 'error'} of ${shownName(method)}`;
+    this.send({ type: 'response', id, response: { ok: false, error: toWireError(tooLarge(what, data.length, this.sendCap)) } });
   }
 
   /**
@@ -201,6 +271,14 @@ export class Session {
   private queueEvent(frame: JsonObject): void {
     if (this.socket.readyState !== WebSocket.OPEN) return;
     const data = encodeJson(frame);
+    if (data.length > this.sendCap) {
+      // Not sent: the host would close the connection, every call on it with it.
+      if (this.eventsOverCap++ === 0) {
+        const name = shownName(String(frame.event));
+        log.warn(`event ${name} is ${data.length} bytes, over the WebSocket message cap of ${this.sendCap} bytes: not sent`);
+      }
+      return;
+    }
     if (this.events.length >= EVENTS_WAITING) {
       this.events.shift();
       if (this.dropped++ === 0) log.warn('the host is not reading its Events stream; dropping the oldest events');
@@ -276,9 +354,13 @@ export class Session {
           });
         }
         return;
-      case 'welcome':
+      case 'welcome': {
         this.welcomed = true;
+        // Frames are ordered: the gateway's cap arrives before any call.
+        const announced = capOfWelcome(frame.max_message_bytes);
+        if (announced !== undefined) this.sendCap = Math.min(MAX_MESSAGE_BYTES, announced);
         return;
+      }
       case 'dropped':
         return;
       case 'error':
@@ -297,12 +379,14 @@ export class Session {
     let timer: NodeJS.Timeout | undefined;
     let span: CallSpan | undefined;
     let chunks: AsyncGenerator<unknown> | undefined;
+    let named = '';
     try {
       if (!isObject(request) || request.v !== PROTOCOL_VERSION) {
         throw new ProviderError(`unsupported envelope; this plugin speaks v${PROTOCOL_VERSION}`);
       }
       const method = request.method;
       if (typeof method !== 'string' || method === '') throw new ProviderError('the request names no method');
+      named = method;
       const context = isObject(request.context) ? request.context : {};
       // Only a positive deadline bounds the call (a negative one is a host's mistake, not a
       // call already late); 2^63-1 arrives as a BigInt. setTimeout fires after 1 ms for a
@@ -335,7 +419,7 @@ export class Session {
         const result = await Promise.race([within(() => this.plugin.invoke(method, request.params ?? null, ctx)), over]);
         span?.end();
         span = undefined;
-        this.send({ type: 'response', id, response: { ok: true, result: result === undefined ? null : result } });
+        this.sendResponse(id, method, { ok: true, result: result === undefined ? null : result });
       } else {
         const window = new Window();
         this.windows.set(id, window);
@@ -346,8 +430,15 @@ export class Session {
             // A generator's body runs in the context of whoever calls next(): each step in the span.
             const next = await Promise.race([within(() => stream.next()), over]);
             if (next.done) break;
+            const data = encodeJson({ type: 'chunk', id, data: next.value === undefined ? null : next.value });
+            if (data.length > this.sendCap) {
+              // The stream ends with it; its producer stops as a cancel stops it.
+              const error = tooLarge(`a chunk of ${shownName(method)}`, data.length, this.sendCap);
+              controller.abort(error);
+              throw error;
+            }
             await window.take(controller.signal);
-            this.send({ type: 'chunk', id, data: next.value === undefined ? null : next.value });
+            this.sendBytes(data);
           }
         } finally {
           this.windows.delete(id);
@@ -363,7 +454,7 @@ export class Session {
       // running ends first (return() waits for it), and may never end.
       void chunks?.return(undefined).catch(() => undefined);
       if (this.socket.readyState === WebSocket.OPEN && !(controller.signal.aborted && isCancel(controller.signal.reason))) {
-        this.send({ type: 'response', id, response: { ok: false, error: toWireError(error) } });
+        this.sendResponse(id, named, { ok: false, error: toWireError(error) });
       }
     } finally {
       if (timer !== undefined) clearTimeout(timer);
@@ -575,7 +666,9 @@ export class WebSocketPluginServer {
     socket.once('close', () => (this.connections -= 1));
     this.sockets.handleUpgrade(request, socket, head, (ws) => {
       keepAlive(ws, 10_000);
-      const session = new Session(this.plugin, ws, this.tracing);
+      // The dispatcher's read cap: no frame over it is sent.
+      const announced = capOfHeader(request.headersDistinct[MAX_MESSAGE_BYTES_HEADER.toLowerCase()]);
+      const session = new Session(this.plugin, ws, this.tracing, announced);
       this.sessions.add(session);
       void session.run().then(() => this.sessions.delete(session));
     });
