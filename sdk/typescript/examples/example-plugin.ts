@@ -17,6 +17,12 @@ function failIfNamed(config: Record<string, unknown>, hook: string): void {
   if (config.fail_hook === hook) throw new PluginError('BadConfig', `fail_hook names ${hook}`);
 }
 
+/** `pad` letters x (0 when absent): how the conformance suite makes a chunk or an event as
+ * large as it needs. */
+function padding(p: Params): string {
+  return 'pad' in p.values ? 'x'.repeat(p.int('pad', { min: 0 })) : '';
+}
+
 export function examplePlugin(): Plugin {
   const plugin = new Plugin({ id: 'example', version: '1.0.0', runtime: 'typescript' });
 
@@ -53,20 +59,24 @@ export function examplePlugin(): Plugin {
   plugin.streamingMethod(
     'count',
     function* (params) {
-      const n = new Params(params, 'count').int('n', { min: 0 });
-      for (let i = 0; i < n; i++) yield { i };
+      const p = new Params(params, 'count');
+      const n = p.int('n', { min: 0 });
+      const pad = padding(p);
+      for (let i = 0; i < n; i++) yield pad === '' ? { i } : { i, pad };
     },
-    { description: 'chunks {"i": 0} … {"i": n-1}' },
+    { description: 'chunks {"i": 0} … {"i": n-1}; with `pad` > 0 each also carries `pad` letters x' },
   );
 
   plugin.method(
     'emit',
     (params) => {
       const p = new Params(params, 'emit');
-      plugin.emit(p.str('name'), p.any('data'));
+      const name = p.str('name');
+      const pad = padding(p);
+      plugin.emit(name, pad === '' ? p.any('data') : pad);
       return true;
     },
-    { description: 'emits plugin event `name` with `data`' },
+    { description: 'emits plugin event `name` with `data` (with `pad` > 0: `pad` letters x instead)' },
   );
 
   plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });
