@@ -24,15 +24,11 @@ import pytest
 from aiohttp import web
 
 from linchkit_plugin import Plugin
-from linchkit_plugin._ws_send_cap import (
-    MAX_MESSAGE_BYTES_HEADER,
-    cap_of_header,
-    cap_of_welcome,
-)
+from linchkit_plugin._ws_send_cap import bare_name, cap_of_header, cap_of_welcome
 from linchkit_plugin.errors import PluginError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.plugin import raw_params
-from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES
+from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_HEADER
 from linchkit_plugin.ws_server import WebSocketPluginServer, dial
 
 CAP = 4096
@@ -156,6 +152,13 @@ def test_anything_else_in_the_welcome_is_ignored(value: Any) -> None:
     assert cap_of_welcome(value) is None
 
 
+def test_a_name_is_shown_escaped_cut_and_bare() -> None:
+    assert bare_name("config") == "config"
+    assert bare_name("a\nb\x1b") == "a\\nb\\x1b"
+    assert bare_name("\u202e") == "\\u202e"
+    assert bare_name("x" * 65) == "x" * 64 + "…"
+
+
 # Served: the dispatcher dials in and announces its cap in the upgrade request.
 
 
@@ -175,6 +178,15 @@ async def served(
             yield server, socket
     finally:
         await server.aclose(grace=0.5)
+
+
+async def test_the_hello_says_the_largest_message_the_plugin_reads() -> None:
+    async with served(CapPlugin()) as (server, _):
+        hello = orjson.loads(server.hello)
+        assert hello["max_message_bytes"] == DEFAULT_MAX_MESSAGE_BYTES
+        assert list(hello)[-1] == "max_message_bytes"  # after the fields it had
+    async with served(CapPlugin(), max_message_bytes=2 * CAP) as (server, _):
+        assert orjson.loads(server.hello)["max_message_bytes"] == 2 * CAP
 
 
 async def _still_served(socket: Any, call_id: int = 99) -> None:
@@ -199,7 +211,7 @@ async def test_a_result_over_the_announced_cap_is_answered_too_large_and_the_con
         answer = await _next(socket, "response", 2)
         size = _response_bytes(2, {"ok": True, "result": over})
         assert size == CAP + 1
-        assert answer["response"] == _too_large("the result of 'echo'", size, CAP)
+        assert answer["response"] == _too_large("the result of echo", size, CAP)
         await _still_served(socket)
         assert not socket.closed
 
@@ -210,7 +222,7 @@ async def test_an_error_over_the_cap_is_answered_too_large() -> None:
         answer = (await _next(socket, "response", 1))["response"]
         error = answer["error"]
         assert error["type"] == "provider_error"
-        assert error["message"].startswith("the error of 'fail' is ")
+        assert error["message"].startswith("the error of fail is ")
         assert error["details"]["reason"] == "too_large"
         assert error["details"]["bytes"] > 2 * CAP
         assert error["details"]["limit"] == CAP
@@ -235,7 +247,7 @@ async def test_a_chunk_over_the_cap_ends_its_stream_too_large_and_stops_the_prod
                 chunks.append(frame["data"])
         assert chunks == ["y" * 10, "y" * 20]
         size = len(orjson.dumps({"type": "chunk", "id": 1, "data": "y" * 2 * CAP}))
-        assert frame["response"] == _too_large("a chunk of 'blobs'", size, CAP)
+        assert frame["response"] == _too_large("a chunk of blobs", size, CAP)
         async with asyncio.timeout(5):
             await plugin.stream_closed.wait()  # its finally ran: stopped, as a cancel does
         assert plugin.chunks_made == 4  # stream 7's one, and this one's three
@@ -267,8 +279,7 @@ async def test_an_event_over_the_cap_is_not_sent_and_only_the_first_is_logged(
         size = len(orjson.dumps({"type": "event", "event": "big\n", "data": "z" * 2 * CAP}))
         warnings = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
         assert warnings == [
-            f"event 'big\\n' is {size} bytes, over the WebSocket message cap of {CAP} bytes:"
-            " not sent"
+            f"event big\\n is {size} bytes, over the WebSocket message cap of {CAP} bytes: not sent"
         ]
         await _still_served(socket)
 
@@ -284,7 +295,7 @@ async def test_without_an_announcement_the_cap_is_the_plugins_own_8_mib() -> Non
         await socket.send_bytes(_frame("call", 2, "blob", {"size": DEFAULT_MAX_MESSAGE_BYTES}))
         answer = (await _next(socket, "response", 2))["response"]
         size = _response_bytes(2, {"ok": True, "result": "b" * DEFAULT_MAX_MESSAGE_BYTES})
-        assert answer == _too_large("the result of 'blob'", size, DEFAULT_MAX_MESSAGE_BYTES)
+        assert answer == _too_large("the result of blob", size, DEFAULT_MAX_MESSAGE_BYTES)
         await _still_served(socket)
 
 
@@ -321,7 +332,9 @@ async def _gateway_answers(welcome: dict[str, Any], call: bytes) -> dict[str, An
     async def gateway(request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse(max_msg_size=0)
         await socket.prepare(request)
-        assert (await _next(socket, "hello"))["id"] == "caps"
+        hello = await _next(socket, "hello")
+        assert hello["id"] == "caps"
+        assert hello["max_message_bytes"] == DEFAULT_MAX_MESSAGE_BYTES
         await socket.send_bytes(orjson.dumps({"type": "welcome", "instance": "i-1", **welcome}))
         await socket.send_bytes(call)
         await socket.send_bytes(_frame("call", 2, "echo", "after"))
@@ -364,7 +377,7 @@ async def test_a_result_over_the_cap_the_welcome_announces_is_answered_too_large
     over = "a" * 2 * CAP
     answer = await _gateway_answers({"max_message_bytes": CAP}, _frame("call", 1, "echo", over))
     size = _response_bytes(1, {"ok": True, "result": over})
-    assert answer == _too_large("the result of 'echo'", size, CAP)
+    assert answer == _too_large("the result of echo", size, CAP)
 
 
 @pytest.mark.parametrize("value", ["4096", 12.5, 100, -5, None, True])

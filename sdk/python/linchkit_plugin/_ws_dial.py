@@ -122,7 +122,7 @@ async def dial(
     # plugin class's, and the gateway closed the connection 4403, for good.
     plugin_id, version = host.identity(plugin_id, version)
     host.plugin_id = plugin_id  # the id the calls' spans name
-    hello = hello_of(host, plugin_id, version)
+    hello = hello_of(host, plugin_id, version, max_message_bytes)
     headers = {PLUGIN_ID_HEADER: plugin_id, PLUGIN_VERSION_HEADER: version}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"

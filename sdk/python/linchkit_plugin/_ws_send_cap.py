@@ -4,7 +4,8 @@ a frame over it.
 The host closes a connection (1009) on a message over its read cap, and with it every
 call and stream in flight there. So a session sends nothing over
 ``min(its own read cap, the host's announced cap)``: the host announces its cap in the
-upgrade request's ``LinchKit-Max-Message-Bytes`` header (the dispatcher dialling in) or
+upgrade request's header ``ws_protocol.MAX_MESSAGE_BYTES_HEADER`` (the dispatcher
+dialling in) or
 in the gateway's ``welcome`` frame (``max_message_bytes``, reverse mode). An announcement
 that is not a whole number from 1,024 to 2**53 is ignored: the session keeps its own cap.
 
@@ -28,16 +29,13 @@ from linchkit_plugin.errors import ProviderError
 
 __all__ = [
     "MAX_ANNOUNCED",
-    "MAX_MESSAGE_BYTES_HEADER",
     "MIN_ANNOUNCED",
+    "bare_name",
     "cap_of_header",
     "cap_of_welcome",
-    "shown_name",
     "too_large",
 ]
 
-#: The upgrade request's header in which the dispatcher announces its read cap.
-MAX_MESSAGE_BYTES_HEADER: Final = "LinchKit-Max-Message-Bytes"
 #: The least cap an announcement may set: smaller, a call's answer could not carry an error.
 MIN_ANNOUNCED: Final = 1024
 #: The most: the largest integer every SDK's JSON carries exactly.
@@ -67,15 +65,16 @@ def cap_of_welcome(value: Any) -> int | None:
     return _within(value)
 
 
-def shown_name(name: str) -> str:
-    """A method's or event's name as the SDK's messages show it: quoted (a NUL or a newline
-    escaped) and cut to 64 characters."""
-    return repr(name[:64]) + ("…" if len(name) > 64 else "")
+def bare_name(name: str) -> str:
+    """A method's or event's name as these refusals show it: escaped as the SDK's messages
+    show a name (a NUL or a newline written ``\\x00``, ``\\n``) and cut to 64 characters,
+    but not quoted (``the result of config``), as in every SDK."""
+    return repr(name[:64])[1:-1] + ("…" if len(name) > 64 else "")
 
 
 def too_large(what: str, size: int, limit: int) -> ProviderError:
     """The error sent in place of a frame of ``size`` bytes over the cap ``limit``;
-    ``what`` names the frame's payload (``the result of 'echo'``)."""
+    ``what`` names the frame's payload (``the result of echo``)."""
     return ProviderError(
         f"{what} is {size} bytes, over the WebSocket message cap of {limit} bytes",
         details={"reason": "too_large", "bytes": size, "limit": limit},

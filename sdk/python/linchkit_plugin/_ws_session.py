@@ -41,7 +41,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from linchkit_plugin._ws_events import EventOutbox
-from linchkit_plugin._ws_send_cap import MAX_ANNOUNCED, cap_of_welcome, shown_name, too_large
+from linchkit_plugin._ws_send_cap import MAX_ANNOUNCED, bare_name, cap_of_welcome, too_large
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import error_response, ok_response, parse_request
@@ -189,7 +189,7 @@ class PluginSession:
         if not self.events_too_large:
             log.warning(
                 "event %s is %d bytes, over the WebSocket message cap of %d bytes: not sent",
-                shown_name(event),
+                bare_name(event),
                 len(frame),
                 self.send_cap,
             )
@@ -330,7 +330,7 @@ class PluginSession:
             if len(data) > self.send_cap:
                 answer = "result" if response["ok"] else "error"
                 failure = too_large(
-                    f"the {answer} of {shown_name(method)}", len(data), self.send_cap
+                    f"the {answer} of {bare_name(method)}", len(data), self.send_cap
                 )
                 data = encode_frame(
                     {"type": "response", "id": call_id, "response": error_response(failure)}
@@ -358,9 +358,7 @@ class PluginSession:
                     data = encode_frame({"type": "chunk", "id": call_id, "data": chunk})
                     if len(data) > self.send_cap:
                         # Out of the loop: aclosing stops the producer, as a cancel does.
-                        raise too_large(
-                            f"a chunk of {shown_name(method)}", len(data), self.send_cap
-                        )
+                        raise too_large(f"a chunk of {bare_name(method)}", len(data), self.send_cap)
                     await window.take()  # the host's credit: a slow reader slows this stream
                     await self._send(data)
         except TimeoutError:
@@ -488,9 +486,21 @@ class PluginSession:
         )
 
 
-def hello_of(host: PluginHost, plugin_id: str, version: str) -> bytes:
+def hello_of(
+    host: PluginHost,
+    plugin_id: str,
+    version: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> bytes:
     """The ``hello`` frame every session of ``host`` opens with (``PluginHost.identity``):
     the gateway closes a connection whose ``hello`` names another plugin than the one it
-    admitted."""
+    admitted. It says the largest message the session reads, ``max_message_bytes``, which
+    the host sends none over (0, any size: it says none)."""
     plugin_id, version = host.identity(plugin_id, version)
-    return hello_frame(plugin_id, version, list(host.methods), streaming=list(host.streaming))
+    return hello_frame(
+        plugin_id,
+        version,
+        list(host.methods),
+        streaming=list(host.streaming),
+        max_message_bytes=max_message_bytes if max_message_bytes > 0 else None,
+    )

@@ -163,19 +163,23 @@ def hello_frame(
     *,
     streaming: list[str] | None = None,
     runtime: str = "python",
+    max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> bytes:
-    """The first frame a plugin sends on every connection: who it is."""
-    return encode_frame(
-        {
-            "type": "hello",
-            "protocol": PROTOCOL_VERSION,
-            "id": plugin_id,
-            "version": version,
-            "runtime": runtime,
-            "methods": sorted(methods),
-            "streaming": sorted(streaming or ()),
-        }
-    )
+    """The first frame a plugin sends on every connection: who it is, and the largest
+    message it reads (``max_message_bytes``; None: it says nothing), which the host then
+    sends none over."""
+    hello: dict[str, Any] = {
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "id": plugin_id,
+        "version": version,
+        "runtime": runtime,
+        "methods": sorted(methods),
+        "streaming": sorted(streaming or ()),
+    }
+    if max_message_bytes is not None:
+        hello["max_message_bytes"] = max_message_bytes
+    return encode_frame(hello)
 
 
 def checked_hello(frame: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
-from linchkit_plugin._ws_send_cap import MAX_MESSAGE_BYTES_HEADER, cap_of_header
+from linchkit_plugin._ws_send_cap import cap_of_header
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin._ws_waiting import HEADER_TIMEOUT, MAX_WAITING, WaitingConnections
 from linchkit_plugin.auth import BearerToken
@@ -60,6 +60,7 @@ from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES_HEADER,
 )
 
 # isort: split
@@ -155,7 +156,7 @@ class WebSocketPluginServer:
             host.plugin._emit = host_emit
         plugin_id, version = host.identity(plugin_id, version)
         host.plugin_id = plugin_id  # the id the calls' spans name
-        self.hello = hello_of(host, plugin_id, version)
+        self.hello = hello_of(host, plugin_id, version, max_message_bytes)
         self.sessions: set[PluginSession] = set()
         self._runner: web.AppRunner | None = None
 
