@@ -52,7 +52,7 @@ import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
 import type { CallSpan, Tracing } from './tracing';
-import { MAX_DEPTH, shownName } from './wirejson';
+import { MAX_DEPTH, bareName } from './wirejson';
 
 export const STREAM_WINDOW = 256;
 export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
@@ -197,6 +197,8 @@ export class Session {
       runtime: plugin.runtime,
       methods: methods.map((method) => method.name).sort(),
       streaming: methods.filter((method) => method.streaming).map((method) => method.name).sort(),
+      // The largest message this side reads: the host sends no call or event over it.
+      max_message_bytes: MAX_MESSAGE_BYTES,
     });
     this.unsubscribe = plugin.addEventSink(
       (name, data) => this.queueEvent({ type: 'event', event: name, data }),
@@ -259,7 +261,7 @@ export class Session {
       this.sendBytes(data);
       return;
     }
-    const what = `the ${response.ok === true ? 'result' : 'error'} of ${shownName(method)}`;
+    const what = `the ${response.ok === true ? 'result' : 'error'} of ${bareName(method)}`;
     this.send({ type: 'response', id, response: { ok: false, error: toWireError(tooLarge(what, data.length, this.sendCap)) } });
   }
 
@@ -274,7 +276,7 @@ export class Session {
     if (data.length > this.sendCap) {
       // Not sent: the host would close the connection, every call on it with it.
       if (this.eventsOverCap++ === 0) {
-        const name = shownName(String(frame.event));
+        const name = bareName(String(frame.event));
         log.warn(`event ${name} is ${data.length} bytes, over the WebSocket message cap of ${this.sendCap} bytes: not sent`);
       }
       return;
@@ -433,7 +435,7 @@ export class Session {
             const data = encodeJson({ type: 'chunk', id, data: next.value === undefined ? null : next.value });
             if (data.length > this.sendCap) {
               // The stream ends with it; its producer stops as a cancel stops it.
-              const error = tooLarge(`a chunk of ${shownName(method)}`, data.length, this.sendCap);
+              const error = tooLarge(`a chunk of ${bareName(method)}`, data.length, this.sendCap);
               controller.abort(error);
               throw error;
             }

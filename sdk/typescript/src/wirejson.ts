@@ -108,3 +108,13 @@ export function shownName(name: string): string {
   const cut = /[\ud800-\udbff]/.test(name.charAt(63)) ? 63 : 64;
   return `${JSON.stringify(name.slice(0, cut))}…`;
 }
+
+/**
+ * `shownName` without its quotes, escaped and cut alike: how the WebSocket binding's refusals
+ * of a message over the host's cap name a method or an event (`the result of config is …`),
+ * as every SDK's do.
+ */
+export function bareName(name: string): string {
+  const shown = shownName(name);
+  return shown.endsWith('…') ? `${shown.slice(1, -2)}…` : shown.slice(1, -1);
+}

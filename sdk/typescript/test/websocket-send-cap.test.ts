@@ -16,6 +16,7 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { Params, Plugin, PluginError, WebSocketPluginServer, dial } from '@linchkit/plugin-sdk';
 import { log } from '#internal/log';
 import { MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_HEADER, capOfHeader, capOfWelcome } from '#internal/websocket';
+import { bareName } from '#internal/wirejson';
 
 const BOUNDED = { timeout: 60_000 };
 const CAP = 4096;
@@ -155,6 +156,26 @@ test('a welcome announces a cap that is a JSON integer from 1,024 to 2^53; anyth
   }
 });
 
+test('a refusal names its method or event bare: escaped and cut as shown elsewhere, not quoted', () => {
+  assert.equal(bareName('config'), 'config');
+  assert.equal(bareName('a\u0000\nb'), 'a\\u0000\\nb');
+  assert.equal(bareName('x'.repeat(65)), `${'x'.repeat(64)}…`);
+});
+
+test('the hello says the largest message the plugin reads, after the fields it had', BOUNDED, async () => {
+  const server = new WebSocketPluginServer(capPlugin().plugin, undefined);
+  const host = new WebSocket(`ws://${await server.listen('127.0.0.1:0')}/`);
+  try {
+    const hello = await new Frames(host).next();
+    assert.equal(hello.type, 'hello');
+    assert.equal(hello.max_message_bytes, MAX_MESSAGE_BYTES);
+    assert.equal(Object.keys(hello).at(-1), 'max_message_bytes');
+  } finally {
+    host.terminate();
+    await server.close(0);
+  }
+});
+
 test('a result over the announced cap is answered too_large, and the connection stays', BOUNDED, async () => {
   await served(capPlugin().plugin, { [MAX_MESSAGE_BYTES_HEADER]: String(CAP) }, async (host, frames) => {
     // Just under and just over: the whole frame counts, as sent.
@@ -165,7 +186,7 @@ test('a result over the announced cap is answered too_large, and the connection 
     host.send(request('call', 2, 'echo', over));
     const size = bytesOf({ type: 'response', id: 2, response: { ok: true, result: over } });
     assert.equal(size, CAP + 1);
-    assert.deepEqual((await frames.nextOf('response', 2)).response, tooLarge('the result of "echo"', size, CAP));
+    assert.deepEqual((await frames.nextOf('response', 2)).response, tooLarge('the result of echo', size, CAP));
     await stillServed(host, frames);
   });
 });
@@ -175,7 +196,7 @@ test('an error over the cap is answered too_large', BOUNDED, async () => {
     host.send(request('call', 1, 'fail', { size: 2 * CAP }));
     const { error } = (await frames.nextOf('response', 1)).response as { error: { type: string; message: string; details: Record<string, number | string> } };
     assert.equal(error.type, 'provider_error');
-    assert.match(error.message, /^the error of "fail" is \d+ bytes, over the WebSocket message cap of 4096 bytes$/);
+    assert.match(error.message, /^the error of fail is \d+ bytes, over the WebSocket message cap of 4096 bytes$/);
     assert.equal(error.details.reason, 'too_large');
     assert.ok((error.details.bytes as number) > 2 * CAP);
     assert.equal(error.details.limit, CAP);
@@ -200,7 +221,7 @@ test('a chunk over the cap ends its stream too_large and stops its producer; ano
     }
     assert.deepEqual(chunks, ['y'.repeat(10), 'y'.repeat(20)]);
     const size = bytesOf({ type: 'chunk', id: 1, data: 'y'.repeat(2 * CAP) });
-    assert.deepEqual(frame.response, tooLarge('a chunk of "blobs"', size, CAP));
+    assert.deepEqual(frame.response, tooLarge('a chunk of blobs', size, CAP));
     const deadline = Date.now() + 5_000;
     while (!stream.closed) {
       assert.ok(Date.now() < deadline, 'the stream’s generator was not closed');
@@ -226,7 +247,7 @@ test('an event over the cap is not sent, only the first said on stderr, and its 
     // The first event on the wire is the small one: the large ones never went out.
     assert.deepEqual(await frames.nextOf('event'), { type: 'event', event: 'small', data: 'zzzzz' });
     const size = bytesOf({ type: 'event', event: 'big\n', data: 'z'.repeat(2 * CAP) });
-    assert.deepEqual(warnings, [`event "big\\n" is ${size} bytes, over the WebSocket message cap of ${CAP} bytes: not sent`]);
+    assert.deepEqual(warnings, [`event big\\n is ${size} bytes, over the WebSocket message cap of ${CAP} bytes: not sent`]);
     await stillServed(host, frames);
   });
 });
@@ -239,7 +260,7 @@ test('without an announcement the cap is the plugin’s own 8 MiB', BOUNDED, asy
     // Over 8 MiB: before, sent whole (and the host closed the connection, 1009).
     host.send(request('call', 2, 'blob', { size: MAX_MESSAGE_BYTES }));
     const size = bytesOf({ type: 'response', id: 2, response: { ok: true, result: 'b'.repeat(MAX_MESSAGE_BYTES) } });
-    assert.deepEqual((await frames.nextOf('response', 2)).response, tooLarge('the result of "blob"', size, MAX_MESSAGE_BYTES));
+    assert.deepEqual((await frames.nextOf('response', 2)).response, tooLarge('the result of blob', size, MAX_MESSAGE_BYTES));
     await stillServed(host, frames);
   });
 });
@@ -268,7 +289,9 @@ async function viaGateway(fields: Record<string, unknown>, size: number): Promis
   try {
     const [socket] = await accepted;
     const frames = new Frames(socket);
-    assert.equal((await frames.next()).type, 'hello');
+    const hello = await frames.next();
+    assert.equal(hello.type, 'hello');
+    assert.equal(hello.max_message_bytes, MAX_MESSAGE_BYTES);
     socket.send(JSON.stringify({ type: 'welcome', instance: 'i-1', ...fields }));
     socket.send(request('call', 1, 'blob', { size }));
     socket.send(request('call', 2, 'echo', 'after'));
@@ -285,7 +308,7 @@ async function viaGateway(fields: Record<string, unknown>, size: number): Promis
 
 test('a result over the cap the welcome announces is answered too_large', BOUNDED, async () => {
   const size = bytesOf({ type: 'response', id: 1, response: { ok: true, result: 'b'.repeat(2 * CAP) } });
-  assert.deepEqual(await viaGateway({ max_message_bytes: CAP }, 2 * CAP), tooLarge('the result of "blob"', size, CAP));
+  assert.deepEqual(await viaGateway({ max_message_bytes: CAP }, 2 * CAP), tooLarge('the result of blob', size, CAP));
 });
 
 test('a welcome without a valid max_message_bytes leaves the plugin’s own cap', BOUNDED, async () => {
