@@ -24,11 +24,15 @@ import pytest
 from aiohttp import web
 
 from linchkit_plugin import Plugin
-from linchkit_plugin._ws_send_cap import bare_name, cap_of_header, cap_of_welcome
+from linchkit_plugin._ws_send_cap import bare_name, cap_of_header
 from linchkit_plugin.errors import PluginError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.plugin import raw_params
-from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_HEADER
+from linchkit_plugin.ws_protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES_HEADER,
+    announced_cap,
+)
 from linchkit_plugin.ws_server import WebSocketPluginServer, dial
 
 CAP = 4096
@@ -142,14 +146,14 @@ def test_anything_else_in_the_header_is_ignored(values: list[str]) -> None:
 
 @pytest.mark.parametrize("value", [1024, 4096, 2**53])
 def test_a_valid_welcome_field_announces_its_cap(value: int) -> None:
-    assert cap_of_welcome(value) == value
+    assert announced_cap(value) == value
 
 
 @pytest.mark.parametrize(
     "value", [None, "4096", 12.5, 4096.0, True, 100, 1023, -5, 2**53 + 1, [4096], {"n": 1}]
 )
 def test_anything_else_in_the_welcome_is_ignored(value: Any) -> None:
-    assert cap_of_welcome(value) is None
+    assert announced_cap(value) is None
 
 
 def test_a_name_is_shown_escaped_cut_and_bare() -> None:

@@ -10,14 +10,17 @@ from typing import Any
 from aiohttp import WSMsgType
 
 from linchkit_plugin.errors import DispatchError, InvalidParams, TargetUnavailable
-from linchkit_plugin.ws_protocol import HELLO_TIMEOUT, UnknownProtocol, checked_hello, decode_frame
+from linchkit_plugin.ws_protocol import (
+    HELLO_TIMEOUT,
+    UnknownProtocol,
+    announced_cap,
+    checked_hello,
+    decode_frame,
+)
 from providers.served import MAX_SERVED_METHODS
 from providers.websocket.writer import Socket
 
-__all__ = ["MAX_ANNOUNCED_CAP", "MIN_ANNOUNCED_CAP", "announced_cap", "read_hello"]
-
-MIN_ANNOUNCED_CAP = 1024
-MAX_ANNOUNCED_CAP = 2**53
+__all__ = ["read_hello"]
 
 
 def _kept(hello: dict[str, Any]) -> dict[str, Any]:
@@ -37,16 +40,6 @@ def _kept(hello: dict[str, Any]) -> dict[str, Any]:
     if (reads := announced_cap(hello.get("max_message_bytes"))) is not None:
         kept["max_message_bytes"] = reads
     return kept
-
-
-def announced_cap(value: Any) -> int | None:
-    """``value`` as the largest message a peer says it reads, or None if it is no valid
-    one: a JSON integer (``true`` is none) from 1,024 (the least a target may set) to
-    2**53 (what every SDK's JSON reads exactly). None is no bound: a plugin from before
-    it announced one, or one that announced nonsense, is sent what it was before."""
-    if type(value) is int and MIN_ANNOUNCED_CAP <= value <= MAX_ANNOUNCED_CAP:
-        return value
-    return None
 
 
 async def read_hello(socket: Socket) -> dict[str, Any]:

@@ -23,46 +23,22 @@ The connection stays open for the other calls, streams and events.
 from __future__ import annotations
 
 import re
-from typing import Any, Final
 
 from linchkit_plugin.errors import ProviderError
+from linchkit_plugin.ws_protocol import announced_cap
 
-__all__ = [
-    "MAX_ANNOUNCED",
-    "MIN_ANNOUNCED",
-    "bare_name",
-    "cap_of_header",
-    "cap_of_welcome",
-    "too_large",
-]
-
-#: The least cap an announcement may set: smaller, a call's answer could not carry an error.
-MIN_ANNOUNCED: Final = 1024
-#: The most: the largest integer every SDK's JSON carries exactly.
-MAX_ANNOUNCED: Final = 2**53
+__all__ = ["bare_name", "cap_of_header", "too_large"]
 
 _DIGITS = re.compile(r"[0-9]{1,16}")
-
-
-def _within(value: int) -> int | None:
-    return value if MIN_ANNOUNCED <= value <= MAX_ANNOUNCED else None
 
 
 def cap_of_header(values: list[str]) -> int | None:
     """The cap the upgrade request's ``LinchKit-Max-Message-Bytes`` headers announce
     (``values``, each one sent), or None: none, more than one, or not 1-16 ASCII digits
-    of a value from 1,024 to 2**53."""
+    of a value ``announced_cap`` takes. (A ``welcome``'s is ``announced_cap`` itself.)"""
     if len(values) != 1 or _DIGITS.fullmatch(values[0]) is None:
         return None
-    return _within(int(values[0]))
-
-
-def cap_of_welcome(value: Any) -> int | None:
-    """The cap a ``welcome`` frame's ``max_message_bytes`` announces, or None: absent, not
-    a JSON integer (a string, 12.5, ``true``), or outside 1,024 to 2**53."""
-    if type(value) is not int:
-        return None
-    return _within(value)
+    return announced_cap(int(values[0]))
 
 
 def bare_name(name: str) -> str:

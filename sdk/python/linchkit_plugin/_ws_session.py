@@ -41,7 +41,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from linchkit_plugin._ws_events import EventOutbox
-from linchkit_plugin._ws_send_cap import MAX_ANNOUNCED, bare_name, cap_of_welcome, too_large
+from linchkit_plugin._ws_send_cap import bare_name, too_large
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import error_response, ok_response, parse_request
@@ -50,8 +50,10 @@ from linchkit_plugin.ws_protocol import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_BYTES,
     GOAWAY_GRACE,
+    MAX_ANNOUNCED_CAP,
     STREAM_WINDOW,
     FrameError,
+    announced_cap,
     decode_frame,
     encode_frame,
     error_frame,
@@ -110,12 +112,12 @@ class PluginSession:
         max_in_flight: int = 1024,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        announced_cap: int | None = None,
+        host_cap: int | None = None,
     ) -> None:
         """``heartbeat``: the connection's (seconds); a write may wait ``STALL_HEARTBEATS``
         of it for the host to take anything (None: for ever). ``max_message_bytes``: the
-        largest message this side reads; ``announced_cap``: the host's, where its upgrade
-        request announced a valid one (``_ws_send_cap.cap_of_header``). No frame larger
+        largest message this side reads; ``host_cap``: the host's, where its upgrade
+        request announced a valid one (``cap_of_header``). No frame larger
         than either is sent."""
         self.host = host
         self.socket = socket
@@ -131,12 +133,12 @@ class PluginSession:
         #: Events dropped from ``_events`` for a host that did not read them.
         self.events_dropped = 0
         # 0: aiohttp reads messages of any size; then only the host's cap bounds the sends.
-        self._max_message_bytes = max_message_bytes if max_message_bytes > 0 else MAX_ANNOUNCED
+        self._max_message_bytes = max_message_bytes if max_message_bytes > 0 else MAX_ANNOUNCED_CAP
         #: The largest frame sent: the host's cap where it announced a smaller one (in the
         #: upgrade request, or in reverse mode its ``welcome``).
         self.send_cap = self._max_message_bytes
-        if announced_cap is not None:
-            self.send_cap = min(self._max_message_bytes, announced_cap)
+        if host_cap is not None:
+            self.send_cap = min(self._max_message_bytes, host_cap)
         #: Events not sent for being over ``send_cap`` (the first is logged).
         self.events_too_large = 0
         self.protocol_errors = 0
@@ -282,7 +284,7 @@ class PluginSession:
         elif kind == "welcome":
             self.welcomed = True
             # Frames are ordered: the gateway's cap arrives before any call.
-            announced = cap_of_welcome(frame.get("max_message_bytes"))
+            announced = announced_cap(frame.get("max_message_bytes"))
             if announced is not None:
                 self.send_cap = min(self._max_message_bytes, announced)
         elif kind == "dropped":

@@ -34,14 +34,17 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "GOAWAY_GRACE",
     "HELLO_TIMEOUT",
+    "MAX_ANNOUNCED_CAP",
     "MAX_FRAME_DEPTH",
     "MAX_MESSAGE_BYTES_HEADER",
+    "MIN_ANNOUNCED_CAP",
     "PLUGIN_ID_HEADER",
     "PLUGIN_VERSION_HEADER",
     "SHOWN_REASON_CHARS",
     "STREAM_WINDOW",
     "FrameError",
     "UnknownProtocol",
+    "announced_cap",
     "checked_hello",
     "decode_frame",
     "encode_frame",
@@ -93,6 +96,11 @@ PLUGIN_VERSION_HEADER: Final = "X-Plugin-Version"
 #: connection, 1009, failing every call on it): a header of the host's upgrade request in
 #: dial mode; in reverse mode the ``welcome`` frame's ``max_message_bytes``.
 MAX_MESSAGE_BYTES_HEADER: Final = "LinchKit-Max-Message-Bytes"
+#: The caps a side may announce (that header, a ``welcome``'s or a ``hello``'s
+#: ``max_message_bytes``): at least what a call's error answer needs, at most the largest
+#: integer every SDK's JSON reads exactly. Any other announcement is ignored.
+MIN_ANNOUNCED_CAP: Final = 1024
+MAX_ANNOUNCED_CAP: Final = 2**53
 
 
 class FrameError(ProviderError):
@@ -180,6 +188,15 @@ def hello_frame(
     if max_message_bytes is not None:
         hello["max_message_bytes"] = max_message_bytes
     return encode_frame(hello)
+
+
+def announced_cap(value: Any) -> int | None:
+    """``value`` (a frame's ``max_message_bytes``) as the largest message its sender reads,
+    or None if it is no valid one: absent, not a JSON integer (a string, 12.5, ``true``),
+    or outside ``MIN_ANNOUNCED_CAP`` to ``MAX_ANNOUNCED_CAP``."""
+    if type(value) is int and MIN_ANNOUNCED_CAP <= value <= MAX_ANNOUNCED_CAP:
+        return value
+    return None
 
 
 def checked_hello(frame: dict[str, Any]) -> dict[str, Any]:

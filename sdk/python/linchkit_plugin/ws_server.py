@@ -259,7 +259,7 @@ class WebSocketPluginServer:
                 heartbeat=self.heartbeat,
                 max_message_bytes=self.max_message_bytes,
                 # The dispatcher's read cap: no frame over it is sent.
-                announced_cap=cap_of_header(request.headers.getall(MAX_MESSAGE_BYTES_HEADER, [])),
+                host_cap=cap_of_header(request.headers.getall(MAX_MESSAGE_BYTES_HEADER, [])),
             )
             self.sessions.add(session)
             try:
