@@ -28,6 +28,12 @@ import (
 // closed once the session has ended.
 func dialledSession(t *testing.T, p *Plugin, grace time.Duration) (*websocket.Conn, context.CancelFunc, <-chan struct{}) {
 	t.Helper()
+	return welcomedSession(t, p, grace, `{"type":"welcome"}`)
+}
+
+// welcomedSession is dialledSession whose host answers the hello with welcome.
+func welcomedSession(t *testing.T, p *Plugin, grace time.Duration, welcome string) (*websocket.Conn, context.CancelFunc, <-chan struct{}) {
+	t.Helper()
 	accepted := make(chan *websocket.Conn, 1)
 	host := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		conn, err := websocket.Accept(w, r, nil)
@@ -56,7 +62,7 @@ func dialledSession(t *testing.T, p *Plugin, grace time.Duration) (*websocket.Co
 	if f := readFrame(t, hostConn); f["type"] != "hello" {
 		t.Fatalf("first frame: %v, want hello", f)
 	}
-	writeFrame(t, hostConn, `{"type":"welcome"}`)
+	writeFrame(t, hostConn, welcome)
 	return hostConn, stop, ended
 }
 

@@ -221,6 +221,11 @@ func (s *webSocketServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	conn.SetReadLimit(maxMessageBytes)
 	session := &wsSession{plugin: s.plugin, conn: conn, grace: s.grace, abort: hijacked.abort}
+	// The dispatcher's read cap: nothing over it is sent (wssendcap.go). Two values are
+	// no announcement.
+	if announced := r.Header.Values(maxMessageCapHeader); len(announced) == 1 {
+		session.announce(announced[0])
+	}
 	session.run(s.stopping)
 }
 

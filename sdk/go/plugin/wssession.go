@@ -82,6 +82,8 @@ type frame struct {
 	N       int             `json:"n,omitempty"`
 	Event   string          `json:"event,omitempty"`
 	Data    json.RawMessage `json:"data,omitempty"`
+	// MaxMessageBytes: the gateway's read cap, in its welcome (wssendcap.go).
+	MaxMessageBytes json.RawMessage `json:"max_message_bytes,omitempty"`
 }
 
 // window counts the chunks a stream may still send before the host grants more.
@@ -147,6 +149,11 @@ type wsSession struct {
 	// when the connection ended without one).
 	closeCode   websocket.StatusCode
 	closeReason string
+	// sendCap: the most bytes a response, chunk or event may have (wssendcap.go); 0 until
+	// the host announces a smaller cap than maxMessageBytes. eventOverCap: an event over it
+	// was logged on this connection (later ones are not).
+	sendCap      atomic.Int64
+	eventOverCap atomic.Bool
 }
 
 // shownReasonBytes is the most of a peer's close reason shown, once escaped: a reason is
@@ -184,11 +191,32 @@ func shownCloseReason(reason string) string {
 	return text[:cut] + "…"
 }
 
+// limit: the session's send cap (wssendcap.go).
+func (s *wsSession) limit() int64 {
+	if limit := s.sendCap.Load(); limit > 0 {
+		return limit
+	}
+	return maxMessageBytes
+}
+
+// announce takes a cap the host announced (the upgrade's header, the welcome's field);
+// one that is not valid leaves the cap as it was.
+func (s *wsSession) announce(text string) {
+	if limit := sendCapWith(text); limit < maxMessageBytes {
+		s.sendCap.Store(limit)
+	}
+}
+
 func (s *wsSession) send(ctx context.Context, v any) {
 	raw, err := json.Marshal(v)
 	if err != nil {
 		return
 	}
+	s.write(ctx, raw)
+}
+
+// write sends one message, raw, the frame's JSON text.
+func (s *wsSession) write(ctx context.Context, raw []byte) {
 	// The host is waited for from the first write after a quiet spell, not from the last
 	// one before it: a session whose calls all ran over 1.5 heartbeats took the first of
 	// their answers, waiting a moment for a host slow to read, for a stall.
@@ -316,7 +344,20 @@ func (s *wsSession) sendEvents(ctx context.Context, events subscription) {
 		if len(data) == 0 {
 			data = json.RawMessage("null")
 		}
-		s.send(ctx, map[string]any{"type": "event", "event": event.GetName(), "data": data})
+		raw, err := json.Marshal(map[string]any{"type": "event", "event": event.GetName(), "data": data})
+		if err != nil {
+			return
+		}
+		// Over the cap the host would close the connection: the event is not sent, and the
+		// method that emitted it is not failed (emit is fire-and-forget).
+		if limit := s.limit(); int64(len(raw)) > limit {
+			if !s.eventOverCap.Swap(true) {
+				sdkLog.Warn(fmt.Sprintf("linchkit plugin: event %s is %d bytes, over the WebSocket message cap of %d bytes: not sent",
+					shownName(event.GetName()), len(raw), limit))
+			}
+			return
+		}
+		s.write(ctx, raw)
 	}
 	for _, event := range events.events {
 		if ctx.Err() != nil {
@@ -456,6 +497,9 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 		}
 	case "welcome":
 		s.welcomed = true
+		if len(f.MaxMessageBytes) > 0 {
+			s.announce(string(f.MaxMessageBytes))
+		}
 	case "dropped":
 	case "error":
 		// The host could not use a frame of ours (an older one says so of goaway): never
@@ -469,7 +513,7 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest json.RawMessage, w *window) {
 	var request wireRequest
 	if err := json.Unmarshal(rawRequest, &request); err != nil {
-		s.respond(connCtx, id, errorReply(&Error{Type: TypeProviderError, Message: "the request is not an envelope: " + err.Error()}))
+		s.respond(connCtx, id, request.Method, errorReply(&Error{Type: TypeProviderError, Message: "the request is not an envelope: " + err.Error()}))
 		return
 	}
 	req := &pluginpb.CallRequest{
@@ -484,45 +528,88 @@ func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest 
 		if errors.Is(callCtx.Err(), context.Canceled) {
 			return // the host cancelled it (or the connection ended): nobody waits for an answer
 		}
-		s.respond(connCtx, id, reply)
+		s.respond(connCtx, id, request.Method, reply)
 		return
 	}
 	ctx, cancel, call, m, callErr := s.plugin.prepare(callCtx, req)
 	defer cancel()
 	if callErr != nil {
-		s.respond(connCtx, id, errorReply(callErr))
+		s.respond(connCtx, id, request.Method, errorReply(callErr))
 		return
 	}
 	// One span for the whole stream, as over gRPC (service.go's CallStream): it ends with
 	// the stream's outcome, before the last frame goes out, so a host that read it sees
 	// the span ended.
 	ctx, span := s.plugin.tracing.start(ctx, s.plugin.id, call)
+	// A chunk over the send cap ends the stream with overCap, its producer stopped as a
+	// cancel stops it (stopProducer), the chunks before it sent.
+	ctx, stopProducer := context.WithCancel(ctx)
+	defer stopProducer()
+	var overCap atomic.Pointer[Error]
 	send := func(chunk any) error {
+		if failure := overCap.Load(); failure != nil {
+			return failure
+		}
 		raw, err := encodeJSON(chunk)
 		if err != nil {
 			return fmt.Errorf("chunk is not JSON-encodable: %w", err)
 		}
+		message, err := json.Marshal(map[string]any{"type": "chunk", "id": id, "data": raw})
+		if err == nil {
+			if limit := s.limit(); int64(len(message)) > limit {
+				failure := tooLarge("a chunk of", request.Method, len(message), limit)
+				overCap.CompareAndSwap(nil, failure)
+				stopProducer()
+				return overCap.Load()
+			}
+		}
 		if err := w.take(ctx); err != nil {
 			return err
 		}
-		s.send(connCtx, map[string]any{"type": "chunk", "id": id, "data": raw})
+		if message != nil {
+			s.write(connCtx, message)
+		}
 		return nil
 	}
 	err := m.runStreamed(ctx, call, send)
+	if failure := overCap.Load(); failure != nil {
+		err = failure // whatever the stopped producer returned
+	}
 	if err != nil {
 		failure := toError(err)
 		endSpan(span, failure)
 		if errors.Is(callCtx.Err(), context.Canceled) {
 			return // the host cancelled it: nobody waits for an answer
 		}
-		s.respond(connCtx, id, errorReply(failure))
+		s.respond(connCtx, id, request.Method, errorReply(failure))
 		return
 	}
 	endSpan(span, nil)
-	s.respond(connCtx, id, &pluginpb.CallReply{Ok: true, ResultJson: json.RawMessage("null")})
+	s.respond(connCtx, id, request.Method, &pluginpb.CallReply{Ok: true, ResultJson: json.RawMessage("null")})
 }
 
-func (s *wsSession) respond(ctx context.Context, id int64, reply *pluginpb.CallReply) {
+// respond answers call id of method with reply; a response over the send cap is replaced
+// by a provider_error one (wssendcap.go), so the host keeps the connection.
+func (s *wsSession) respond(ctx context.Context, id int64, method string, reply *pluginpb.CallReply) {
+	raw, err := json.Marshal(responseFrame(id, reply))
+	if err != nil {
+		return
+	}
+	if limit := s.limit(); int64(len(raw)) > limit {
+		what := "the result of"
+		if !reply.GetOk() {
+			what = "the error of"
+		}
+		raw, err = json.Marshal(responseFrame(id, errorReply(tooLarge(what, method, len(raw), limit))))
+		if err != nil {
+			return
+		}
+	}
+	s.write(ctx, raw)
+}
+
+// responseFrame: the response frame that answers call id with reply.
+func responseFrame(id int64, reply *pluginpb.CallReply) map[string]any {
 	var response map[string]any
 	if reply.GetOk() {
 		result := json.RawMessage(reply.GetResultJson())
@@ -541,5 +628,5 @@ func (s *wsSession) respond(ctx context.Context, id int64, reply *pluginpb.CallR
 		}
 		response = map[string]any{"ok": false, "error": wire}
 	}
-	s.send(ctx, map[string]any{"type": "response", "id": id, "response": response})
+	return map[string]any{"type": "response", "id": id, "response": response}
 }

@@ -1,0 +1,72 @@
+package plugin
+
+// The send cap of a WebSocket session (docs/protocol.md, "WebSocket binding"): the host
+// closes a connection with 1009 on a message over its read cap, and every call and stream
+// on it fails with that one. So the session sends nothing over the smaller of its own read
+// cap (maxMessageBytes) and the cap the host announced: the `LinchKit-Max-Message-Bytes`
+// header of a dispatcher's upgrade (serve --websocket), or the welcome frame's
+// `max_message_bytes` (connect). What it would have sent is replaced instead:
+//
+//   - a response: by a provider_error response to the same id (reason too_large);
+//   - a stream chunk: by that error as the stream's final response, the producer stopped;
+//   - an event: by nothing, the first one of the connection logged at WARN.
+//
+// A message is measured as sent: the bytes of its JSON text after encoding/json's
+// escaping (U+2028 and <, >, & become six bytes each), before permessage-deflate.
+
+import (
+	"fmt"
+	"strconv"
+)
+
+// maxMessageCapHeader: the upgrade header a dispatcher announces its read cap with.
+const maxMessageCapHeader = "LinchKit-Max-Message-Bytes"
+
+const (
+	// smallestAnnouncedCap: a cap announced below it is taken for a mistake, not obeyed:
+	// every control frame and error response must still fit.
+	smallestAnnouncedCap = 1024
+	// largestAnnouncedCap: 2**53, the largest integer every host's JSON reads exactly.
+	largestAnnouncedCap = 1 << 53
+	// mostCapDigits: 2**53 has 16 digits.
+	mostCapDigits = 16
+)
+
+// announcedCap reads a host's announced cap: decimal digits only (no sign, no exponent,
+// no fraction, no spaces), at most 16 of them, between 1024 and 2**53. ok is false for
+// anything else, which the session ignores: its own cap stays.
+func announcedCap(text string) (limit int64, ok bool) {
+	if text == "" || len(text) > mostCapDigits {
+		return 0, false
+	}
+	for _, c := range []byte(text) {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+	}
+	value, err := strconv.ParseInt(text, 10, 64)
+	if err != nil || value < smallestAnnouncedCap || value > largestAnnouncedCap {
+		return 0, false
+	}
+	return value, true
+}
+
+// sendCapWith: the session's send cap once the host announced text (the header's value,
+// or the welcome field's JSON): the smaller of maxMessageBytes and a valid announcement.
+func sendCapWith(text string) int64 {
+	if announced, ok := announcedCap(text); ok && announced < maxMessageBytes {
+		return announced
+	}
+	return maxMessageBytes
+}
+
+// tooLarge is the error sent in place of a response or a chunk over the cap: what is the
+// message's subject ("the result of", "the error of", "a chunk of") and its method.
+func tooLarge(what, method string, size int, limit int64) *Error {
+	return &Error{
+		Type: TypeProviderError,
+		Message: fmt.Sprintf("%s %s is %d bytes, over the WebSocket message cap of %d bytes",
+			what, shownName(method), size, limit),
+		Details: map[string]any{"reason": "too_large", "bytes": size, "limit": limit},
+	}
+}
