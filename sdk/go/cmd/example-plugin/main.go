@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -134,9 +135,10 @@ func main() {
 		}
 	})
 
-	p.StreamingMethod("count", "streams {\"i\": 0} … {\"i\": n-1}", func(ctx context.Context, call *plugin.Call, send func(any) error) error {
+	p.StreamingMethod("count", "streams {\"i\": 0} … {\"i\": n-1}, each with \"pad\": pad letters x when pad > 0", func(ctx context.Context, call *plugin.Call, send func(any) error) error {
 		var params struct {
-			N int `json:"n" plugin:"required"`
+			N   int `json:"n" plugin:"required"`
+			Pad int `json:"pad"`
 		}
 		if err := call.Bind(&params); err != nil {
 			return err
@@ -144,26 +146,42 @@ func main() {
 		if params.N < 0 {
 			return plugin.InvalidParams("n must not be negative, got %d", params.N)
 		}
+		if params.Pad < 0 {
+			return plugin.InvalidParams("pad must not be negative, got %d", params.Pad)
+		}
+		pad := strings.Repeat("x", params.Pad)
 		for i := range params.N {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			if err := send(map[string]int{"i": i}); err != nil {
+			var chunk any = map[string]int{"i": i}
+			if params.Pad > 0 {
+				chunk = map[string]any{"i": i, "pad": pad}
+			}
+			if err := send(chunk); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
 
-	p.Method("emit", "emits plugin event name with data", func(_ context.Context, call *plugin.Call) (any, error) {
+	p.Method("emit", "emits plugin event name with data (pad > 0: a string of pad letters x)", func(_ context.Context, call *plugin.Call) (any, error) {
 		var params struct {
 			Name string          `json:"name" plugin:"required"`
 			Data json.RawMessage `json:"data"`
+			Pad  int             `json:"pad"`
 		}
 		if err := call.Bind(&params); err != nil {
 			return nil, err
 		}
-		if err := call.Emit(params.Name, params.Data); err != nil {
+		if params.Pad < 0 {
+			return nil, plugin.InvalidParams("pad must not be negative, got %d", params.Pad)
+		}
+		var data any = params.Data
+		if params.Pad > 0 {
+			data = strings.Repeat("x", params.Pad)
+		}
+		if err := call.Emit(params.Name, data); err != nil {
 			return nil, err
 		}
 		return true, nil
