@@ -17,6 +17,7 @@ package plugin
 import (
 	"fmt"
 	"strconv"
+	"strings"
 )
 
 // maxMessageCapHeader: the upgrade header a dispatcher announces its read cap with.
@@ -60,13 +61,27 @@ func sendCapWith(text string) int64 {
 	return maxMessageBytes
 }
 
+// shownBareName: a method's or an event's name as the too-large messages show it, as the
+// other SDKs do: unquoted, a rune that does not print escaped as shownName escapes it (a
+// quote too), cut to 64 bytes.
+func shownBareName(name string) string {
+	quoted := shownName(name)
+	cut := strings.HasSuffix(quoted, "…")
+	quoted = strings.TrimSuffix(quoted, "…")
+	bare := quoted[1 : len(quoted)-1]
+	if cut {
+		bare += "…"
+	}
+	return bare
+}
+
 // tooLarge is the error sent in place of a response or a chunk over the cap: what is the
 // message's subject ("the result of", "the error of", "a chunk of") and its method.
 func tooLarge(what, method string, size int, limit int64) *Error {
 	return &Error{
 		Type: TypeProviderError,
 		Message: fmt.Sprintf("%s %s is %d bytes, over the WebSocket message cap of %d bytes",
-			what, shownName(method), size, limit),
+			what, shownBareName(method), size, limit),
 		Details: map[string]any{"reason": "too_large", "bytes": size, "limit": limit},
 	}
 }

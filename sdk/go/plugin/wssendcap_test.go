@@ -33,6 +33,13 @@ func TestAnnouncedCapTakesOnlyDecimalDigitsWithinItsRange(t *testing.T) {
 			t.Errorf("announced %q: the cap is %d, want the SDK's own %d", text, got, maxMessageBytes)
 		}
 	}
+	for name, want := range map[string]string{
+		"config": "config", "a\nb\"c": `a\nb\"c`, strings.Repeat("m", 70): strings.Repeat("m", 64) + "…",
+	} {
+		if got := shownBareName(name); got != want {
+			t.Errorf("the name %q is shown %q, want %q", name, got, want)
+		}
+	}
 	if _, ok := announcedCap("9007199254740992"); !ok {
 		t.Error("2**53 is the largest valid announcement, refused")
 	}
@@ -136,12 +143,12 @@ func TestAResponseOverTheWelcomedCapIsReplacedByATypedError(t *testing.T) {
 		t.Fatalf("a result under the cap: %v, want it sent", response)
 	}
 	writeFrame(t, host, callFrame(2, "call", "big", `{"n":2048}`))
-	wantTooLarge(t, responseOf(t, host, 2), `the result of "big"`, 2048)
+	wantTooLarge(t, responseOf(t, host, 2), `the result of big`, 2048)
 	writeFrame(t, host, callFrame(3, "call", "bad", `{"n":2048}`))
-	wantTooLarge(t, responseOf(t, host, 3), `the error of "bad"`, 2048)
+	wantTooLarge(t, responseOf(t, host, 3), `the error of bad`, 2048)
 	// Measured as sent: 400 U+2028 are 1,200 bytes of UTF-8, and 2,400 once escaped.
 	writeFrame(t, host, callFrame(4, "call", "big", `{"n":400,"sep":true}`))
-	wantTooLarge(t, responseOf(t, host, 4), `the result of "big"`, 2048)
+	wantTooLarge(t, responseOf(t, host, 4), `the result of big`, 2048)
 	wantOpen(t, host, 5)
 }
 
@@ -155,7 +162,7 @@ func TestAChunkOverTheCapEndsItsStreamWithTheErrorAndStopsTheProducer(t *testing
 	if f := readFrame(t, host); f["type"] != "chunk" || f["data"] != "small" {
 		t.Fatalf("the first chunk: %v, want it sent", f)
 	}
-	wantTooLarge(t, responseOf(t, host, 1), `a chunk of "stream"`, 2048)
+	wantTooLarge(t, responseOf(t, host, 1), `a chunk of stream`, 2048)
 	if !<-stopped {
 		t.Fatal("the producer's context did not end after its chunk over the cap")
 	}
@@ -184,7 +191,7 @@ func TestAnEventOverTheCapIsNotSentAndLoggedOnce(t *testing.T) {
 	}
 	got := lines(out)
 	if len(got) != 1 || !strings.Contains(got[0], "level=WARN") ||
-		!strings.Contains(got[0], `event \"loud\" is 3041 bytes, over the WebSocket message cap of 2048 bytes: not sent`) {
+		!strings.Contains(got[0], `event loud is 3041 bytes, over the WebSocket message cap of 2048 bytes: not sent`) {
 		t.Fatalf("the log: %q, want one warning for the first event over the cap", out.String())
 	}
 }
@@ -218,7 +225,7 @@ func TestTheDefaultSendCapIsTheSDKsOwnReadCap(t *testing.T) {
 		t.Fatalf("a response of exactly 8 MiB: %v, want it sent", response["error"])
 	}
 	writeFrame(t, host, callFrame(2, "call", "big", fmt.Sprintf(`{"n":%d}`, fits+1)))
-	wantTooLarge(t, responseOf(t, host, 2), `the result of "big"`, maxMessageBytes)
+	wantTooLarge(t, responseOf(t, host, 2), `the result of big`, maxMessageBytes)
 	wantOpen(t, host, 3)
 }
 
@@ -245,7 +252,7 @@ func TestServeWebSocketKeepsUnderTheCapTheDispatcherAnnounces(t *testing.T) {
 		writeFrame(t, host, callFrame(1, "call", "big", `{"n":3000}`))
 		response := responseOf(t, host, 1)
 		if tc.limit == 2048 {
-			wantTooLarge(t, response, `the result of "big"`, 2048)
+			wantTooLarge(t, response, `the result of big`, 2048)
 			wantOpen(t, host, 2)
 		} else if response["ok"] != true {
 			t.Fatalf("announced %q: %v, want the result sent under the SDK's own cap", tc.announced, response)

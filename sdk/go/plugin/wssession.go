@@ -353,7 +353,7 @@ func (s *wsSession) sendEvents(ctx context.Context, events subscription) {
 		if limit := s.limit(); int64(len(raw)) > limit {
 			if !s.eventOverCap.Swap(true) {
 				sdkLog.Warn(fmt.Sprintf("linchkit plugin: event %s is %d bytes, over the WebSocket message cap of %d bytes: not sent",
-					shownName(event.GetName()), len(raw), limit))
+					shownBareName(event.GetName()), len(raw), limit))
 			}
 			return
 		}
