@@ -201,6 +201,8 @@ async fn open(
                 role: Role::Client,
                 deflate,
                 leftover,
+                // The gateway announces its cap in the welcome.
+                announced_cap: None,
             }),
             Answer::NotUpgraded(status @ (400 | 401 | 403 | 404), _) => {
                 Err(Failed::Refused(status))

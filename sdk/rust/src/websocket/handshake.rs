@@ -45,11 +45,16 @@ pub(crate) enum Request {
     Refused(Refusal),
 }
 
-/// A WebSocket upgrade: its key and the deflate it offers that this side can keep.
+/// The upgrade header a dispatcher announces the largest message it reads with.
+const MAX_MESSAGE_BYTES_HEADER: &str = "linchkit-max-message-bytes";
+
+/// A WebSocket upgrade: its key, the deflate it offers that this side can keep, and the
+/// one `LinchKit-Max-Message-Bytes` value it carries, as it came (the session judges it).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Upgrade {
     pub(crate) key: String,
     pub(crate) deflate: Option<Deflate>,
+    pub(crate) max_message_bytes: Option<String>,
 }
 
 /// A request answered with `status` and `message`, the connection then closed.
@@ -122,9 +127,15 @@ pub(crate) fn read_request(bytes: &[u8]) -> Request {
             .iter()
             .flat_map(|v| split_commas(v))
             .find_map(|offer| acceptable_offer(&offer));
+        // Two values are no announcement.
+        let max_message_bytes = match values(MAX_MESSAGE_BYTES_HEADER)[..] {
+            [one] => std::str::from_utf8(one).ok().map(|v| v.trim().to_string()),
+            _ => None,
+        };
         Ok(Upgrade {
             key: key.to_string(),
             deflate,
+            max_message_bytes,
         })
     })();
     Request::Get {
@@ -412,7 +423,8 @@ mod tests {
                 Some(b"Bearer t".to_vec()),
                 Ok(Upgrade {
                     key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
-                    deflate: Some(Deflate::default())
+                    deflate: Some(Deflate::default()),
+                    max_message_bytes: None,
                 })
             )
         );
@@ -424,6 +436,25 @@ mod tests {
         assert_eq!(
             (authorization.as_deref(), upgraded.unwrap_err().status),
             (Some(&b"Bearer t"[..]), 426)
+        );
+    }
+
+    #[test]
+    fn the_announced_cap_is_the_one_header_value_as_it_came() {
+        let announced = |headers: &str| read(&upgrade(headers)).1.unwrap().max_message_bytes;
+        assert_eq!(
+            announced("LinchKit-Max-Message-Bytes: 2048\r\n").as_deref(),
+            Some("2048")
+        );
+        assert_eq!(
+            announced("linchkit-max-message-bytes: abc\r\n").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(announced(""), None);
+        assert_eq!(
+            announced("LinchKit-Max-Message-Bytes: 2048\r\nLinchKit-Max-Message-Bytes: 4096\r\n"),
+            None,
+            "two values are none"
         );
     }
 

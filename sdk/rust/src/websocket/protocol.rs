@@ -8,6 +8,11 @@
 //! holding what JSON cannot carry both ways, not an object with a string `type`) or a
 //! `call`/`stream` without an integer `id` is a [`FrameError`], answered with an `error`
 //! frame; a `request` that is no envelope is that call's own `provider_error`.
+//!
+//! The host announces the largest message it reads (docs/protocol.md, "Message size"):
+//! [`announced_cap`] reads the announcement (the upgrade's `LinchKit-Max-Message-Bytes`, the
+//! `welcome`'s `max_message_bytes`), and a message over the session's send cap is replaced
+//! by what [`response_within`] and [`too_large`] make, or dropped ([`event_over_cap`]).
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -24,6 +29,13 @@ pub(crate) const MAX_FRAME_DEPTH: usize = MAX_PARAMS_DEPTH + 2;
 const SHOWN_REASON_CHARS: usize = 200;
 /// The most credit one `credit` frame may grant (a host grants half a window, 128).
 const MAX_CREDIT: i64 = 1 << 20;
+/// An announced cap below it is taken for a mistake, not obeyed: every control frame and
+/// error response must still fit.
+const SMALLEST_ANNOUNCED_CAP: u64 = 1024;
+/// 2**53: the largest integer every host's JSON reads exactly.
+const LARGEST_ANNOUNCED_CAP: u64 = 1 << 53;
+/// 2**53 has 16 digits.
+const MOST_CAP_DIGITS: usize = 16;
 
 /// A message that is not a frame this side can use, as the `error` frame says it.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,7 +61,8 @@ pub(crate) enum Frame<'a> {
         name: Option<String>,
         data: Option<&'a RawValue>,
     },
-    Welcome,
+    /// The gateway accepted the hello; the cap it announced, when a valid one.
+    Welcome(Option<u64>),
     Dropped,
     /// The host could not use a frame of ours: never answered.
     Error,
@@ -74,6 +87,8 @@ struct RawFrame<'a> {
     event: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_message_bytes: Option<&'a RawValue>,
 }
 
 /// A JSON integer, exactly: `1.5`, `"7"` and `2**70` are none.
@@ -125,7 +140,10 @@ pub(crate) fn read_frame(message: &[u8]) -> Result<Frame<'_>, FrameError> {
             name: string(raw.event),
             data: raw.data,
         },
-        "welcome" => Frame::Welcome,
+        "welcome" => Frame::Welcome(
+            raw.max_message_bytes
+                .and_then(|cap| announced_cap(cap.get())),
+        ),
         "dropped" => Frame::Dropped,
         "error" => Frame::Error,
         _ => Frame::Unknown {
@@ -318,6 +336,79 @@ pub(crate) fn event(name: &str, data: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// A cap the host announced, `text` as it came (the header's value, the welcome field's
+/// JSON): decimal digits only (no sign, point, exponent, quotes or spaces), at most 16 of
+/// them, between 1,024 and 2**53. `None` for anything else, which leaves the SDK's own cap.
+pub(crate) fn announced_cap(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > MOST_CAP_DIGITS || !text.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let cap: u64 = text.parse().ok()?;
+    (SMALLEST_ANNOUNCED_CAP..=LARGEST_ANNOUNCED_CAP)
+        .contains(&cap)
+        .then_some(cap)
+}
+
+/// The send cap: the smaller of `own` (the SDK's read cap) and the host's `announced` one.
+pub(crate) fn send_cap(own: usize, announced: Option<u64>) -> usize {
+    announced
+        .and_then(|cap| usize::try_from(cap).ok())
+        .map_or(own, |cap| cap.min(own))
+}
+
+/// A method's or an event's name as the too-large messages show it: unquoted, what does
+/// not print escaped as [`shown_name`](crate::error::shown_name) escapes it, cut to 64 bytes.
+fn shown_bare_name(name: &str) -> String {
+    let quoted = crate::error::shown_name(name);
+    let (quoted, cut) = match quoted.strip_suffix('…') {
+        Some(quoted) => (quoted, "…"),
+        None => (quoted.as_str(), ""),
+    };
+    format!("{}{cut}", &quoted[1..quoted.len() - 1])
+}
+
+/// The error sent in place of a message of `bytes` over the cap `limit`: `what` is its
+/// subject ("the result of", "the error of", "a chunk of"), `method` its method.
+pub(crate) fn too_large(what: &str, method: &str, bytes: usize, limit: usize) -> Error {
+    Error::new(
+        types::PROVIDER_ERROR,
+        format!(
+            "{what} {} is {bytes} bytes, over the WebSocket message cap of {limit} bytes",
+            shown_bare_name(method)
+        ),
+    )
+    .with_details(serde_json::json!({"reason": "too_large", "bytes": bytes, "limit": limit}))
+}
+
+/// [`response`], or in its place, when it is over `limit`, that call's [`too_large`] error:
+/// the host would close the connection (1009) under every call on it.
+pub(crate) fn response_within(
+    id: i64,
+    reply: &pb::CallReply,
+    method: &str,
+    limit: usize,
+) -> Vec<u8> {
+    let frame = response(id, reply);
+    if frame.len() <= limit {
+        return frame;
+    }
+    let what = if reply.ok {
+        "the result of"
+    } else {
+        "the error of"
+    };
+    failed_response(id, &too_large(what, method, frame.len(), limit).to_proto())
+}
+
+/// The line that says an event of `bytes` over `limit` was not sent.
+pub(crate) fn event_over_cap(name: &str, bytes: usize, limit: usize) -> String {
+    format!(
+        "event {} is {bytes} bytes, over the WebSocket message cap of {limit} bytes: not sent",
+        shown_bare_name(name)
+    )
+}
+
 pub(crate) fn health(id: Option<i64>, serving: bool) -> Vec<u8> {
     let status = if serving { "serving" } else { "not_serving" };
     serde_json::json!({"type": "health", "id": id, "status": status, "detail": ""})
@@ -440,7 +531,11 @@ mod tests {
         ));
         assert!(matches!(
             read_frame(br#"{"type":"welcome","instance":"x"}"#),
-            Ok(Frame::Welcome)
+            Ok(Frame::Welcome(None))
+        ));
+        assert!(matches!(
+            read_frame(br#"{"type":"welcome","instance":"x","max_message_bytes":2048}"#),
+            Ok(Frame::Welcome(Some(2048)))
         ));
         match read_frame(br#"{"type":"event","event":"ping","data":{"seq":1}}"#).unwrap() {
             Frame::Event {
@@ -641,5 +736,119 @@ mod tests {
         );
         assert_eq!(shown_close_reason(b"bad \xff byte"), "bad \\xff byte");
         assert_eq!(shown_close_reason("déjà vu".as_bytes()), "déjà vu");
+    }
+
+    #[test]
+    fn an_announced_cap_is_decimal_digits_from_1024_to_2_pow_53() {
+        for (text, cap) in [
+            ("1024", 1024),
+            ("2048", 2048),
+            ("0000001024", 1024),
+            ("9007199254740992", 1 << 53),
+        ] {
+            assert_eq!(announced_cap(text), Some(cap), "{text}");
+        }
+        for text in [
+            "",
+            "abc",
+            "-5",
+            "+2048",
+            "1e6",
+            "12.5",
+            " 2048",
+            "\"2048\"",
+            "100",
+            "1023",
+            "0",
+            "9007199254740993",
+            "99999999999999999",
+            "00000000000002048",
+            "null",
+            "true",
+            "[2048]",
+            "２０４８",
+        ] {
+            assert_eq!(announced_cap(text), None, "{text:?} is no cap");
+        }
+        let own = 8 << 20;
+        assert_eq!(send_cap(own, None), own, "nothing announced: the SDK's own");
+        assert_eq!(send_cap(own, Some(2048)), 2048);
+        assert_eq!(
+            send_cap(own, Some(1 << 53)),
+            own,
+            "never above the SDK's own"
+        );
+    }
+
+    #[test]
+    fn a_welcome_s_cap_is_taken_only_when_valid() {
+        let welcome = |cap: &str| match read_frame(
+            format!(r#"{{"type":"welcome","instance":"x","max_message_bytes":{cap}}}"#).as_bytes(),
+        ) {
+            Ok(Frame::Welcome(announced)) => announced,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(welcome("2048"), Some(2048));
+        for cap in [
+            "\"2048\"",
+            "12.5",
+            "-1",
+            "1e6",
+            "100",
+            "true",
+            "null",
+            "[2048]",
+            "1152921504606846976",
+            "2048.0",
+        ] {
+            assert_eq!(welcome(cap), None, "{cap}");
+        }
+    }
+
+    #[test]
+    fn an_answer_over_the_cap_is_that_call_s_too_large_error() {
+        let ok = pb::CallReply {
+            ok: true,
+            result_json: format!("\"{}\"", "x".repeat(3000)).into_bytes(),
+            error: None,
+        };
+        let under = response_within(7, &ok, "config", 8 << 20);
+        assert_eq!(
+            under,
+            response(7, &ok),
+            "under the cap: as before, byte for byte"
+        );
+        let replaced: Value =
+            serde_json::from_slice(&response_within(7, &ok, "config", 2048)).unwrap();
+        assert_eq!(
+            replaced,
+            serde_json::json!({"type": "response", "id": 7, "response": {"ok": false, "error": {
+                "type": "provider_error",
+                "message": format!("the result of config is {} bytes, over the WebSocket message cap of 2048 bytes", under.len()),
+                "retryable": false,
+                "details": {"reason": "too_large", "bytes": under.len(), "limit": 2048},
+            }}})
+        );
+        let failed = pb::CallReply {
+            ok: false,
+            result_json: Vec::new(),
+            error: Some(Error::new("Overdrawn", "x".repeat(3000)).to_proto()),
+        };
+        let replaced: Value =
+            serde_json::from_slice(&response_within(8, &failed, "pay\n\"now\"", 2048)).unwrap();
+        let message = replaced["response"]["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(r#"the error of pay\n\"now\" is "#),
+            "{message}"
+        );
+        let long = too_large("a chunk of", &"m".repeat(100), 5000, 2048).message;
+        assert!(
+            long.starts_with(&format!("a chunk of {}… is 5000 bytes", "m".repeat(64))),
+            "{long}"
+        );
+        assert_eq!(
+            event_over_cap("large", 40_000, 32_768),
+            "event large is 40000 bytes, over the WebSocket message cap of 32768 bytes: not sent"
+        );
     }
 }

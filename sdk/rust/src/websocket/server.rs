@@ -307,6 +307,7 @@ async fn connection(
         role: Role::Server,
         deflate: upgrade.deflate,
         leftover,
+        announced_cap: upgrade.max_message_bytes,
     };
     session::serve(core, opened, stopping).await;
     drop(place);

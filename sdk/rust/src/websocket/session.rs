@@ -12,12 +12,19 @@
 //! dropped, as the dispatcher drops a plugin that does so; the heartbeat (a ping every
 //! [`HEARTBEAT`], nothing read within half of one after it) finds a host that is gone.
 //!
+//! Nothing the session sends is over its send cap, the smaller of [`MAX_MESSAGE_BYTES`] and
+//! the cap the host announced (the upgrade's header, [`Opened::announced_cap`], or the
+//! `welcome`'s field): the host would close the connection (1009) under every call on it.
+//! A response over it is replaced by that call's `too_large` error, a chunk ends its stream
+//! with that error (the producer dropped, as a `cancel` drops it), and an event is not sent
+//! (the first of a connection said at WARN).
+//!
 //! Stopping loses no call: told to stop, the session says `goaway` and goes on serving
 //! what arrives, and the host closes the connection once its calls are answered; at the
 //! stop's grace it closes the connection itself (1001), cutting off what still runs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,6 +70,8 @@ pub(crate) struct Opened {
     pub(crate) deflate: Option<Deflate>,
     /// Bytes read past the upgrade's head: the start of the host's first frames.
     pub(crate) leftover: Vec<u8>,
+    /// The upgrade's `LinchKit-Max-Message-Bytes`, as it came (dial mode); judged here.
+    pub(crate) announced_cap: Option<String>,
 }
 
 /// How a session ended.
@@ -138,8 +147,12 @@ pub(crate) async fn serve(core: Arc<Core>, opened: Opened, stopping: Stopping) -
     Session::new(core).run(opened, stopping).await
 }
 
+/// The session's send cap in bytes, read by every task that sends.
+type SendCap = Arc<AtomicUsize>;
+
 struct Session {
     core: Arc<Core>,
+    send_cap: SendCap,
     calls: Calls,
     slots: Arc<Semaphore>,
     messages: mpsc::Sender<Vec<u8>>,
@@ -152,6 +165,7 @@ impl Session {
         let (messages, message_queue) = mpsc::channel(MESSAGE_QUEUE);
         Session {
             core,
+            send_cap: Arc::new(AtomicUsize::new(MAX_MESSAGE_BYTES)),
             calls: Calls::default(),
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             messages,
@@ -166,7 +180,11 @@ impl Session {
             role,
             deflate,
             leftover,
+            announced_cap,
         } = opened;
+        if let Some(text) = announced_cap {
+            self.announce(protocol::announced_cap(&text));
+        }
         let (mut reader, write_half) = tokio::io::split(socket);
         let mut decoder = Decoder::new(role, MAX_MESSAGE_BYTES, deflate);
         decoder.feed(&leftover);
@@ -188,7 +206,11 @@ impl Session {
         let mut writer_done = None;
 
         let _ = self.messages.send(self.core.hello.clone()).await;
-        let events = tokio::spawn(send_events(self.core.clone(), self.messages.clone()));
+        let events = tokio::spawn(send_events(
+            self.core.clone(),
+            self.messages.clone(),
+            self.send_cap.clone(),
+        ));
         let mut goaway: Option<JoinHandle<()>> = None;
         let mut grace: Option<Instant> = *stopping.borrow();
         let mut stop_watch_open = true;
@@ -350,6 +372,14 @@ impl Session {
         })
     }
 
+    /// Takes the cap the host announced, a valid one (`None` leaves the cap as it was).
+    fn announce(&self, announced: Option<u64>) {
+        if announced.is_some() {
+            let cap = protocol::send_cap(MAX_MESSAGE_BYTES, announced);
+            self.send_cap.store(cap, Ordering::Relaxed);
+        }
+    }
+
     async fn send(&self, frame: Vec<u8>) {
         let _ = self.messages.send(frame).await;
     }
@@ -412,7 +442,10 @@ impl Session {
                 let data = data.map_or_else(|| Json::raw("null"), |d| Json::raw(d.get()));
                 self.core.shared.deliver(&name, data);
             }
-            Frame::Welcome => self.ended.welcomed = true,
+            Frame::Welcome(announced) => {
+                self.ended.welcomed = true;
+                self.announce(announced);
+            }
             Frame::Unknown { kind, id } => {
                 let message = format!("unknown frame type {}", crate::error::shown_name(&kind));
                 self.send(protocol::error(id, &message)).await;
@@ -442,15 +475,16 @@ impl Session {
             id,
         };
         let (core, messages) = (self.core.clone(), self.messages.clone());
+        let send_cap = self.send_cap.clone();
         // Inserted before the lock is let go: the task takes itself out under it.
         let task = match window.clone() {
             None => tokio::spawn(async move {
                 let _held = (slot, leaving);
-                run_call(core, id, request, messages).await
+                run_call(core, id, request, messages, send_cap).await
             }),
             Some(window) => tokio::spawn(async move {
                 let _held = (slot, leaving);
-                run_stream(core, id, request, window, messages).await
+                run_stream(core, id, request, window, messages, send_cap).await
             }),
         };
         calls.insert(
@@ -531,10 +565,11 @@ async fn write(
 
 /// The plugin's events to the host: those that waited for a host first, then a `dropped`
 /// frame with how many were lost meanwhile (if any), then each as it is emitted. Data JSON cannot carry is not
-/// sent (said once).
-async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>) {
+/// sent (said once), nor an event over the send cap (said once).
+async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>, send_cap: SendCap) {
     let (mut waiting, mut dropped, mut events) = core.shared.emitter().join();
     let mut told = false;
+    let mut told_over_cap = false;
     loop {
         if waiting == 0 && dropped > 0 {
             let count = std::mem::take(&mut dropped);
@@ -560,11 +595,16 @@ async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>) {
             }
             continue;
         }
-        if messages
-            .send(protocol::event(&event.name, data))
-            .await
-            .is_err()
-        {
+        let frame = protocol::event(&event.name, data);
+        let limit = send_cap.load(Ordering::Relaxed);
+        if frame.len() > limit {
+            // Fire-and-forget: the method that emitted it is not failed.
+            if !std::mem::replace(&mut told_over_cap, true) {
+                crate::log::warn(&protocol::event_over_cap(&event.name, frame.len(), limit));
+            }
+            continue;
+        }
+        if messages.send(frame).await.is_err() {
             return;
         }
     }
@@ -577,14 +617,24 @@ async fn run_call(
     id: i64,
     request: Result<pb::CallRequest, Error>,
     messages: mpsc::Sender<Vec<u8>>,
+    send_cap: SendCap,
 ) {
+    let method = method_of(&request);
     let reply = match request {
         Ok(request) => core.shared.invoke(request).await,
         Err(err) => failed(&err),
     };
-    let frame = protocol::response(id, &reply);
+    let frame = protocol::response_within(id, &reply, &method, send_cap.load(Ordering::Relaxed));
     drop(reply); // held while the frame waits: once, not twice
     let _ = messages.send(frame).await;
+}
+
+/// The method a call names, as its too-large error says it.
+fn method_of(request: &Result<pb::CallRequest, Error>) -> String {
+    request
+        .as_ref()
+        .map(|request| request.method.clone())
+        .unwrap_or_default()
 }
 
 fn failed(err: &Error) -> pb::CallReply {
@@ -604,7 +654,9 @@ async fn run_stream(
     request: Result<pb::CallRequest, Error>,
     window: Arc<Semaphore>,
     messages: mpsc::Sender<Vec<u8>>,
+    send_cap: SendCap,
 ) {
+    let method = method_of(&request);
     let streamed = async {
         let (mut call, handler) = core.shared.prepared(request?)?;
         let deadline = call.deadline;
@@ -621,13 +673,24 @@ async fn run_stream(
                         format!("a chunk of the stream cannot be sent: its contents {why}"),
                     ));
                 }
+                let frame = protocol::chunk(id, chunk.as_bytes());
+                drop(chunk);
+                // Over the cap: the stream ends with the error, and `run` (the producer)
+                // is dropped by try_join!, as a cancel drops it.
+                let limit = send_cap.load(Ordering::Relaxed);
+                if frame.len() > limit {
+                    return Err(protocol::too_large(
+                        "a chunk of",
+                        &method,
+                        frame.len(),
+                        limit,
+                    ));
+                }
                 window
                     .acquire()
                     .await
                     .map_err(|_| Error::deadline_exceeded("the connection closed"))?
                     .forget();
-                let frame = protocol::chunk(id, chunk.as_bytes());
-                drop(chunk);
                 messages
                     .send(frame)
                     .await
@@ -652,7 +715,10 @@ async fn run_stream(
         },
         Err(err) => failed(&err),
     };
-    let _ = messages.send(protocol::response(id, &reply)).await;
+    let limit = send_cap.load(Ordering::Relaxed);
+    let _ = messages
+        .send(protocol::response_within(id, &reply, &method, limit))
+        .await;
 }
 
 #[cfg(test)]
@@ -700,6 +766,15 @@ pub(crate) mod tests {
     }
 
     pub(crate) async fn host_of(plugin: Plugin, deflate: Option<Deflate>) -> Host {
+        host_announcing(plugin, deflate, None).await
+    }
+
+    /// A host whose upgrade announced `announced_cap` (dial mode's header, as it came).
+    pub(crate) async fn host_announcing(
+        plugin: Plugin,
+        deflate: Option<Deflate>,
+        announced_cap: Option<&str>,
+    ) -> Host {
         let core = Core::ready(plugin).await;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (stop, stopping) = watch::channel(None);
@@ -708,6 +783,7 @@ pub(crate) mod tests {
             role: Role::Server,
             deflate,
             leftover: Vec::new(),
+            announced_cap: announced_cap.map(str::to_string),
         };
         let session = tokio::spawn(serve(core, opened, stopping));
         let (read, write) = tokio::io::split(ours);
@@ -995,6 +1071,230 @@ pub(crate) mod tests {
             .collect();
         host.send(&call(1, "echo", json!(rows))).await;
         assert_eq!(host.frame().await["response"]["result"], json!(rows));
+    }
+
+    /// The test plugin, and: `big` answers `n` letters x (U+2028 with `sep`), `refuse` an
+    /// error of `n` letters, `stream` a small chunk then one of `n` letters (`stopped` set
+    /// once its producer is dropped), `shout` emits an event of `n` letters.
+    fn sized_plugin(stopped: Arc<std::sync::atomic::AtomicBool>) -> Plugin {
+        struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        fn letters(call: &Call) -> String {
+            let params = call.params::<Value>().unwrap_or_default();
+            let n = params["n"].as_u64().unwrap_or(0) as usize;
+            if params["sep"] == true {
+                "\u{2028}".repeat(n)
+            } else {
+                "x".repeat(n)
+            }
+        }
+        plugin()
+            .method("big", "", |call: Call| async move {
+                Ok(Json::from(json!(letters(&call))))
+            })
+            .method("refuse", "", |call: Call| async move {
+                Err(Error::new("Overdrawn", letters(&call)))
+            })
+            .streaming_method("stream", "", move |call: Call, chunks: ChunkSender| {
+                let stopped = stopped.clone();
+                async move {
+                    let _dropped = Dropped(stopped);
+                    chunks.send(json!("small")).await?;
+                    chunks.send(json!(letters(&call))).await?;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    chunks.send(json!("small again")).await
+                }
+            })
+            .method("shout", "", |call: Call| async move {
+                call.emit("loud", Json::from(json!(letters(&call))));
+                Ok(Json::from(json!("shouted")))
+            })
+    }
+
+    /// A session of `sized_plugin` welcomed with `welcome`, its hello read.
+    async fn welcomed(welcome: Value) -> Host {
+        let mut host = host_of(sized_plugin(Default::default()), None).await;
+        assert_eq!(host.frame().await["type"], "hello");
+        host.send(&welcome).await;
+        host
+    }
+
+    fn assert_too_large(frame: &Value, id: i64, message: &str, limit: usize) {
+        assert_eq!(frame["id"], id, "{frame}");
+        let error = &frame["response"]["error"];
+        assert_eq!(frame["response"]["ok"], false, "{frame}");
+        assert_eq!(
+            (error["type"].as_str(), error["retryable"].as_bool()),
+            (Some("provider_error"), Some(false))
+        );
+        let bytes = error["details"]["bytes"].as_u64().unwrap() as usize;
+        assert!(bytes > limit, "{error}");
+        assert_eq!(
+            error["details"],
+            json!({"reason": "too_large", "bytes": bytes, "limit": limit})
+        );
+        assert_eq!(
+            error["message"],
+            format!("{message} is {bytes} bytes, over the WebSocket message cap of {limit} bytes")
+        );
+    }
+
+    /// The connection still serves calls.
+    async fn assert_open(host: &mut Host, id: i64) {
+        host.send(&call(id, "echo", json!("still open"))).await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "response", "id": id, "response": {"ok": true, "result": "still open"}})
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_welcomed_cap_is_that_call_s_typed_error() {
+        let mut host =
+            welcomed(json!({"type": "welcome", "instance": "x", "max_message_bytes": 2048})).await;
+        host.send(&call(1, "big", json!({"n": 1900}))).await;
+        assert_eq!(host.frame().await["response"]["result"], "x".repeat(1900));
+        host.send(&call(2, "big", json!({"n": 2048}))).await;
+        assert_too_large(&host.frame().await, 2, "the result of big", 2048);
+        host.send(&call(3, "refuse", json!({"n": 2048}))).await;
+        assert_too_large(&host.frame().await, 3, "the error of refuse", 2048);
+        // Measured as sent: serde_json writes U+2028 as its 3 UTF-8 bytes.
+        host.send(&call(4, "big", json!({"n": 600, "sep": true})))
+            .await;
+        assert_eq!(
+            host.frame().await["response"]["ok"],
+            true,
+            "1,800 bytes fit"
+        );
+        host.send(&call(5, "big", json!({"n": 700, "sep": true})))
+            .await;
+        assert_too_large(&host.frame().await, 5, "the result of big", 2048);
+        assert_open(&mut host, 6).await;
+    }
+
+    #[tokio::test]
+    async fn a_chunk_over_the_cap_ends_its_stream_typed_and_drops_the_producer() {
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut host = host_of(sized_plugin(stopped.clone()), None).await;
+        host.frame().await;
+        host.send(&json!({"type": "welcome", "max_message_bytes": 2048}))
+            .await;
+        host.send(&json!({"type": "stream", "id": 1, "request": {"method": "stream", "params": {"n": 3000}}}))
+            .await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "chunk", "id": 1, "data": "small"})
+        );
+        assert_too_large(&host.frame().await, 1, "a chunk of stream", 2048);
+        for _ in 0..100 {
+            if stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(stopped.load(Ordering::SeqCst), "the producer still runs");
+        assert_open(&mut host, 2).await;
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_cap_is_not_sent_and_the_method_answers() {
+        let mut host =
+            welcomed(json!({"type": "welcome", "instance": "x", "max_message_bytes": 2048})).await;
+        for id in 1..=2 {
+            host.send(&call(id, "shout", json!({"n": 3000}))).await;
+            assert_eq!(host.frame().await["response"]["result"], "shouted");
+        }
+        host.send(&call(3, "shout", json!({"n": 10}))).await;
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            if let Incoming::Message(message) = host.next().await {
+                seen.push(serde_json::from_slice::<Value>(&message).unwrap());
+            }
+        }
+        let event = seen.iter().find(|f| f["type"] == "event");
+        assert_eq!(
+            event,
+            Some(&json!({"type": "event", "event": "loud", "data": "x".repeat(10)})),
+            "only the small event: {seen:?}"
+        );
+        assert_open(&mut host, 4).await;
+    }
+
+    #[tokio::test]
+    async fn a_welcome_without_a_valid_cap_leaves_the_sdk_s_own() {
+        for cap in [
+            json!(null),
+            json!("2048"),
+            json!(12.5),
+            json!(-5),
+            json!(100),
+            json!(true),
+            json!([2048]),
+            json!(1u64 << 60),
+        ] {
+            let mut host =
+                welcomed(json!({"type": "welcome", "instance": "x", "max_message_bytes": cap}))
+                    .await;
+            host.send(&call(1, "big", json!({"n": 3000}))).await;
+            assert_eq!(
+                host.frame().await["response"]["result"],
+                "x".repeat(3000),
+                "welcomed with {cap}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_upgrade_s_announced_cap_bounds_the_answers() {
+        for (announced, refused) in [
+            (Some("2048"), true),
+            (None, false),
+            (Some("abc"), false),
+            (Some("-5"), false),
+            (Some("1e6"), false),
+            (Some("1023"), false),
+        ] {
+            let plugin = sized_plugin(Default::default());
+            let mut host = host_announcing(plugin, None, announced).await;
+            host.frame().await;
+            host.send(&call(1, "big", json!({"n": 3000}))).await;
+            let frame = host.frame().await;
+            if refused {
+                assert_too_large(&frame, 1, "the result of big", 2048);
+                assert_open(&mut host, 2).await;
+            } else {
+                assert_eq!(frame["response"]["ok"], true, "announced {announced:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn without_an_announcement_the_cap_is_the_sdk_s_own_8_mib() {
+        let mut host = host_of(sized_plugin(Default::default()), None).await;
+        host.frame().await;
+        let empty = protocol::response(
+            1,
+            &pb::CallReply {
+                ok: true,
+                result_json: b"\"\"".to_vec(),
+                error: None,
+            },
+        );
+        let fits = MAX_MESSAGE_BYTES - empty.len();
+        host.send(&call(1, "big", json!({ "n": fits }))).await;
+        assert_eq!(host.frame().await["response"]["ok"], true, "exactly 8 MiB");
+        host.send(&call(2, "big", json!({ "n": fits + 1 }))).await;
+        assert_too_large(
+            &host.frame().await,
+            2,
+            "the result of big",
+            MAX_MESSAGE_BYTES,
+        );
+        assert_open(&mut host, 3).await;
     }
 
     #[tokio::test]
