@@ -36,6 +36,9 @@ struct HooksParams {
 #[derive(Deserialize)]
 struct CountParams {
     n: u64,
+    /// Each chunk carries `pad` letters x too (0: none), to make a chunk of a given size.
+    #[serde(default)]
+    pad: u64,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +46,14 @@ struct EmitParams {
     name: String,
     #[serde(default)]
     data: serde_json::Value,
+    /// The event's data is `pad` letters x instead (0: `data`).
+    #[serde(default)]
+    pad: u64,
+}
+
+/// `pad` letters x.
+fn padding(pad: u64) -> String {
+    "x".repeat(pad as usize)
 }
 
 async fn echo(call: Call) -> Result<Json, Error> {
@@ -78,15 +89,25 @@ async fn sleep(call: Call) -> Result<Json, Error> {
 
 async fn count(call: Call, chunks: ChunkSender) -> Result<(), Error> {
     let params: CountParams = call.params()?;
+    let pad = padding(params.pad);
     for i in 0..params.n {
-        chunks.send(json!({ "i": i })).await?;
+        if params.pad > 0 {
+            chunks.send(json!({ "i": i, "pad": pad })).await?;
+        } else {
+            chunks.send(json!({ "i": i })).await?;
+        }
     }
     Ok(())
 }
 
 async fn emit(call: Call) -> Result<Json, Error> {
     let params: EmitParams = call.params()?;
-    call.emit(&params.name, params.data.into());
+    let data = if params.pad > 0 {
+        json!(padding(params.pad))
+    } else {
+        params.data
+    };
+    call.emit(&params.name, data.into());
     Ok(json!(true).into())
 }
 
@@ -169,8 +190,16 @@ fn main() {
             "sleeps ms milliseconds, giving up at the call's deadline",
             sleep,
         )
-        .streaming_method("count", "streams {\"i\": 0} … {\"i\": n-1}", count)
-        .method("emit", "emits plugin event name with data", emit)
+        .streaming_method(
+            "count",
+            "streams {\"i\": 0} … {\"i\": n-1}, each with \"pad\": pad letters x when pad > 0",
+            count,
+        )
+        .method(
+            "emit",
+            "emits plugin event name with data (pad > 0: a string of pad letters x)",
+            emit,
+        )
         .method("config", "the config object passed to Init", config)
         .method(
             "hooks",
