@@ -93,7 +93,7 @@ func TestServeWebSocketServesTheBinding(t *testing.T) {
 	host := dialServed(t, url, nil)
 	hello := readFrame(t, host)
 	if hello["type"] != "hello" || hello["id"] != "test" || hello["version"] != "0.1.0" || hello["runtime"] != "go" ||
-		hello["protocol"] != 1.0 {
+		hello["protocol"] != 1.0 || hello["max_message_bytes"] != float64(maxMessageBytes) {
 		t.Fatalf("the first frame: %v, want the plugin's hello", hello)
 	}
 	if methods, _ := json.Marshal(hello["methods"]); !strings.Contains(string(methods), `"echo"`) {

@@ -5,12 +5,13 @@ package plugin
 // gateway) and `serve --websocket` (wsserve.go: the dispatcher dials the plugin). A mode
 // only opens the connection and hands it to a wsSession; the frames are this file's.
 //
-// A session says hello (the plugin's id, version and methods), runs each call and stream
-// frame on a goroutine of its own (at most maxInFlight at once: past them it stops
-// reading, so TCP pushes back on the host), cancels one on cancel, answers health, hands
-// host events to the plugin's handlers and sends the plugin's events. Calls run through
-// the same invoke/prepare as the gRPC service, so errors, deadlines, params and spans read
-// the same; streams wait for the host's credit (a window of 256 chunks).
+// A session says hello (the plugin's id, version and methods, and the largest message it
+// reads), runs each call and stream frame on a goroutine of its own (at most maxInFlight
+// at once: past them it stops reading, so TCP pushes back on the host), cancels one on
+// cancel, answers health, hands host events to the plugin's handlers and sends the
+// plugin's events. Calls run through the same invoke/prepare as the gRPC service, so
+// errors, deadlines, params and spans read the same; streams wait for the host's credit
+// (a window of 256 chunks).
 //
 // Both sides ping every heartbeat (10 s) and a pong that has not come within half of it
 // ends the connection: a half-open one, and a host that stops reading (its pong never
@@ -253,9 +254,12 @@ func (s *wsSession) run(stopping context.Context) {
 			streaming = append(streaming, name)
 		}
 	}
+	// max_message_bytes: the largest message the session reads, so the host sends no
+	// larger call or event (one would close the connection, 1009, under every call on it).
 	s.send(ctx, map[string]any{
 		"type": "hello", "protocol": ProtocolVersion, "id": p.id, "version": p.version,
 		"runtime": p.runtime, "methods": methods, "streaming": streaming,
+		"max_message_bytes": maxMessageBytes,
 	})
 	events := p.events.subscribe()
 	defer p.events.unsubscribe(events.queue)

@@ -27,6 +27,9 @@ pub(crate) const MAX_FRAME_DEPTH: usize = MAX_PARAMS_DEPTH + 2;
 /// The most of a peer's close reason shown, once escaped: a reason is at most 123 bytes,
 /// which escaping may make four times longer.
 const SHOWN_REASON_CHARS: usize = 200;
+/// The largest message either side takes, inflated (the envelope's 8 MiB), and sends
+/// unless the host reads less; the `hello` says it.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// The most credit one `credit` frame may grant (a host grants half a window, 128).
 const MAX_CREDIT: i64 = 1 << 20;
 /// An announced cap below it is taken for a mistake, not obeyed: every control frame and
@@ -242,7 +245,8 @@ pub(crate) fn call_request(request: Option<&RawValue>) -> Result<pb::CallRequest
     })
 }
 
-/// `{"type": "hello", …}`: the first frame on every connection, its lists sorted.
+/// `{"type": "hello", …}`: the first frame on every connection, its lists sorted; with the
+/// largest message this side reads, so the host sends no larger call or event.
 pub(crate) fn hello(id: &str, version: &str, methods: &[&str], streaming: &[&str]) -> Vec<u8> {
     let mut methods = methods.to_vec();
     methods.sort_unstable();
@@ -256,6 +260,7 @@ pub(crate) fn hello(id: &str, version: &str, methods: &[&str], streaming: &[&str
         "runtime": "rust",
         "methods": methods,
         "streaming": streaming,
+        "max_message_bytes": MAX_MESSAGE_BYTES,
     })
     .to_string()
     .into_bytes()
@@ -712,6 +717,11 @@ mod tests {
         assert_eq!(
             (hello["protocol"].as_i64(), hello["runtime"].as_str()),
             (Some(1), Some("rust"))
+        );
+        assert_eq!(
+            hello["max_message_bytes"],
+            8 << 20,
+            "the largest message this side reads"
         );
         let error: Value = serde_json::from_slice(&error(None, "x")).unwrap();
         assert!(error.get("id").is_none());

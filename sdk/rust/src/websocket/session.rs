@@ -35,13 +35,11 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 
 use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
-use super::protocol::{self, Frame, FrameError};
+use super::protocol::{self, Frame, FrameError, MAX_MESSAGE_BYTES};
 use super::served::Core;
 use crate::service::{run_streamed, within};
 use crate::{pb, types, Error, Json};
 
-/// The largest message either side sends or takes, inflated: the envelope's 8 MiB.
-pub(crate) const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// Calls one connection runs at once; past it the session stops reading.
 pub(crate) const MAX_IN_FLIGHT: usize = 1024;
 /// Chunks a stream may send before the host grants more (`credit`).
