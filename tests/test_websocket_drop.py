@@ -199,7 +199,8 @@ async def raw_plugin_server(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
         )
-        hello = hello_frame(plugin_id, "1.0.0", ["echo"])
+        # Says no read cap: the calls that stall its socket are larger than an SDK reads.
+        hello = hello_frame(plugin_id, "1.0.0", ["echo"], max_message_bytes=None)
         await asyncio.sleep(hello_after)
         await loop.sock_sendall(conn, ws_frame(hello, masked=False))
         with contextlib.suppress(ConnectionError):
@@ -242,7 +243,9 @@ async def raw_plugin_client(
     )
     head = await read_head(sock)
     assert head.startswith(b"HTTP/1.1 101"), head[:200]
-    await loop.sock_sendall(sock, ws_frame(hello_frame("raw", version, ["echo"]), masked=True))
+    await loop.sock_sendall(
+        sock, ws_frame(hello_frame("raw", version, ["echo"], max_message_bytes=None), masked=True)
+    )
     task = asyncio.ensure_future(behave(lambda data: loop.sock_sendall(sock, data)))
     try:
         yield sock
