@@ -45,6 +45,8 @@ LARGE_CONFIG = {"region": "eu", "blob": "x" * (CAP + 8_000)}
 #: The SDKs' own cap, which the host's default (``max_message_bytes``) equals.
 DEFAULT_CAP = 8 * 1024 * 1024
 WARNING = "over the WebSocket message cap"
+#: How long the call in flight meanwhile runs.
+SLEEP_MS = 2000
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -110,9 +112,18 @@ async def capped(
         yield found
 
 
-def in_flight(dispatcher: Dispatcher) -> asyncio.Task[Any]:
-    """A call that is on the connection while the case's oversized message is made."""
-    return asyncio.create_task(dispatcher.call("example", "sleep", {"ms": 1500}))
+@contextlib.asynccontextmanager
+async def call_in_flight(dispatcher: Dispatcher) -> AsyncIterator[None]:
+    """A call on the connection while the case's oversized message is made, which must
+    end well: a connection closed under it (1009) would fail it."""
+    sleeping = asyncio.create_task(dispatcher.call("example", "sleep", {"ms": SLEEP_MS}))
+    await asyncio.sleep(0.2)  # sent, and running in the plugin
+    try:
+        yield
+    except BaseException:
+        sleeping.cancel()
+        raise
+    assert await sleeping == {"slept_ms": SLEEP_MS}
 
 
 async def read_stream(dispatcher: Dispatcher, params: dict[str, int], into: list[Any]) -> None:
@@ -133,12 +144,10 @@ async def test_a_result_over_the_host_s_cap_fails_its_call_typed_and_the_connect
     capped: Linked,
 ) -> None:
     dispatcher = capped.dispatcher
-    sleeping = in_flight(dispatcher)
-    await asyncio.sleep(0.2)
-    with pytest.raises(ProviderError) as refused:
-        await dispatcher.call("example", "config", None)
+    async with call_in_flight(dispatcher):
+        with pytest.raises(ProviderError) as refused:
+            await dispatcher.call("example", "config", None)
     assert_too_large(refused.value, "the result of config", CAP)
-    assert await sleeping == {"slept_ms": 1500}
     assert await dispatcher.call("example", "echo", {"small": True}) == {"small": True}
 
 
@@ -146,14 +155,12 @@ async def test_a_chunk_over_the_host_s_cap_ends_its_stream_typed_and_the_connect
     capped: Linked,
 ) -> None:
     dispatcher = capped.dispatcher
-    sleeping = in_flight(dispatcher)
-    await asyncio.sleep(0.2)
     received: list[Any] = []
-    with pytest.raises(ProviderError) as refused:
-        await read_stream(dispatcher, {"n": 3, "pad": CAP}, received)
+    async with call_in_flight(dispatcher):
+        with pytest.raises(ProviderError) as refused:
+            await read_stream(dispatcher, {"n": 3, "pad": CAP}, received)
     assert received == []
     assert_too_large(refused.value, "a chunk of count", CAP)
-    assert await sleeping == {"slept_ms": 1500}
     chunks = [chunk async for chunk in dispatcher.stream("example", "count", {"n": 2, "pad": 10})]
     assert chunks == [{"i": 0, "pad": "x" * 10}, {"i": 1, "pad": "x" * 10}]
 
@@ -162,15 +169,13 @@ async def test_an_event_over_the_host_s_cap_is_not_sent_said_once_and_the_connec
     capped: Linked,
 ) -> None:
     dispatcher = capped.dispatcher
-    sleeping = in_flight(dispatcher)
-    await asyncio.sleep(0.2)
-    for _ in range(2):
-        assert await dispatcher.call("example", "emit", {"name": "large", "pad": CAP}) is True
-    assert await dispatcher.call("example", "emit", {"name": "small", "data": 1}) is True
-    # Events go out in order: once the small one is here, both large ones were refused.
-    assert await capped.next_event() == ("small", 1)
+    async with call_in_flight(dispatcher):
+        for _ in range(2):
+            assert await dispatcher.call("example", "emit", {"name": "large", "pad": CAP}) is True
+        assert await dispatcher.call("example", "emit", {"name": "small", "data": 1}) is True
+        # Events go out in order: once the small one is here, both large ones were refused.
+        assert await capped.next_event() == ("small", 1)
     assert capped.events.empty()
-    assert await sleeping == {"slept_ms": 1500}
     async with asyncio.timeout(10):
         while not capped.warnings():  # noqa: ASYNC110 (another process's stderr: no event)
             await asyncio.sleep(0.05)
@@ -184,13 +189,10 @@ async def test_a_chunk_over_the_default_cap_is_refused_by_the_plugin_itself(
 ) -> None:
     """The target's default ``max_message_bytes``, 8 MiB, the SDKs' own cap: a 9 MB chunk
     is the plugin's refusal, not the host's close."""
-    async with linked(language, mode, tmp_path) as found:
-        sleeping = in_flight(found.dispatcher)
-        await asyncio.sleep(0.2)
+    async with linked(language, mode, tmp_path) as found, call_in_flight(found.dispatcher):
         with pytest.raises(ProviderError) as refused:
             await read_stream(found.dispatcher, {"n": 1, "pad": 9_000_000}, [])
-        assert_too_large(refused.value, "a chunk of count", DEFAULT_CAP)
-        assert await sleeping == {"slept_ms": 1500}
+    assert_too_large(refused.value, "a chunk of count", DEFAULT_CAP)
 
 
 @pytest.mark.parametrize(("language", "mode"), CASES, ids=[f"{lang}-{m}" for lang, m in CASES])
@@ -199,11 +201,11 @@ async def test_a_call_over_what_the_plugin_reads_is_refused_before_it_is_sent(
 ) -> None:
     """A target that allows 16 MiB, a plugin that reads 8 MiB (its hello says so): a 9 MB
     call is the caller's ``too_large``, never sent, and the connection stays."""
-    async with linked(language, mode, tmp_path, max_message_bytes=2 * DEFAULT_CAP) as found:
-        sleeping = in_flight(found.dispatcher)
-        await asyncio.sleep(0.2)
+    async with (
+        linked(language, mode, tmp_path, max_message_bytes=2 * DEFAULT_CAP) as found,
+        call_in_flight(found.dispatcher),
+    ):
         with pytest.raises(InvalidParams) as refused:
             await found.dispatcher.call("example", "echo", {"blob": "x" * 9_000_000})
-        assert refused.value.details["reason"] == "too_large", refused.value.details
-        assert refused.value.details["limit"] == DEFAULT_CAP, refused.value.details
-        assert await sleeping == {"slept_ms": 1500}
+    assert refused.value.details["reason"] == "too_large", refused.value.details
+    assert refused.value.details["limit"] == DEFAULT_CAP, refused.value.details
