@@ -13,43 +13,13 @@ import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { SpanKind, SpanStatusCode, trace } from '@opentelemetry/api';
 import { InMemorySpanExporter, type ReadableSpan } from '@opentelemetry/sdk-trace-base';
-import { WebSocket, WebSocketServer, type RawData } from 'ws';
+import { WebSocket, WebSocketServer } from 'ws';
 import { Plugin, PluginError, Tracing, WebSocketPluginServer, dial } from '@linchkit/plugin-sdk';
+import { type Frame, Frames } from './ws-frames';
 
 const TRACE = '4bf92f3577b34da6a3ce929d0e0e4736';
 const ATTEMPT = '00f067aa0ba902b7';
 const TRACEPARENT = `00-${TRACE}-${ATTEMPT}-01`;
-
-type Frame = { type: string; id?: number; [key: string]: unknown };
-
-/** The frames `socket` receives, one at a time, in order. */
-class Frames {
-  private readonly queue: Frame[] = [];
-  private waiter: (() => void) | undefined;
-
-  constructor(socket: WebSocket) {
-    socket.on('message', (data: RawData) => {
-      this.queue.push(JSON.parse(data.toString()) as Frame);
-      this.waiter?.();
-    });
-  }
-
-  async next(): Promise<Frame> {
-    while (this.queue.length === 0) await new Promise<void>((resolve) => (this.waiter = resolve));
-    return this.queue.shift() as Frame;
-  }
-
-  /** The frames of call `id` up to its response, which is last. */
-  async until(id: number): Promise<Frame[]> {
-    const seen: Frame[] = [];
-    for (;;) {
-      const frame = await this.next();
-      if (frame.id !== id) continue;
-      seen.push(frame);
-      if (frame.type === 'response') return seen;
-    }
-  }
-}
 
 /** What each method saw of the active span: the call's, so the author's spans nest under it. */
 const activeIn = new Map<string, string | undefined>();

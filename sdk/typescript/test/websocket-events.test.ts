@@ -8,37 +8,18 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
-import { WebSocket, WebSocketServer, type RawData } from 'ws';
+import { WebSocket, WebSocketServer } from 'ws';
 import { Plugin, WebSocketPluginServer, dial } from '@linchkit/plugin-sdk';
+import { Frames } from './ws-frames';
+
+/** The events tick {seq: from} … {seq: to - 1}, in order. */
+async function ticks(frames: Frames, from: number, to: number): Promise<void> {
+  for (let seq = from; seq < to; seq++) assert.deepEqual(await frames.next(), { type: 'event', event: 'tick', data: { seq } });
+}
 
 const BOUNDED = { timeout: 30_000 };
 /** The events kept while no host is connected (`max_buffered_events` in the Python SDK). */
 const KEPT = 1000;
-
-type Frame = { type: string; [key: string]: unknown };
-
-/** The frames `socket` receives, one at a time, in order. */
-class Frames {
-  private readonly queue: Frame[] = [];
-  private waiter: (() => void) | undefined;
-
-  constructor(socket: WebSocket) {
-    socket.on('message', (data: RawData) => {
-      this.queue.push(JSON.parse(data.toString()) as Frame);
-      this.waiter?.();
-    });
-  }
-
-  async next(): Promise<Frame> {
-    while (this.queue.length === 0) await new Promise<void>((resolve) => (this.waiter = resolve));
-    return this.queue.shift() as Frame;
-  }
-
-  /** The events tick {seq: from} … {seq: to - 1}, in order. */
-  async ticks(from: number, to: number): Promise<void> {
-    for (let seq = from; seq < to; seq++) assert.deepEqual(await this.next(), { type: 'event', event: 'tick', data: { seq } });
-  }
-}
 
 function emitTicks(plugin: Plugin, from: number, to: number): void {
   for (let seq = from; seq < to; seq++) plugin.emit('tick', { seq });
@@ -77,10 +58,10 @@ test('a served plugin keeps the newest 1,000 events for the next host, then says
     const host = new WebSocket(url);
     const frames = new Frames(host);
     assert.equal((await frames.next()).type, 'hello');
-    await frames.ticks(5, KEPT + 5);
+    await ticks(frames, 5, KEPT + 5);
     assert.deepEqual(await frames.next(), { type: 'dropped', count: 5 });
     emitTicks(plugin, 2000, 2001);
-    await frames.ticks(2000, 2001);
+    await ticks(frames, 2000, 2001);
     host.close(1000);
     await noHostListening(plugin);
 
@@ -89,7 +70,7 @@ test('a served plugin keeps the newest 1,000 events for the next host, then says
     const next = new WebSocket(url);
     const nextFrames = new Frames(next);
     assert.equal((await nextFrames.next()).type, 'hello');
-    await nextFrames.ticks(3000, 3003);
+    await ticks(nextFrames, 3000, 3003);
     await nothingDropped(next, nextFrames);
     next.close(1000);
   } finally {
@@ -113,7 +94,7 @@ test('a dialling plugin keeps the events emitted while disconnected, then says h
     let [socket] = await accepted;
     let frames = new Frames(socket);
     assert.equal((await frames.next()).type, 'hello');
-    await frames.ticks(2, KEPT + 2);
+    await ticks(frames, 2, KEPT + 2);
     assert.deepEqual(await frames.next(), { type: 'dropped', count: 2 });
 
     accepted = once(gateway, 'connection') as Promise<[WebSocket]>;
@@ -125,7 +106,7 @@ test('a dialling plugin keeps the events emitted while disconnected, then says h
     [socket] = await accepted;
     frames = new Frames(socket);
     assert.equal((await frames.next()).type, 'hello');
-    await frames.ticks(5000, 5003);
+    await ticks(frames, 5000, 5003);
     await nothingDropped(socket, frames);
     stopping.abort();
     socket.close(1000);

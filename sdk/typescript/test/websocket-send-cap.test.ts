@@ -12,42 +12,15 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
-import { WebSocket, WebSocketServer, type RawData } from 'ws';
+import { WebSocket, WebSocketServer } from 'ws';
 import { Params, Plugin, PluginError, WebSocketPluginServer, dial } from '@linchkit/plugin-sdk';
 import { log } from '#internal/log';
 import { MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_HEADER, capOfHeader, capOfWelcome } from '#internal/websocket';
 import { bareName } from '#internal/wirejson';
+import { type Frame, Frames } from './ws-frames';
 
 const BOUNDED = { timeout: 60_000 };
 const CAP = 4096;
-
-type Frame = { type: string; id?: number; [key: string]: unknown };
-
-/** The frames `socket` receives, one at a time, in order. */
-class Frames {
-  private readonly queue: Frame[] = [];
-  private waiter: (() => void) | undefined;
-
-  constructor(socket: WebSocket) {
-    socket.on('message', (data: RawData) => {
-      this.queue.push(JSON.parse(data.toString()) as Frame);
-      this.waiter?.();
-    });
-  }
-
-  async next(): Promise<Frame> {
-    while (this.queue.length === 0) await new Promise<void>((resolve) => (this.waiter = resolve));
-    return this.queue.shift() as Frame;
-  }
-
-  /** The next frame of type `type` (for `id`), skipping the others. */
-  async nextOf(type: string, id?: number): Promise<Frame> {
-    for (;;) {
-      const frame = await this.next();
-      if (frame.type === type && (id === undefined || frame.id === id)) return frame;
-    }
-  }
-}
 
 /** A plugin whose answers, errors, chunks and events are as large as asked. */
 function capPlugin(): { plugin: Plugin; stream: { made: number; closed: boolean } } {

@@ -10,28 +10,9 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
-import { WebSocket, WebSocketServer, type RawData } from 'ws';
+import { WebSocket, WebSocketServer } from 'ws';
 import { Plugin, WebSocketPluginServer, dial } from '@linchkit/plugin-sdk';
-
-type Frame = { type: string; id?: number; [key: string]: unknown };
-
-/** The frames `socket` receives, one at a time, in order. */
-class Frames {
-  private readonly queue: Frame[] = [];
-  private waiter: (() => void) | undefined;
-
-  constructor(socket: WebSocket) {
-    socket.on('message', (data: RawData) => {
-      this.queue.push(JSON.parse(data.toString()) as Frame);
-      this.waiter?.();
-    });
-  }
-
-  async next(): Promise<Frame> {
-    while (this.queue.length === 0) await new Promise<void>((resolve) => (this.waiter = resolve));
-    return this.queue.shift() as Frame;
-  }
-}
+import { Frames } from './ws-frames';
 
 /** A plugin whose endless stream says when its generator was closed (its `finally` ran). */
 function rowsPlugin(): { plugin: Plugin; closed: Promise<number> } {
