@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import socket
@@ -79,8 +80,12 @@ async def _stall_the_socket(socket: Any, writing: Any, call_ids: Iterable[int]) 
     return sent
 
 
-async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_other() -> None:
-    server = WebSocketPluginServer(PluginHost(BlobPlugin()), plugin_id="blobs", version="1.0.0")
+@contextlib.asynccontextmanager
+async def _served_to_a_raw_host(plugin: BlobPlugin) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """``plugin`` served, and a raw host connected that has read its hello: the host's
+    socket, the plugin's session, and the session's aiohttp writer (whose transport's flow
+    control says when the socket takes no more)."""
+    server = WebSocketPluginServer(PluginHost(plugin), plugin_id="blobs", version="1.0.0")
     url = await server.start()
     try:
         async with (
@@ -89,40 +94,45 @@ async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_
         ):
             assert orjson.loads((await socket.receive()).data)["type"] == "hello"
             (session,) = server.sessions
-            writing = session.socket._writer  # aiohttp's, for its transport's flow control
+            writing = session.socket._writer
             assert writing is not None
-            # The host reads nothing from here on.
-            big = [1, 3, 5, 7]
-            await _stall_the_socket(socket, writing, big)
-            # Stream 2 starts behind them; then the host cancels the large calls.
-            await socket.send_bytes(_frame("stream", 2, "blobs", {"n": CHUNKS, "size": CHUNK}))
-            await _until(lambda: 2 in session._tasks)
-            await asyncio.sleep(0.1)  # stream 2's first chunk waits to go out
-            for call_id in big:
-                await socket.send_bytes(_frame("cancel", call_id))
-            await _until(lambda: not set(big) & set(session._tasks))
-            await asyncio.sleep(0.1)  # stream 2 goes on: before, it ended here
-            await socket.send_bytes(_frame("health", 9))
-
-            # The host reads again: stream 2 is whole and answered, and the session serves.
-            chunks = 0
-            answered: dict[str, Any] = {}
-            health: dict[str, Any] = {}
-            async with asyncio.timeout(10):
-                while not (answered and health):
-                    frame = orjson.loads((await socket.receive()).data)
-                    if frame["type"] == "chunk" and frame["id"] == 2:
-                        chunks += 1
-                    elif frame["type"] == "response" and frame["id"] == 2:
-                        answered = frame["response"]
-                    elif frame["type"] == "health":
-                        health = frame
-            assert chunks == CHUNKS
-            assert answered == {"ok": True, "result": None}
-            assert health["status"] == "serving"
-            assert not session._tasks
+            yield socket, session, writing
     finally:
         await server.aclose(grace=0.5)
+
+
+async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_other() -> None:
+    async with _served_to_a_raw_host(BlobPlugin()) as (socket, session, writing):
+        # The host reads nothing from here on.
+        big = [1, 3, 5, 7]
+        await _stall_the_socket(socket, writing, big)
+        # Stream 2 starts behind them; then the host cancels the large calls.
+        await socket.send_bytes(_frame("stream", 2, "blobs", {"n": CHUNKS, "size": CHUNK}))
+        await _until(lambda: 2 in session._tasks)
+        await asyncio.sleep(0.1)  # stream 2's first chunk waits to go out
+        for call_id in big:
+            await socket.send_bytes(_frame("cancel", call_id))
+        await _until(lambda: not set(big) & set(session._tasks))
+        await asyncio.sleep(0.1)  # stream 2 goes on: before, it ended here
+        await socket.send_bytes(_frame("health", 9))
+
+        # The host reads again: stream 2 is whole and answered, and the session serves.
+        chunks = 0
+        answered: dict[str, Any] = {}
+        health: dict[str, Any] = {}
+        async with asyncio.timeout(10):
+            while not (answered and health):
+                frame = orjson.loads((await socket.receive()).data)
+                if frame["type"] == "chunk" and frame["id"] == 2:
+                    chunks += 1
+                elif frame["type"] == "response" and frame["id"] == 2:
+                    answered = frame["response"]
+                elif frame["type"] == "health":
+                    health = frame
+        assert chunks == CHUNKS
+        assert answered == {"ok": True, "result": None}
+        assert health["status"] == "serving"
+        assert not session._tasks
 
 
 def _client_frame(payload: bytes) -> bytes:
@@ -210,45 +220,33 @@ async def test_events_for_a_host_that_does_not_read_keep_the_newest_1024(
     # newest; it now keeps the newest, as the Go, Rust and Java SDKs and an Events stream do,
     # and hands none to the socket while it takes no more.
     plugin = BlobPlugin()
-    server = WebSocketPluginServer(PluginHost(plugin), plugin_id="blobs", version="1.0.0")
-    url = await server.start()
     emitted = 3 * _SESSION_EVENT_QUEUE
-    try:
-        async with (
-            aiohttp.ClientSession() as client,
-            client.ws_connect(url, max_msg_size=0) as socket,
-        ):
-            assert orjson.loads((await socket.receive()).data)["type"] == "hello"
-            (session,) = server.sessions
-            writing = session.socket._writer  # aiohttp's, for its transport's flow control
-            assert writing is not None
-            calls = len(await _stall_the_socket(socket, writing, range(1, 9)))
-            await _until(lambda: session._draining)
-            with caplog.at_level(logging.WARNING, "linchkit_plugin.websocket"):
-                for seq in range(emitted):
-                    plugin.emit("tick", {"seq": seq})
-                await asyncio.sleep(0.1)  # the events sender's turn: it hands nothing over
-            assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
-            warnings = [r for r in caplog.records if "not reading" in r.getMessage()]
-            assert len(warnings) == 1, warnings
-            assert warnings[0].getMessage() == (
-                "the host is not reading its Events stream; dropping the oldest events"
-            )
+    async with _served_to_a_raw_host(plugin) as (socket, session, writing):
+        calls = len(await _stall_the_socket(socket, writing, range(1, 9)))
+        await _until(lambda: session._draining)
+        with caplog.at_level(logging.WARNING, "linchkit_plugin.websocket"):
+            for seq in range(emitted):
+                plugin.emit("tick", {"seq": seq})
+            await asyncio.sleep(0.1)  # the events sender's turn: it hands nothing over
+        assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
+        warnings = [r for r in caplog.records if "not reading" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].getMessage() == (
+            "the host is not reading its Events stream; dropping the oldest events"
+        )
 
-            # The host reads again: its answers, and the newest 1,024 events, in order.
-            answers = 0
-            ticks: list[int] = []
-            async with asyncio.timeout(30):
-                while answers < calls or len(ticks) < _SESSION_EVENT_QUEUE:
-                    frame = orjson.loads((await socket.receive()).data)
-                    if frame["type"] == "response":
-                        answers += 1
-                    elif frame["type"] == "event":
-                        ticks.append(frame["data"]["seq"])
-            assert ticks == list(range(emitted - _SESSION_EVENT_QUEUE, emitted))
-            # Nothing more waits: a health probe is answered next.
-            await socket.send_bytes(_frame("health", 99))
-            assert orjson.loads((await socket.receive()).data)["type"] == "health"
-            assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
-    finally:
-        await server.aclose(grace=0.5)
+        # The host reads again: its answers, and the newest 1,024 events, in order.
+        answers = 0
+        ticks: list[int] = []
+        async with asyncio.timeout(30):
+            while answers < calls or len(ticks) < _SESSION_EVENT_QUEUE:
+                frame = orjson.loads((await socket.receive()).data)
+                if frame["type"] == "response":
+                    answers += 1
+                elif frame["type"] == "event":
+                    ticks.append(frame["data"]["seq"])
+        assert ticks == list(range(emitted - _SESSION_EVENT_QUEUE, emitted))
+        # Nothing more waits: a health probe is answered next.
+        await socket.send_bytes(_frame("health", 99))
+        assert orjson.loads((await socket.receive()).data)["type"] == "health"
+        assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
