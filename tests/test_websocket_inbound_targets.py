@@ -36,7 +36,12 @@ from dispatcher import (
 )
 from dispatcher.gateway import GatewaySettings
 from dispatcher.gateway.app import create_app
-from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
+from linchkit_plugin.ws_protocol import (
+    MAX_MESSAGE_BYTES_HEADER,
+    PLUGIN_ID_HEADER,
+    PLUGIN_VERSION_HEADER,
+    hello_frame,
+)
 from tests.conftest import manifest
 
 TOKEN = "several-targets-token-0123456789"
@@ -228,15 +233,27 @@ async def test_an_answer_over_its_methods_bound_fails_that_call_and_no_other(
         assert channel.in_flight == 0
 
 
-async def test_the_welcome_tells_the_plugin_the_largest_message_the_connection_reads() -> None:
+async def test_the_upgrade_and_the_welcome_tell_the_plugin_the_largest_message_read() -> None:
     """The largest of its targets' bounds, which the connection reads up to: a plugin
     refuses its own larger answer, typed, rather than have the connection closed (1009)
-    under every call on it. Each call's own, smaller bound stays the gateway's to hold."""
+    under every call on it. Each call's own, smaller bound stays the gateway's to hold.
+    Said in the answer to the upgrade too, before the plugin sends anything: the events
+    it kept while disconnected go out before the welcome."""
+    answers: list[Any] = []
+
+    async def answered(_session: Any, _context: Any, ended: aiohttp.TraceRequestEndParams) -> None:
+        answers.append(ended.response)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(answered)
     async with (
         gateway_of(several(narrow_first=True)) as (_, url),
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(trace_configs=[trace]) as session,
         session.ws_connect(url, headers=MULTI_HEADERS) as socket,
     ):
+        [upgraded] = answers
+        assert upgraded.status == 101
+        assert upgraded.headers.getall(MAX_MESSAGE_BYTES_HEADER) == [str(WIDE_BYTES)]
         await socket.send_bytes(hello_frame("multi", "1.0.0", ["wide", "narrow"]))
         welcome = orjson.loads((await socket.receive(timeout=5)).data)
         assert welcome["type"] == "welcome"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -324,7 +324,8 @@ async def test_the_plugins_own_cap_bounds_a_larger_announcement() -> None:
         await _still_served(socket)
 
 
-# Reverse mode: the gateway announces its cap in its welcome.
+# Reverse mode: the gateway announces its cap in its welcome (and in its answer to the
+# upgrade, below).
 
 
 async def _gateway_answers(welcome: dict[str, Any], call: bytes) -> dict[str, Any]:
@@ -349,6 +350,20 @@ async def _gateway_answers(welcome: dict[str, Any], call: bytes) -> dict[str, An
         return socket
 
     done = asyncio.Event()
+    async with _dialled_by(CapPlugin(), gateway) as stopping:
+        async with asyncio.timeout(10):
+            await done.wait()
+        stopping.set()
+    assert answers[2] == {"ok": True, "result": "after"}
+    return answers[1]
+
+
+@contextlib.asynccontextmanager
+async def _dialled_by(
+    plugin: Plugin, gateway: Callable[[web.Request], Awaitable[web.WebSocketResponse]]
+) -> AsyncIterator[asyncio.Event]:
+    """``gateway`` served on loopback and ``plugin`` dialling it (``ws_server.dial``) until
+    the event yielded is set; then the dial has ended and the gateway is gone."""
     app = web.Application()
     app.router.add_get("/", gateway)
     runner = web.AppRunner(app)
@@ -357,24 +372,16 @@ async def _gateway_answers(welcome: dict[str, Any], call: bytes) -> dict[str, An
     await site.start()
     port = runner.addresses[0][1]
     stopping = asyncio.Event()
+    url = f"ws://127.0.0.1:{port}/"
     dialling = asyncio.create_task(
-        dial(
-            PluginHost(CapPlugin()),
-            f"ws://127.0.0.1:{port}/",
-            plugin_id="caps",
-            version="1.0.0",
-            stopping=stopping,
-        )
+        dial(PluginHost(plugin), url, plugin_id="caps", version="1.0.0", stopping=stopping)
     )
     try:
-        async with asyncio.timeout(10):
-            await done.wait()
+        yield stopping
     finally:
         stopping.set()
         await asyncio.wait_for(dialling, 10)
         await runner.cleanup()
-    assert answers[2] == {"ok": True, "result": "after"}
-    return answers[1]
 
 
 async def test_a_result_over_the_cap_the_welcome_announces_is_answered_too_large() -> None:
@@ -395,3 +402,43 @@ async def test_a_welcome_without_the_field_leaves_the_plugins_own_cap() -> None:
     over = "a" * 2 * CAP
     answer = await _gateway_answers({}, _frame("call", 1, "echo", over))
     assert answer == {"ok": True, "result": over}
+
+
+# Reverse mode, before the welcome: the gateway's answer to the upgrade says its cap.
+
+
+class KeepingPlugin(CapPlugin):
+    """Emits while no gateway is connected yet: the events wait for the first connection."""
+
+    async def start(self) -> None:
+        Plugin.emit(self, "kept-big", "z" * 2 * CAP)
+        Plugin.emit(self, "kept-small", "z")
+
+
+async def test_events_kept_while_disconnected_are_held_to_the_upgrade_s_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """They go out right after the hello, before any welcome: only the cap in the answer to
+    the upgrade can bound them. Sent, one over it would close the connection (1009)."""
+    events: list[str] = []
+
+    async def gateway(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse(max_msg_size=0)
+        socket.headers[MAX_MESSAGE_BYTES_HEADER] = str(CAP)
+        await socket.prepare(request)
+        await _next(socket, "hello")
+        while "kept-small" not in events:
+            events.append((await _next(socket, "event"))["event"])
+        done.set()
+        await socket.close()
+        return socket
+
+    done = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="linchkit_plugin.websocket")
+    async with _dialled_by(KeepingPlugin(), gateway) as stopping:
+        async with asyncio.timeout(10):
+            await done.wait()
+        stopping.set()
+    assert events == ["kept-small"]
+    assert f"over the WebSocket message cap of {CAP} bytes: not sent" in caplog.text
+    assert "event kept-big is" in caplog.text

@@ -67,6 +67,10 @@ class Link:
     deflate: bool = False
     #: connect mode: whether the gateway would agree to deflate, by upgraded connection.
     deflating: dict[int, bool] = field(default_factory=dict)
+    #: connect mode: the ``LinchKit-Max-Message-Bytes`` headers of the gateway's next 101,
+    #: and those each upgraded connection got.
+    upgrade_caps: tuple[str, ...] = ()
+    announced: dict[int, tuple[str, ...]] = field(default_factory=dict)
     arrivals: asyncio.Queue[web.WebSocketResponse] = field(default_factory=asyncio.Queue)
     upgrades: int = 0
     current: Any = None
@@ -80,10 +84,12 @@ class Link:
         self.next_id += 1
         return self.next_id
 
-    async def connect(self, *, cap: Any = UNSAID) -> Any:
+    async def connect(self, *, cap: Any = UNSAID, welcome: bool = True) -> Any:
         """A new connection whose hello has been read (the previous one closed); ``cap``:
         the largest message this host says it reads (serve: the upgrade's header, as
-        given; connect: the welcome's ``max_message_bytes``), unless UNSAID."""
+        given; connect: the welcome's ``max_message_bytes``), unless UNSAID. Connect mode:
+        the gateway's 101 carries ``upgrade_caps``, and ``welcome`` says whether it
+        welcomes the plugin."""
         await self.close()
         if self.mode == "serve":
             assert self.client is not None
@@ -98,7 +104,8 @@ class Link:
             async with asyncio.timeout(TIMEOUT):
                 while True:
                     ws = await self.arrivals.get()
-                    if self.deflating.pop(id(ws)) == self.deflate:
+                    deflating = self.deflating.pop(id(ws))
+                    if (deflating, self.announced.pop(id(ws))) == (self.deflate, self.upgrade_caps):
                         break
                     # Upgraded before the case said otherwise (the plugin dials at once):
                     # let it go, and take the next.
@@ -108,11 +115,11 @@ class Link:
         hello = self.hello = await frame(ws)
         assert hello["type"] == "hello", hello
         assert hello["id"] == "example", hello
-        if self.mode == "connect":
-            welcome = {"type": "welcome", "instance": "x"}
+        if self.mode == "connect" and welcome:
+            said = {"type": "welcome", "instance": "x"}
             if cap is not UNSAID:
-                welcome["max_message_bytes"] = cap
-            await ws.send_str(orjson.dumps(welcome).decode())
+                said["max_message_bytes"] = cap
+            await ws.send_str(orjson.dumps(said).decode())
         return ws
 
     async def close(self, *, abort: bool = False) -> None:
@@ -216,6 +223,9 @@ async def link(request: pytest.FixtureRequest) -> AsyncIterator[Link]:
                 found.upgrades += 1
                 ws = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024, compress=found.deflate)
                 found.deflating[id(ws)] = found.deflate
+                found.announced[id(ws)] = found.upgrade_caps
+                for value in found.upgrade_caps:
+                    ws.headers.add(MAX_MESSAGE_BYTES_HEADER, value)
                 await ws.prepare(http)
                 if found.behaviour == "close":
                     await ws.close()
@@ -574,6 +584,94 @@ async def test_a_gateway_that_never_welcomes_is_still_served(link: Link) -> None
     await send(ws, {"type": "call", "id": call_id, "request": request("echo", 3)})
     assert await response(ws, call_id) == {"ok": True, "result": 3}
     await link.still_serving()
+
+
+async def test_the_upgrade_s_cap_bounds_what_the_plugin_sends_before_the_welcome(
+    link: Link,
+) -> None:
+    """The gateway's answer to the upgrade says its cap; what the plugin sends before the
+    welcome (its kept events, answers to a gateway that calls first) is held to it: an
+    event over it is not sent, an answer over it is the call's ``too_large`` error. Sent,
+    either would close the connection (1009) under every call on it."""
+    _connect_only(link)
+    link.upgrade_caps = ("2048",)
+    try:
+        ws = await link.connect(welcome=False)
+        big, small = link.new_id(), link.new_id()
+        for call_id, name, pad in ((big, "big", 4000), (small, "small", 10)):
+            emit = request("emit", {"name": name, "pad": pad})
+            await send(ws, {"type": "call", "id": call_id, "request": emit})
+        answers, events = await _answers_and_events(ws, {big, small}, until_event="small")
+        emitted = {"ok": True, "result": True}
+        assert answers == {big: emitted, small: emitted}, answers
+        assert [event["event"] for event in events] == ["small"], events
+        call_id = link.new_id()
+        await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 4000)})
+        error = (await response(ws, call_id))["error"]
+        assert error["type"] == "provider_error" and not error.get("retryable"), error
+        assert error["details"]["reason"] == "too_large", error
+        assert error["details"]["limit"] == 2048 and error["details"]["bytes"] > 4000, error
+        assert "the result of echo" in error["message"], error
+        call_id = link.new_id()
+        await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 1000)})
+        assert await response(ws, call_id) == {"ok": True, "result": "x" * 1000}
+    finally:
+        link.upgrade_caps = ()
+    await link.still_serving()
+
+
+UPGRADE_CAPS = [(value,) for value in HEADER_CAPS] + [("2048", "2048")]
+
+
+@pytest.mark.parametrize("which", range(len(UPGRADE_CAPS)))
+async def test_an_upgrade_cap_that_is_no_valid_one_leaves_the_plugin_s_own(
+    link: Link, which: int
+) -> None:
+    """The request header's rule for the answer's: one header of 1-16 digits, from 1,024 to
+    2**53; anything else (two headers too) is ignored, and the plugin's own 8 MiB stays."""
+    _connect_only(link)
+    link.upgrade_caps = UPGRADE_CAPS[which]
+    try:
+        ws = await link.connect(welcome=False)
+        call_id = link.new_id()
+        await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 4000)})
+        assert await response(ws, call_id) == {"ok": True, "result": "x" * 4000}
+    finally:
+        link.upgrade_caps = ()
+
+
+async def test_the_welcome_s_cap_replaces_the_upgrade_s(link: Link) -> None:
+    """The welcome says the cap again, as the plugin's targets stand once its hello was
+    read; a valid one replaces the upgrade's, larger or smaller."""
+    _connect_only(link)
+    link.upgrade_caps = ("2048",)
+    try:
+        ws = await link.connect(cap=65536)
+        call_id = link.new_id()
+        await send(ws, {"type": "call", "id": call_id, "request": request("echo", "x" * 4000)})
+        assert await response(ws, call_id) == {"ok": True, "result": "x" * 4000}
+    finally:
+        link.upgrade_caps = ()
+
+
+async def _answers_and_events(
+    ws: Any, call_ids: set[int], *, until_event: str
+) -> tuple[dict[int, Any], list[dict[str, Any]]]:
+    """The answers to ``call_ids`` and every event that came until both those answers and
+    the event ``until_event`` did."""
+    answers: dict[int, Any] = {}
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(TIMEOUT):
+        while answers.keys() != call_ids or until_event not in [e["event"] for e in events]:
+            message = await ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+                raise ConnectionError(f"closed ({ws.close_code})")
+            value = orjson.loads(message.data)
+            if value.get("type") == "event":
+                events.append(value)
+            elif value.get("type") == "response" and value.get("id") in call_ids:
+                answers[value["id"]] = value["response"]
+    return answers, events
 
 
 async def test_a_gateway_sending_garbage_before_the_welcome(link: Link) -> None:

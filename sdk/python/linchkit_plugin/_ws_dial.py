@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -27,6 +27,7 @@ import aiohttp
 from linchkit_plugin._connect_tls import refusal_of
 from linchkit_plugin._masked_url import masked_url
 from linchkit_plugin._ws_events import EventOutbox
+from linchkit_plugin._ws_send_cap import cap_of_header
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
@@ -34,10 +35,14 @@ from linchkit_plugin.ws_protocol import (
     CLOSE_WRONG_PLUGIN,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES_HEADER,
     PLUGIN_ID_HEADER,
     PLUGIN_VERSION_HEADER,
     shown_close_reason,
 )
+
+if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
 
 __all__ = ["Refused", "checked_gateway_url", "dial", "masked_url"]
 
@@ -129,8 +134,10 @@ async def dial(
     await host.open(config or {})
     backoff = initial_backoff
     try:
-        async with aiohttp.ClientSession() as client:
+        upgrade = _UpgradeAnswer()
+        async with aiohttp.ClientSession(trace_configs=[upgrade.trace]) as client:
             while not stopping.is_set():
+                upgrade.headers = None
                 try:
                     socket = await client.ws_connect(
                         url,
@@ -163,8 +170,10 @@ async def dial(
                         hello=hello,
                         max_in_flight=max_in_flight,
                         heartbeat=heartbeat,
-                        # The gateway's cap comes in its welcome, before any call.
                         max_message_bytes=max_message_bytes,
+                        # The gateway's cap, from its answer to the upgrade: what goes out
+                        # before its welcome (the events kept meanwhile) is held to it too.
+                        host_cap=upgrade.cap(),
                     )
                     if on_connected is not None:
                         outcome = on_connected()
@@ -199,6 +208,29 @@ async def dial(
                 backoff = min(backoff * 2, max_backoff)
     finally:
         await host.close_within(stop_caps.hooks)
+
+
+class _UpgradeAnswer:
+    """The headers of the gateway's answer to the last upgrade its client sent, for the
+    cap it announces there (``ws_protocol.MAX_MESSAGE_BYTES_HEADER``): ``ws_connect`` keeps
+    its response to itself, and the trace's end of a request is where aiohttp shows it.
+    The client dials one connection at a time, so the last answer is this dial's."""
+
+    def __init__(self) -> None:
+        self.headers: CIMultiDictProxy[str] | None = None
+        self.trace = aiohttp.TraceConfig()
+        self.trace.on_request_end.append(self._ended)
+
+    async def _ended(
+        self, _session: aiohttp.ClientSession, _context: Any, ended: aiohttp.TraceRequestEndParams
+    ) -> None:
+        self.headers = ended.response.headers
+
+    def cap(self) -> int | None:
+        """The cap the answer announced (``cap_of_header``), or None."""
+        if self.headers is None:
+            return None
+        return cap_of_header(self.headers.getall(MAX_MESSAGE_BYTES_HEADER, []))
 
 
 def _unreachable_reason(error: BaseException) -> str:

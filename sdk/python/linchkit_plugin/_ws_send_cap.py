@@ -4,9 +4,10 @@ a frame over it.
 The host closes a connection (1009) on a message over its read cap, and with it every
 call and stream in flight there. So a session sends nothing over
 ``min(its own read cap, the host's announced cap)``: the host announces its cap in the
-upgrade request's header ``ws_protocol.MAX_MESSAGE_BYTES_HEADER`` (the dispatcher
-dialling in) or
-in the gateway's ``welcome`` frame (``max_message_bytes``, reverse mode). An announcement
+header ``ws_protocol.MAX_MESSAGE_BYTES_HEADER`` of the upgrade (the dispatcher's request
+when it dials in; in reverse mode the gateway's answer, before the plugin sends anything)
+and in reverse mode again in the gateway's ``welcome`` frame (``max_message_bytes``),
+which replaces the answer's. An announcement
 that is not a whole number from 1,024 to 2**53 is ignored: the session keeps its own cap.
 
 In place of a frame over the cap:
@@ -33,7 +34,7 @@ _DIGITS = re.compile(r"[0-9]{1,16}")
 
 
 def cap_of_header(values: list[str]) -> int | None:
-    """The cap the upgrade request's ``LinchKit-Max-Message-Bytes`` headers announce
+    """The cap an upgrade's ``LinchKit-Max-Message-Bytes`` headers announce
     (``values``, each one sent), or None: none, more than one, or not 1-16 ASCII digits
     of a value ``announced_cap`` takes. (A ``welcome``'s is ``announced_cap`` itself.)"""
     if len(values) != 1 or _DIGITS.fullmatch(values[0]) is None:

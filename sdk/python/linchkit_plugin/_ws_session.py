@@ -116,9 +116,10 @@ class PluginSession:
     ) -> None:
         """``heartbeat``: the connection's (seconds); a write may wait ``STALL_HEARTBEATS``
         of it for the host to take anything (None: for ever). ``max_message_bytes``: the
-        largest message this side reads; ``host_cap``: the host's, where its upgrade
-        request announced a valid one (``cap_of_header``). No frame larger
-        than either is sent."""
+        largest message this side reads; ``host_cap``: the host's, where the upgrade
+        announced a valid one (``cap_of_header``: the dispatcher's request, or the
+        gateway's answer in reverse mode; a ``welcome``'s later replaces it). No frame
+        larger than either is sent."""
         self.host = host
         self.socket = socket
         self.outbox = outbox
@@ -283,7 +284,8 @@ class PluginSession:
                     log.exception("on_event(%r) raised", name)
         elif kind == "welcome":
             self.welcomed = True
-            # Frames are ordered: the gateway's cap arrives before any call.
+            # The gateway's cap, said again (its answer to the upgrade said it first) as
+            # the plugin's targets stand now: a valid one replaces the upgrade's.
             announced = announced_cap(frame.get("max_message_bytes"))
             if announced is not None:
                 self.send_cap = min(self._max_message_bytes, announced)
