@@ -160,6 +160,12 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
 			session := &wsSession{plugin: p, conn: conn, grace: caps.grace, abort: dialled.abort}
+			// The gateway's read cap, on its 101: taken before the hello, so the kept events
+			// flushed after it and the answers sent before the welcome keep under it
+			// (wssendcap.go). Two values are no announcement.
+			if announced := response.Header.Values(maxMessageCapHeader); len(announced) == 1 {
+				session.announce(announced[0])
+			}
 			session.run(ctx)
 			// Reset only once the gateway welcomed this plugin: one that closes every
 			// connection at once was otherwise redialled 20 times a second.

@@ -4,8 +4,10 @@ package plugin
 // closes a connection with 1009 on a message over its read cap, and every call and stream
 // on it fails with that one. So the session sends nothing over the smaller of its own read
 // cap (maxMessageBytes) and the cap the host announced: the `LinchKit-Max-Message-Bytes`
-// header of a dispatcher's upgrade (serve --websocket), or the welcome frame's
-// `max_message_bytes` (connect). What it would have sent is replaced instead:
+// header of a dispatcher's upgrade request (serve --websocket); in connect mode the same
+// header on the gateway's 101 response, read before the hello so that the first frame
+// already keeps under it, then the welcome frame's `max_message_bytes`, which replaces it
+// when valid. What it would have sent is replaced instead:
 //
 //   - a response: by a provider_error response to the same id (reason too_large);
 //   - a stream chunk: by that error as the stream's final response, the producer stopped;
@@ -20,7 +22,8 @@ import (
 	"strings"
 )
 
-// maxMessageCapHeader: the upgrade header a dispatcher announces its read cap with.
+// maxMessageCapHeader: the header a host announces its read cap with: on the upgrade
+// request a dispatcher sends, or on the 101 response of a gateway.
 const maxMessageCapHeader = "LinchKit-Max-Message-Bytes"
 
 const (

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -296,5 +298,137 @@ func TestChunksUnderTheCapAreSentAsBefore(t *testing.T) {
 	}
 	if response := responseOf(t, host, 1); response["ok"] != true || sent.Load() != 5 {
 		t.Fatalf("the stream's end: %v after %d chunks", response, sent.Load())
+	}
+}
+
+// upgradeCapGateway: a gateway whose 101 carries announced as LinchKit-Max-Message-Bytes
+// (one header line per value) and that sends no welcome: the test reads and writes its end.
+func upgradeCapGateway(t *testing.T, announced []string) (string, <-chan *websocket.Conn) {
+	t.Helper()
+	accepted := make(chan *websocket.Conn, 1)
+	gateway := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header()[maxMessageCapHeader] = announced
+		conn, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer conn.CloseNow()
+		select {
+		case accepted <- conn:
+			<-r.Context().Done() // the test holds the connection
+		case <-time.After(10 * time.Second):
+		}
+	}))
+	t.Cleanup(gateway.Close)
+	return "ws" + strings.TrimPrefix(gateway.URL, "http") + "/v1/plugins/connect", accepted
+}
+
+// connectedTo runs p in connect mode against url until the test ends (no stop grace, so
+// it ends at once), and returns the gateway's end of the first connection, the hello read.
+func connectedTo(t *testing.T, p *Plugin, url string, accepted <-chan *websocket.Conn) *websocket.Conn {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	ended := make(chan error, 1)
+	go func() {
+		env := map[string]string{EnvStopGraceMs: "0", EnvStopHooksMs: "0"}
+		ended <- p.Run(ctx, Environment{Args: []string{"connect", "-url", url}, Getenv: func(name string) string { return env[name] },
+			Stdin: strings.NewReader(""), Stdout: io.Discard})
+	}()
+	t.Cleanup(func() { cancel(); waitRun(t, ended) })
+	select {
+	case conn := <-accepted:
+		conn.SetReadLimit(64 << 20)
+		t.Cleanup(func() { conn.CloseNow() })
+		if f := readFrame(t, conn); f["type"] != "hello" {
+			t.Fatalf("the first frame: %v, want the hello", f)
+		}
+		return conn
+	case <-time.After(10 * time.Second):
+		t.Fatal("the plugin did not dial the gateway within 10 s")
+		return nil
+	}
+}
+
+// The gateway's cap comes on its 101, read before the hello: what the plugin sends before
+// any welcome is held to it, the events it kept while no gateway was connected first (the
+// one over the cap not sent, and logged), the answers of calls too. An announcement that
+// is not one (the same as on a dispatcher's upgrade, two headers included) leaves the
+// SDK's own cap.
+func TestConnectKeepsUnderTheCapTheGatewaysUpgradeAnnounces(t *testing.T) {
+	for _, tc := range []struct {
+		announced []string
+		limit     int
+	}{
+		{[]string{"2048"}, 2048},
+		{[]string{"abc"}, maxMessageBytes},
+		{[]string{"-5"}, maxMessageBytes},
+		{[]string{"1e6"}, maxMessageBytes},
+		{[]string{"100"}, maxMessageBytes},
+		{[]string{"2048", "4096"}, maxMessageBytes},
+		{[]string{"99999999999999999"}, maxMessageBytes},
+	} {
+		t.Run(strings.Join(tc.announced, ","), func(t *testing.T) {
+			out := capture(t)
+			p := sizedPlugin(make(chan bool, 1))
+			// Kept while no gateway is connected: one over 2048 bytes, then a small one.
+			p.OnStart(func(context.Context) error {
+				if err := p.Emit("loud", strings.Repeat("x", 3000)); err != nil {
+					return err
+				}
+				return p.Emit("loud", strings.Repeat("x", 10))
+			})
+			url, accepted := upgradeCapGateway(t, tc.announced)
+			gateway := connectedTo(t, p, url, accepted)
+
+			if tc.limit == maxMessageBytes {
+				if f := readFrame(t, gateway); f["type"] != "event" || f["data"] != strings.Repeat("x", 3000) {
+					t.Fatalf("the first kept event: %.80v, want it sent under the SDK's own cap", f)
+				}
+			}
+			if f := readFrame(t, gateway); f["type"] != "event" || f["data"] != strings.Repeat("x", 10) {
+				t.Fatalf("announced %q: %.80v, want the small kept event next", tc.announced, f)
+			}
+			warned := strings.Contains(out.String(),
+				"event loud is 3041 bytes, over the WebSocket message cap of 2048 bytes: not sent")
+			if warned != (tc.limit == 2048) {
+				t.Fatalf("announced %q: the log %q", tc.announced, out.String())
+			}
+			writeFrame(t, gateway, callFrame(1, "call", "big", `{"n":3000}`))
+			response := responseOf(t, gateway, 1)
+			if tc.limit == 2048 {
+				wantTooLarge(t, response, `the result of big`, 2048)
+				wantOpen(t, gateway, 2)
+			} else if response["ok"] != true {
+				t.Fatalf("announced %q: %v, want the result sent under the SDK's own cap", tc.announced, response)
+			}
+		})
+	}
+}
+
+// A valid welcome cap replaces the upgrade's, larger or not; one that is not valid
+// leaves the upgrade's in place.
+func TestTheWelcomesCapReplacesTheUpgrades(t *testing.T) {
+	url, accepted := upgradeCapGateway(t, []string{"2048"})
+	gateway := connectedTo(t, sizedPlugin(make(chan bool, 1)), url, accepted)
+	for id, step := range []struct {
+		welcome string
+		limit   int
+	}{
+		{"", 2048},
+		{`{"type":"welcome","max_message_bytes":"100000"}`, 2048},
+		{`{"type":"welcome","max_message_bytes":100000}`, 100000},
+		{`{"type":"welcome","max_message_bytes":4096}`, 4096},
+		{`{"type":"welcome"}`, 4096},
+	} {
+		if step.welcome != "" {
+			writeFrame(t, gateway, step.welcome)
+		}
+		writeFrame(t, gateway, callFrame(id+1, "call", "big", `{"n":5000}`))
+		response := responseOf(t, gateway, float64(id+1))
+		if step.limit < 5000 {
+			wantTooLarge(t, response, `the result of big`, step.limit)
+		} else if response["ok"] != true {
+			t.Fatalf("after %s: %v, want the result sent", step.welcome, response)
+		}
 	}
 }

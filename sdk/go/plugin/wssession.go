@@ -151,7 +151,7 @@ type wsSession struct {
 	closeCode   websocket.StatusCode
 	closeReason string
 	// sendCap: the most bytes a response, chunk or event may have (wssendcap.go); 0 until
-	// the host announces a smaller cap than maxMessageBytes. eventOverCap: an event over it
+	// the host announces a cap. eventOverCap: an event over it
 	// was logged on this connection (later ones are not).
 	sendCap      atomic.Int64
 	eventOverCap atomic.Bool
@@ -200,11 +200,13 @@ func (s *wsSession) limit() int64 {
 	return maxMessageBytes
 }
 
-// announce takes a cap the host announced (the upgrade's header, the welcome's field);
-// one that is not valid leaves the cap as it was.
+// announce takes a cap the host announced (an upgrade's header, the welcome's field): a
+// valid one replaces what an earlier one set (the gateway's welcome, the cap its 101
+// announced), the SDK's own cap still the largest; one that is not valid leaves the cap
+// as it was.
 func (s *wsSession) announce(text string) {
-	if limit := sendCapWith(text); limit < maxMessageBytes {
-		s.sendCap.Store(limit)
+	if _, ok := announcedCap(text); ok {
+		s.sendCap.Store(sendCapWith(text))
 	}
 }
 
