@@ -196,13 +196,17 @@ async fn open(
             HeadError::Failed(err) => Failed::Again(err.to_string()),
         })?;
         match handshake::read_answer(&head, &key) {
-            Answer::Upgraded(deflate) => Ok(Opened {
+            Answer::Upgraded {
+                deflate,
+                max_message_bytes,
+            } => Ok(Opened {
                 socket,
                 role: Role::Client,
                 deflate,
                 leftover,
-                // The gateway announces its cap in the welcome.
-                announced_cap: None,
+                // The gateway's read cap, on its 101: the session takes it before the
+                // hello, so what it sends before the welcome keeps under it too.
+                announced_cap: max_message_bytes,
             }),
             Answer::NotUpgraded(status @ (400 | 401 | 403 | 404), _) => {
                 Err(Failed::Refused(status))

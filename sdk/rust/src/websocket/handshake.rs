@@ -45,8 +45,24 @@ pub(crate) enum Request {
     Refused(Refusal),
 }
 
-/// The upgrade header a dispatcher announces the largest message it reads with.
+/// The header a host announces the largest message it reads with: on the upgrade request
+/// a dispatcher sends, and on the 101 a gateway answers.
 const MAX_MESSAGE_BYTES_HEADER: &str = "linchkit-max-message-bytes";
+
+/// The one `LinchKit-Max-Message-Bytes` value of a head's `headers`, as it came (trimmed;
+/// the session judges it): `None` without one, with two (two values are no announcement),
+/// or with one that is not UTF-8.
+fn announced_max_message_bytes(headers: &[httparse::Header<'_>]) -> Option<String> {
+    let mut values = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(MAX_MESSAGE_BYTES_HEADER));
+    match (values.next(), values.next()) {
+        (Some(one), None) => std::str::from_utf8(one.value)
+            .ok()
+            .map(|v| v.trim().to_string()),
+        _ => None,
+    }
+}
 
 /// A WebSocket upgrade: its key, the deflate it offers that this side can keep, and the
 /// one `LinchKit-Max-Message-Bytes` value it carries, as it came (the session judges it).
@@ -127,15 +143,10 @@ pub(crate) fn read_request(bytes: &[u8]) -> Request {
             .iter()
             .flat_map(|v| split_commas(v))
             .find_map(|offer| acceptable_offer(&offer));
-        // Two values are no announcement.
-        let max_message_bytes = match values(MAX_MESSAGE_BYTES_HEADER)[..] {
-            [one] => std::str::from_utf8(one).ok().map(|v| v.trim().to_string()),
-            _ => None,
-        };
         Ok(Upgrade {
             key: key.to_string(),
             deflate,
-            max_message_bytes,
+            max_message_bytes: announced_max_message_bytes(request.headers),
         })
     })();
     Request::Get {
@@ -295,8 +306,12 @@ pub(crate) fn upgrade_request(
 /// What the gateway answered an upgrade.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Answer {
-    /// Upgraded: the deflate agreed, if any.
-    Upgraded(Option<Deflate>),
+    /// Upgraded: the deflate agreed, if any, and the one `LinchKit-Max-Message-Bytes`
+    /// value the 101 carries, as it came (the gateway's read cap; the session judges it).
+    Upgraded {
+        deflate: Option<Deflate>,
+        max_message_bytes: Option<String>,
+    },
     /// Not upgraded: the status, or 0 with why when the answer is no HTTP this side can
     /// use (which is dialled again, as a gateway not yet up).
     NotUpgraded(u16, &'static str),
@@ -334,10 +349,14 @@ pub(crate) fn read_answer(bytes: &[u8], key: &str) -> Answer {
         .flat_map(|v| split_commas(v.as_bytes()))
         .filter(|e| !e.is_empty())
         .collect();
+    let upgraded = |deflate| Answer::Upgraded {
+        deflate,
+        max_message_bytes: announced_max_message_bytes(response.headers),
+    };
     match extensions.as_slice() {
-        [] => Answer::Upgraded(None),
+        [] => upgraded(None),
         [one] => match agreed_by_server(one) {
-            Some(agreed) => Answer::Upgraded(Some(agreed)),
+            Some(agreed) => upgraded(Some(agreed)),
             None => Answer::NotUpgraded(
                 0,
                 "the gateway agreed to an extension this plugin did not offer",
@@ -459,6 +478,37 @@ mod tests {
     }
 
     #[test]
+    fn the_gateways_announced_cap_is_the_one_header_value_of_its_101_as_it_came() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let announced = |headers: &str| {
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\
+                 Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n{headers}\r\n"
+            );
+            match read_answer(head.as_bytes(), key) {
+                Answer::Upgraded {
+                    max_message_bytes, ..
+                } => max_message_bytes,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            announced("LinchKit-Max-Message-Bytes: 2048\r\n").as_deref(),
+            Some("2048")
+        );
+        assert_eq!(
+            announced("linchkit-max-message-bytes:  1e6 \r\n").as_deref(),
+            Some("1e6")
+        );
+        assert_eq!(announced(""), None);
+        assert_eq!(
+            announced("LinchKit-Max-Message-Bytes: 2048\r\nLinchKit-Max-Message-Bytes: 4096\r\n"),
+            None,
+            "two values are none"
+        );
+    }
+
+    #[test]
     fn offers_this_side_cannot_keep_are_declined_and_the_next_taken() {
         let offer = |text: &str| {
             read(&upgrade(&format!("Sec-WebSocket-Extensions: {text}\r\n")))
@@ -543,7 +593,10 @@ mod tests {
         };
         assert_eq!(
             read_answer(head("").as_bytes(), key),
-            Answer::Upgraded(None)
+            Answer::Upgraded {
+                deflate: None,
+                max_message_bytes: None
+            }
         );
         assert_eq!(
             read_answer(
@@ -553,10 +606,13 @@ mod tests {
                 .as_bytes(),
                 key
             ),
-            Answer::Upgraded(Some(Deflate {
-                server_no_context_takeover: true,
-                client_no_context_takeover: false
-            }))
+            Answer::Upgraded {
+                deflate: Some(Deflate {
+                    server_no_context_takeover: true,
+                    client_no_context_takeover: false
+                }),
+                max_message_bytes: None
+            }
         );
         let bits =
             head("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=10\r\n");

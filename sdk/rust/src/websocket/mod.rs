@@ -598,4 +598,164 @@ mod tests {
             );
         }
     }
+
+    /// A gateway on loopback whose 101 carries `announced` (one `LinchKit-Max-Message-Bytes`
+    /// line each) and that never welcomes: `plugin` dialling it through `connect`, and the
+    /// gateway's end once the hello is read (its socket and decoder).
+    async fn connected_announcing(
+        plugin: Plugin,
+        announced: &[&str],
+    ) -> (
+        TcpStream,
+        Decoder,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/plugins/connect", listener.local_addr().unwrap());
+        let env = Environment {
+            args: ["connect", "--url", &url].map(String::from).to_vec(),
+            vars: HashMap::new(),
+            stdin: Box::new(tokio::io::empty()),
+            stdout: Box::new(tokio::io::sink()),
+        };
+        let task = tokio::spawn(plugin.run(env, std::future::pending()));
+        let (mut socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the plugin dials within 10 s")
+            .unwrap();
+        let (head, _) = server::read_head(&mut socket).await.ok().unwrap();
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|line| line.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let mut answer = String::from_utf8(handshake::switching_protocols(key, None)).unwrap();
+        answer.truncate(answer.len() - 2); // before its blank line
+        for value in announced {
+            answer.push_str(&format!("LinchKit-Max-Message-Bytes: {value}\r\n"));
+        }
+        answer.push_str("\r\n");
+        socket.write_all(answer.as_bytes()).await.unwrap();
+        let mut decoder = Decoder::new(Role::Server, 64 << 20, None);
+        assert_eq!(frame(&mut socket, &mut decoder).await["type"], "hello");
+        (socket, decoder, task)
+    }
+
+    /// The test plugin, and `big`, which answers `n` letters x.
+    fn sized() -> Plugin {
+        counted().0.method("big", "", |call: Call| async move {
+            let n = call.params::<Value>()?["n"].as_u64().unwrap_or(0) as usize;
+            Ok(Json::from(json!("x".repeat(n))))
+        })
+    }
+
+    async fn send(socket: &mut TcpStream, frame: Value) {
+        let message = Encoder::new(Role::Server, None).message(frame.to_string().as_bytes());
+        socket.write_all(&message).await.unwrap();
+    }
+
+    fn big(id: i64, n: usize) -> Value {
+        json!({"type": "call", "id": id, "request": {"v": 1, "method": "big", "params": {"n": n}, "context": {}}})
+    }
+
+    /// A frame as an assertion shows it: its first 80 characters.
+    fn short(frame: &Value) -> String {
+        frame.to_string().chars().take(80).collect()
+    }
+
+    /// The answer to `big` of 3000 letters under `limit`: the result, or its `too_large`.
+    fn assert_answered_under(response: &Value, limit: usize, announced: &[&str]) {
+        if limit >= 3100 {
+            assert_eq!(
+                response["ok"],
+                true,
+                "announced {announced:?}: {}",
+                short(response)
+            );
+            return;
+        }
+        let error = &response["error"];
+        assert_eq!(
+            (error["type"].as_str(), error["details"]["reason"].as_str()),
+            (Some("provider_error"), Some("too_large")),
+            "announced {announced:?}: {}",
+            short(response)
+        );
+        assert_eq!(error["details"]["limit"], limit, "{error}");
+    }
+
+    /// The gateway's cap comes on its 101 and is read before the hello: what the plugin
+    /// sends before any welcome keeps under it, the events it kept while no gateway was
+    /// connected first (the one over it not sent, the small one sent), and the answers. An
+    /// announcement that is none (as on a dispatcher's upgrade, two headers too) leaves the
+    /// SDK's own cap.
+    #[tokio::test]
+    async fn connect_keeps_under_the_cap_the_gateway_s_upgrade_announces() {
+        let cases: [(&[&str], usize); 7] = [
+            (&["2048"], 2048),
+            (&["abc"], protocol::MAX_MESSAGE_BYTES),
+            (&["-5"], protocol::MAX_MESSAGE_BYTES),
+            (&["1e6"], protocol::MAX_MESSAGE_BYTES),
+            (&["1023"], protocol::MAX_MESSAGE_BYTES),
+            (&["2048", "4096"], protocol::MAX_MESSAGE_BYTES),
+            (&["99999999999999999"], protocol::MAX_MESSAGE_BYTES),
+        ];
+        for (announced, limit) in cases {
+            let plugin = sized();
+            // Kept while no gateway is connected: one over 2048 bytes, then a small one.
+            let emitter = plugin.emitter();
+            emitter.emit("loud", Json::from(json!("x".repeat(3000))));
+            emitter.emit("loud", Json::from(json!("x".repeat(10))));
+            let (mut socket, mut decoder, task) = connected_announcing(plugin, announced).await;
+            if limit > 3100 {
+                let kept = frame(&mut socket, &mut decoder).await;
+                assert_eq!(kept["data"], "x".repeat(3000), "announced {announced:?}");
+            }
+            let kept = frame(&mut socket, &mut decoder).await;
+            assert_eq!(
+                (kept["type"].as_str(), kept["data"].as_str()),
+                (Some("event"), Some("xxxxxxxxxx")),
+                "announced {announced:?}: {}",
+                short(&kept)
+            );
+            send(&mut socket, big(1, 3000)).await;
+            let answer = frame(&mut socket, &mut decoder).await;
+            assert_eq!(answer["id"], 1, "{}", short(&answer));
+            assert_answered_under(&answer["response"], limit, announced);
+            task.abort();
+        }
+    }
+
+    /// A valid welcome cap replaces the 101's, larger or not; one that is not valid leaves
+    /// the 101's in place.
+    #[tokio::test]
+    async fn the_welcome_s_cap_replaces_the_upgrade_s() {
+        let (mut socket, mut decoder, task) = connected_announcing(sized(), &["2048"]).await;
+        let steps = [
+            (None, 2048),
+            (
+                Some(json!({"type": "welcome", "max_message_bytes": "100000"})),
+                2048,
+            ),
+            (
+                Some(json!({"type": "welcome", "max_message_bytes": 100000})),
+                100000,
+            ),
+            (
+                Some(json!({"type": "welcome", "max_message_bytes": 2500})),
+                2500,
+            ),
+            (Some(json!({"type": "welcome"})), 2500),
+        ];
+        for (id, (welcome, limit)) in steps.into_iter().enumerate() {
+            if let Some(welcome) = &welcome {
+                send(&mut socket, welcome.clone()).await;
+            }
+            send(&mut socket, big(id as i64, 3000)).await;
+            let answer = frame(&mut socket, &mut decoder).await;
+            assert_eq!(answer["id"], id, "{}", short(&answer));
+            assert_answered_under(&answer["response"], limit, &["2048"]);
+        }
+        task.abort();
+    }
 }

@@ -10,8 +10,8 @@
 //! frame; a `request` that is no envelope is that call's own `provider_error`.
 //!
 //! The host announces the largest message it reads (docs/protocol.md, "Message size"):
-//! [`announced_cap`] reads the announcement (the upgrade's `LinchKit-Max-Message-Bytes`, the
-//! `welcome`'s `max_message_bytes`), and a message over the session's send cap is replaced
+//! [`announced_cap`] reads the announcement (the upgrade's `LinchKit-Max-Message-Bytes`, on a
+//! dispatcher's request or a gateway's 101, the `welcome`'s `max_message_bytes`), and a message over the session's send cap is replaced
 //! by what [`response_within`] and [`too_large`] make, or dropped ([`event_over_cap`]).
 
 use serde::Deserialize;

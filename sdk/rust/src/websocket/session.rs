@@ -13,8 +13,9 @@
 //! [`HEARTBEAT`], nothing read within half of one after it) finds a host that is gone.
 //!
 //! Nothing the session sends is over its send cap, the smaller of [`MAX_MESSAGE_BYTES`] and
-//! the cap the host announced (the upgrade's header, [`Opened::announced_cap`], or the
-//! `welcome`'s field): the host would close the connection (1009) under every call on it.
+//! the cap the host announced (the upgrade's header, [`Opened::announced_cap`], taken before
+//! the `hello`; then the `welcome`'s field, which replaces it when valid): the host would
+//! close the connection (1009) under every call on it.
 //! A response over it is replaced by that call's `too_large` error, a chunk ends its stream
 //! with that error (the producer dropped, as a `cancel` drops it), and an event is not sent
 //! (the first of a connection said at WARN).
@@ -68,7 +69,8 @@ pub(crate) struct Opened {
     pub(crate) deflate: Option<Deflate>,
     /// Bytes read past the upgrade's head: the start of the host's first frames.
     pub(crate) leftover: Vec<u8>,
-    /// The upgrade's `LinchKit-Max-Message-Bytes`, as it came (dial mode); judged here.
+    /// The upgrade's `LinchKit-Max-Message-Bytes`, as it came (on the dispatcher's request
+    /// in `serve --websocket`, on the gateway's 101 in `connect`); judged here.
     pub(crate) announced_cap: Option<String>,
 }
 
