@@ -31,8 +31,9 @@
  *
  * No frame goes out over the session's send cap: `MAX_MESSAGE_BYTES` (what it reads), or the
  * host's cap where it announced a smaller one (the upgrade request's
- * `LinchKit-Max-Message-Bytes` header, or in reverse mode the gateway's `welcome`, its
- * `max_message_bytes`; anything but a whole number from 1,024 to 2^53 is ignored). The host
+ * `LinchKit-Max-Message-Bytes` header; in reverse mode the same header on the gateway's 101
+ * upgrade response, read before the hello, then its `welcome`'s `max_message_bytes`, which
+ * replaces it; anything but a whole number from 1,024 to 2^53 is ignored). The host
  * closes a connection (1009) on a message over its cap, and with it every call on it: so a
  * call's answer over the cap is answered `provider_error` (`too_large`) instead, a stream's
  * chunk over it ends the stream so (its generator closed, as a cancel closes it), and an
@@ -56,7 +57,10 @@ import { MAX_DEPTH, bareName } from './wirejson';
 
 export const STREAM_WINDOW = 256;
 export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
-/** The upgrade request's header in which the dispatcher announces its read cap. */
+/**
+ * The header in which the host announces its read cap: on the upgrade request (the
+ * dispatcher), or on the 101 upgrade response (the gateway, in reverse mode).
+ */
 export const MAX_MESSAGE_BYTES_HEADER = 'LinchKit-Max-Message-Bytes';
 /** The least cap a host may announce: smaller, a call's answer could not carry an error. */
 const MIN_ANNOUNCED = 1024;
@@ -64,8 +68,8 @@ const MIN_ANNOUNCED = 1024;
 const MAX_ANNOUNCED = 2 ** 53;
 
 /**
- * The cap the upgrade request's `LinchKit-Max-Message-Bytes` headers announce (`values`, each
- * one sent: `headersDistinct`), or undefined: none, more than one, or not 1-16 ASCII digits of
+ * The cap an upgrade request's or response's `LinchKit-Max-Message-Bytes` headers announce
+ * (`values`, each one sent: `headersDistinct`), or undefined: none, more than one, or not 1-16 ASCII digits of
  * a value from 1,024 to 2^53.
  */
 export function capOfHeader(values: readonly string[] | undefined): number | undefined {
@@ -165,7 +169,7 @@ export class Session {
   private eventsOverCap = 0;
   /**
    * The largest frame sent: `MAX_MESSAGE_BYTES`, or the host's cap where it announced a
-   * smaller one (the upgrade request's header, or in reverse mode its `welcome`).
+   * smaller one (the upgrade's header, then in reverse mode the `welcome`'s, which replaces it).
    */
   private sendCap = MAX_MESSAGE_BYTES;
   /** The gateway accepted the hello (reverse mode): only then the redial backoff resets. */
@@ -178,7 +182,11 @@ export class Session {
     private readonly socket: WebSocket,
     /** Each call and stream runs in a span continuing its traceparent; undefined: untraced. */
     private readonly tracing?: Tracing,
-    /** The host's read cap, as its upgrade request announced it (`capOfHeader`); undefined: none. */
+    /**
+     * The host's read cap, as the upgrade announced it (`capOfHeader`: the request's header,
+     * or in reverse mode the 101 response's); undefined: none. It holds from the first frame
+     * on: the hello, the kept events flushed after it, anything sent before a `welcome`.
+     */
     announcedCap?: number,
   ) {
     this.ended = new Promise((resolve) => socket.once('close', () => resolve()));
@@ -358,7 +366,8 @@ export class Session {
         return;
       case 'welcome': {
         this.welcomed = true;
-        // Frames are ordered: the gateway's cap arrives before any call.
+        // Frames are ordered: the gateway's cap arrives before any call it sends after the
+        // welcome. A valid one replaces the upgrade response's; an invalid one leaves it.
         const announced = capOfWelcome(frame.max_message_bytes);
         if (announced !== undefined) this.sendCap = Math.min(MAX_MESSAGE_BYTES, announced);
         return;
@@ -816,6 +825,13 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     socket.once('error', (error: Error) => {
       if (session === undefined) done(new Unreachable(alertRefusal(error) ?? shown(error.message, SHOWN_REASON_CHARS)));
     });
+    // The gateway's read cap, on its 101 response ('upgrade' comes before 'open'): what the
+    // plugin sends before the welcome (the kept events flushed after the hello, the answers
+    // of calls sent before welcoming) is held to it, or the gateway would close (1009).
+    let upgradeCap: number | undefined;
+    socket.once('upgrade', (response: http.IncomingMessage) => {
+      upgradeCap = capOfHeader(response.headersDistinct[MAX_MESSAGE_BYTES_HEADER.toLowerCase()]);
+    });
     let refusal: Refused | undefined;
     socket.once('close', (code: number, reason: Buffer) => {
       // The hello names another plugin than the upgrade admitted: the next connection
@@ -824,7 +840,7 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     });
     socket.once('open', () => {
       keepAlive(socket, options.heartbeatMs ?? 10_000);
-      const opened = new Session(plugin, socket, options.tracing);
+      const opened = new Session(plugin, socket, options.tracing, upgradeCap);
       session = opened;
       void opened.run().then(() => done(refusal ?? (opened.welcomed ? 'welcomed' : 'closed')));
     });

@@ -2,8 +2,10 @@
  * The WebSocket send cap (docs/protocol.md, "WebSocket binding"): no frame over the least of
  * the plugin's own read cap (8 MiB) and the host's announced one goes out, so that the host
  * does not close the connection (1009) with every other call on it. The dispatcher announces
- * its cap in the upgrade request's `LinchKit-Max-Message-Bytes` header, the gateway in its
- * `welcome`. A response over the cap is answered `provider_error` (`too_large`) instead; a
+ * its cap in the upgrade request's `LinchKit-Max-Message-Bytes` header, the gateway in the
+ * same header on its 101 upgrade response (held from the first frame on: the events kept
+ * while disconnected, answers before the welcome) and then in its `welcome`, which replaces
+ * it. A response over the cap is answered `provider_error` (`too_large`) instead; a
  * chunk over it ends its stream so, its generator closed; an event over it is not sent, the
  * first said on stderr. Before, each went out whole. The SDK's real server and `dial` on
  * loopback, raw `ws` peers as the host.
@@ -287,5 +289,87 @@ test('a result over the cap the welcome announces is answered too_large', BOUNDE
 test('a welcome without a valid max_message_bytes leaves the plugin’s own cap', BOUNDED, async () => {
   for (const fields of [{}, { max_message_bytes: '4096' }, { max_message_bytes: 12.5 }, { max_message_bytes: 100 }, { max_message_bytes: -5 }, { max_message_bytes: true }]) {
     assert.deepEqual(await viaGateway(fields, 2 * CAP), { ok: true, result: 'b'.repeat(2 * CAP) }, JSON.stringify(fields));
+  }
+});
+
+/**
+ * A gateway whose 101 upgrade response carries a `LinchKit-Max-Message-Bytes` header per
+ * value of `capHeaders`, and says no `welcome` unless `run` does; `plugin` dials it, and
+ * `run` gets the connection once the hello arrived.
+ */
+async function viaUpgrade(plugin: Plugin, capHeaders: readonly string[], run: (socket: WebSocket, frames: Frames) => Promise<void>): Promise<void> {
+  const gateway = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  gateway.on('headers', (headers) => headers.push(...capHeaders.map((value) => `${MAX_MESSAGE_BYTES_HEADER}: ${value}`)));
+  await once(gateway, 'listening');
+  const accepted = once(gateway, 'connection') as Promise<[WebSocket]>;
+  const stopping = new AbortController();
+  const url = `ws://127.0.0.1:${(gateway.address() as AddressInfo).port}/v1/plugins/connect`;
+  const dialling = dial(plugin, url, { signal: stopping.signal, initialBackoffMs: 1, graceMs: 1_000 });
+  try {
+    const [socket] = await accepted;
+    const frames = new Frames(socket);
+    assert.equal((await frames.next()).type, 'hello');
+    await run(socket, frames);
+    stopping.abort();
+    socket.close(1000);
+    await dialling;
+  } finally {
+    // Failed too: a dial left running would redial for ever.
+    stopping.abort();
+    gateway.close();
+  }
+}
+
+test('an event kept while disconnected, over the upgrade response’s cap, is not sent on connect; a small one is', BOUNDED, async (t) => {
+  const warnings: string[] = [];
+  t.mock.method(log, 'warn', (message: string) => warnings.push(message));
+  const { plugin } = capPlugin();
+  // Emitted before any gateway is connected: kept, and flushed right after the hello, before
+  // any welcome could say the gateway's cap. Before, the large one went out whole.
+  plugin.emit('big', 'z'.repeat(2 * CAP));
+  plugin.emit('small', 'zz');
+  await viaUpgrade(plugin, [String(CAP)], async (socket, frames) => {
+    assert.deepEqual(await frames.nextOf('event'), { type: 'event', event: 'small', data: 'zz' });
+    const size = bytesOf({ type: 'event', event: 'big', data: 'z'.repeat(2 * CAP) });
+    assert.deepEqual(warnings, [`event big is ${size} bytes, over the WebSocket message cap of ${CAP} bytes: not sent`]);
+    await stillServed(socket, frames);
+  });
+});
+
+test('an answer before any welcome is held to the upgrade response’s cap: too_large', BOUNDED, async () => {
+  await viaUpgrade(capPlugin().plugin, [String(CAP)], async (socket, frames) => {
+    socket.send(request('call', 1, 'echo', 'a'.repeat(2 * CAP)));
+    const size = bytesOf({ type: 'response', id: 1, response: { ok: true, result: 'a'.repeat(2 * CAP) } });
+    assert.deepEqual((await frames.nextOf('response', 1)).response, tooLarge('the result of echo', size, CAP));
+    await stillServed(socket, frames);
+  });
+});
+
+test('a welcome’s valid cap replaces the upgrade response’s; an invalid one leaves it', BOUNDED, async () => {
+  const answer = 'a'.repeat(2 * CAP);
+  const size = bytesOf({ type: 'response', id: 1, response: { ok: true, result: answer } });
+  await viaUpgrade(capPlugin().plugin, [String(CAP)], async (socket, frames) => {
+    socket.send(JSON.stringify({ type: 'welcome', instance: 'i-1', max_message_bytes: 4 * CAP }));
+    socket.send(request('call', 1, 'echo', answer));
+    assert.deepEqual((await frames.nextOf('response', 1)).response, { ok: true, result: answer });
+  });
+  for (const fields of [{}, { max_message_bytes: '16384' }, { max_message_bytes: 100 }]) {
+    await viaUpgrade(capPlugin().plugin, [String(CAP)], async (socket, frames) => {
+      socket.send(JSON.stringify({ type: 'welcome', instance: 'i-1', ...fields }));
+      socket.send(request('call', 1, 'echo', answer));
+      assert.deepEqual((await frames.nextOf('response', 1)).response, tooLarge('the result of echo', size, CAP), JSON.stringify(fields));
+    });
+  }
+});
+
+test('an upgrade response’s cap that is no valid one leaves the plugin’s own, and the connection', BOUNDED, async () => {
+  for (const values of [['abc'], ['-5'], ['1e6'], ['12.5'], ['100'], ['99999999999999999'], [''], [String(CAP), String(CAP)]]) {
+    const { plugin } = capPlugin();
+    plugin.emit('big', 'z'.repeat(2 * CAP));
+    await viaUpgrade(plugin, values, async (socket, frames) => {
+      assert.deepEqual(await frames.nextOf('event'), { type: 'event', event: 'big', data: 'z'.repeat(2 * CAP) }, JSON.stringify(values));
+      socket.send(request('call', 1, 'echo', 'a'.repeat(2 * CAP)));
+      assert.equal(((await frames.nextOf('response', 1)).response as { ok: boolean }).ok, true, JSON.stringify(values));
+    });
   }
 });
