@@ -48,7 +48,11 @@ import java.util.concurrent.atomic.AtomicReference;
  * over that one connection (a {@link WsSession}), dialling again after a drop with exponential
  * backoff and full jitter (100 ms doubling to 10 s), reset only by the gateway's
  * {@code welcome}: one that closes every connection at once is never dialled in a tight loop.
- * The welcome's {@code max_message_bytes} caps what the session sends ({@link WsSession}).
+ * The gateway's 101 answer to the upgrade says its read cap ({@link
+ * WsSession#MAX_MESSAGE_BYTES_HEADER}), taken before the hello: the events kept while no
+ * gateway was connected, flushed right after it, and the answers to calls sent before the
+ * welcome are held to it; the welcome's {@code max_message_bytes} then replaces it ({@link
+ * WsSession}).
  *
  * <p>A 400, 401, 403 or 404 at the upgrade is final, and so is a close 4403 after the hello (it
  * names another id or version than the one admitted, or a protocol the gateway does not speak):
@@ -239,8 +243,8 @@ final class WsConnect {
     new WsConnect.Dialler(plugin, service, uri, command.url(), tls, token, caps, tracing).run();
   }
 
-  /** The dialling loop and its stop. */
-  private static final class Dialler {
+  /** The dialling loop and its stop; the tests dial one connection of it ({@link #dial}). */
+  static final class Dialler {
     private final Plugin plugin;
     private final PluginService service;
     private final URI uri;
@@ -268,7 +272,7 @@ final class WsConnect {
     }
 
     /** What one dial came to. */
-    private record Outcome(WsSession session, int refusedStatus, String failure) {}
+    record Outcome(WsSession session, int refusedStatus, String failure) {}
 
     void run() {
       CountDownLatch stopped = new CountDownLatch(1);
@@ -321,7 +325,7 @@ final class WsConnect {
     }
 
     /** The hooks within their cap, the SDK's threads, then the spans. */
-    private void finish() {
+    void finish() {
       long hooksLeftMs = Serve.runHooksWithinCap(plugin, caps);
       service.close();
       loop.shutdownGracefully(0, 1, TimeUnit.SECONDS);
@@ -369,7 +373,7 @@ final class WsConnect {
     }
 
     /** One dial: the session it opened, the status of an upgrade refused for good, or why it failed. */
-    private Outcome dial() {
+    Outcome dial() {
       CompletableFuture<Outcome> outcome = new CompletableFuture<>();
       HttpHeaders headers = new DefaultHttpHeaders()
           .set("X-Plugin-Id", plugin.id())
@@ -490,6 +494,9 @@ final class WsConnect {
                 .withUTF8Validator(false)
                 .build()));
         WsSession session = new WsSession(plugin, service, caps.graceMs(), channel);
+        // Before the hello: the kept events it flushes, and any answer before the welcome,
+        // would otherwise go out up to 8 MiB, which a gateway reading less closes on (1009).
+        session.upgradeAnnounced(response.headers());
         channel.pipeline().remove(this);
         channel.pipeline()
             .addLast(new WebSocketFrameAggregator(WsSession.MAX_MESSAGE_BYTES))

@@ -299,9 +299,7 @@ final class WsServe {
       Channel channel = ctx.channel();
       boolean host = !warmUpKey.equals(request.headers().get(WARM_UP_HEADER));
       WsSession session = new WsSession(plugin, service, graceMs, channel, host);
-      // One header, or none: two could each say another cap.
-      List<String> announced = request.headers().getAll(WsSession.MAX_MESSAGE_BYTES_HEADER);
-      if (announced.size() == 1) session.hostAnnounced(announced.get(0));
+      session.upgradeAnnounced(request.headers());
       boolean stopping;
       boolean full = false;
       boolean first = false;

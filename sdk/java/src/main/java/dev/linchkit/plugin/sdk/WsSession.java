@@ -20,6 +20,7 @@ import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.SimpleChannelInboundHandler;
 import io.netty.handler.codec.TooLongFrameException;
 import io.netty.handler.codec.compression.DecompressionException;
+import io.netty.handler.codec.http.HttpHeaders;
 import io.netty.handler.codec.http.websocketx.BinaryWebSocketFrame;
 import io.netty.handler.codec.http.websocketx.CloseWebSocketFrame;
 import io.netty.handler.codec.http.websocketx.CorruptedWebSocketFrameException;
@@ -69,8 +70,10 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * decoder, aggregator and inflater count; this class closes).
  *
  * <p>What it sends is held to the send cap: the smaller of {@link #MAX_MESSAGE_BYTES} and the
- * cap the host announced ({@link #MAX_MESSAGE_BYTES_HEADER} on the upgrade, {@code
- * max_message_bytes} in {@code welcome}), measured as the frame's UTF-8 bytes. A frame over it
+ * cap the host announced ({@link #MAX_MESSAGE_BYTES_HEADER} on the upgrade: the dispatcher's
+ * request, or in reverse mode the gateway's 101 response, which holds from the hello on; then
+ * {@code max_message_bytes} in {@code welcome}, which replaces it), measured as the frame's
+ * UTF-8 bytes. A frame over it
  * is never sent, as the host would close the connection 1009 and fail every call on it: a
  * {@code response} becomes the too-large error of its id, a {@code chunk} ends its stream with
  * that error (its method stopped as a cancel stops it), an {@code event} is dropped (said once
@@ -83,7 +86,10 @@ import java.util.concurrent.atomic.AtomicBoolean;
 final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** The largest message either way, as every SDK's (the dispatcher's default too). */
   static final int MAX_MESSAGE_BYTES = 8 << 20;
-  /** The upgrade's header in which a dialling host announces the largest message it reads. */
+  /**
+   * The upgrade's header in which the host announces the largest message it reads: on its
+   * request (the dispatcher dialling) or on its 101 response (the gateway, in reverse mode).
+   */
   static final String MAX_MESSAGE_BYTES_HEADER = "LinchKit-Max-Message-Bytes";
   /** The smallest and the largest cap a host may announce: others are ignored. */
   static final long MIN_ANNOUNCED_CAP = 1024;
@@ -144,7 +150,10 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   private long unwritableSince;
   /** The gateway accepted the hello ({@code welcome}): only then does a redial's backoff reset. */
   volatile boolean welcomed;
-  /** The largest frame this session sends: {@link #MAX_MESSAGE_BYTES}, or the host's smaller cap. */
+  /**
+   * The largest frame this session sends: {@link #MAX_MESSAGE_BYTES}, or the host's smaller cap
+   * (the upgrade's header, set before the hello; then a welcome's, which replaces it).
+   */
   private volatile long sendCap = MAX_MESSAGE_BYTES;
   /** An event over the send cap was said on stderr: the next ones are dropped without a word. */
   private final AtomicBoolean eventRefusalSaid = new AtomicBoolean();
@@ -508,8 +517,21 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   }
 
   /**
+   * Takes the cap the upgrade's {@code headers} announce (the dispatcher's request, or in
+   * reverse mode the gateway's 101 response) as the send cap: exactly one {@link
+   * #MAX_MESSAGE_BYTES_HEADER}, as {@link #hostAnnounced(String)} takes it; none, two (each
+   * could say another cap) or an invalid one leave the session's own. Before {@link #begin}, so
+   * that the hello and everything after it are held to it.
+   */
+  void upgradeAnnounced(HttpHeaders headers) {
+    List<String> announced = headers.getAll(MAX_MESSAGE_BYTES_HEADER);
+    if (announced.size() == 1) hostAnnounced(announced.get(0));
+  }
+
+  /**
    * Takes the cap the host announced ({@link #announcedCap}'s forms) as the send cap when it is
-   * smaller than the session's own; anything else leaves the session's own.
+   * smaller than the session's own; anything else leaves the session's cap as it was (a
+   * welcome's invalid cap leaves the upgrade's).
    */
   void hostAnnounced(String text) {
     long cap = announcedCap(text);

@@ -16,11 +16,22 @@ import io.netty.channel.ChannelInboundHandlerAdapter;
 import io.netty.channel.ChannelInitializer;
 import io.netty.channel.DefaultEventLoopGroup;
 import io.netty.channel.EventLoopGroup;
+import io.netty.channel.MultiThreadIoEventLoopGroup;
 import io.netty.channel.SimpleChannelInboundHandler;
 import io.netty.channel.local.LocalAddress;
 import io.netty.channel.local.LocalChannel;
 import io.netty.channel.local.LocalServerChannel;
+import io.netty.channel.nio.NioIoHandler;
+import io.netty.channel.socket.SocketChannel;
+import io.netty.channel.socket.nio.NioServerSocketChannel;
+import io.netty.handler.codec.http.DefaultHttpHeaders;
+import io.netty.handler.codec.http.FullHttpRequest;
+import io.netty.handler.codec.http.HttpHeaders;
+import io.netty.handler.codec.http.HttpObjectAggregator;
+import io.netty.handler.codec.http.HttpServerCodec;
 import io.netty.handler.codec.http.websocketx.TextWebSocketFrame;
+import io.netty.handler.codec.http.websocketx.WebSocketServerHandshaker;
+import io.netty.handler.codec.http.websocketx.WebSocketServerHandshakerFactory;
 import java.net.InetSocketAddress;
 import java.net.URI;
 import java.net.http.HttpClient;
@@ -44,8 +55,9 @@ import org.junit.jupiter.api.BeforeEach;
 import org.junit.jupiter.api.Test;
 
 /**
- * The send cap of a WebSocket session: the host's announced cap (the upgrade's header, the
- * welcome's field) and what is sent in place of a frame over it. Before, such a frame went out
+ * The send cap of a WebSocket session: the host's announced cap (the upgrade request's header;
+ * in {@code connect} the same header on the gateway's 101 answer, held from the hello on, then
+ * the welcome's field, which replaces it) and what is sent in place of a frame over it. Before, such a frame went out
  * anyway and the host closed the connection 1009, failing every call on it. The session runs on
  * Netty's in-process transport, the host's end a handler that reads the frames as they come.
  */
@@ -383,6 +395,139 @@ class WsSendCapTest {
       socket.abort();
     } finally {
       server.stop();
+    }
+  }
+
+  /** What a test does with a connection the plugin dialled: the gateway's end, what it receives, the session. */
+  private interface Dialled {
+    void run(Channel gateway, BlockingQueue<String> frames, WsSession session) throws Exception;
+  }
+
+  /**
+   * {@code connect}: the SDK's dialler dials a raw gateway on loopback whose 101 answer carries
+   * a {@link WsSession#MAX_MESSAGE_BYTES_HEADER} for each of {@code capHeaders} and which says no
+   * welcome unless {@code body} does; {@code body} runs once the hello arrived.
+   */
+  private void dialled(List<String> capHeaders, Dialled body) throws Exception {
+    EventLoopGroup gatewayLoop = new MultiThreadIoEventLoopGroup(1, NioIoHandler.newFactory());
+    BlockingQueue<String> frames = new LinkedBlockingQueue<>();
+    CompletableFuture<Channel> upgraded = new CompletableFuture<>();
+    WsConnect.Dialler dialler = null;
+    try {
+      Channel server = new ServerBootstrap().group(gatewayLoop).channel(NioServerSocketChannel.class)
+          .childHandler(new ChannelInitializer<SocketChannel>() {
+            @Override
+            protected void initChannel(SocketChannel channel) {
+              channel.pipeline().addLast(new HttpServerCodec(), new HttpObjectAggregator(64 << 10),
+                  new SimpleChannelInboundHandler<Object>() {
+                    @Override
+                    protected void channelRead0(ChannelHandlerContext ctx, Object message) {
+                      if (message instanceof FullHttpRequest request) {
+                        HttpHeaders answer = new DefaultHttpHeaders();
+                        for (String value : capHeaders) answer.add(WsSession.MAX_MESSAGE_BYTES_HEADER, value);
+                        WebSocketServerHandshaker handshaker = new WebSocketServerHandshakerFactory(
+                            "ws://gateway/v1/plugins/connect", null, false, 1 << 20).newHandshaker(request);
+                        handshaker.handshake(ctx.channel(), request, answer, ctx.newPromise())
+                            .addListener(done -> upgraded.complete(ctx.channel()));
+                      } else if (message instanceof TextWebSocketFrame frame) {
+                        frames.add(frame.text());
+                      }
+                    }
+                  });
+            }
+          })
+          .bind("127.0.0.1", 0).sync().channel();
+      String url = "ws://127.0.0.1:" + ((InetSocketAddress) server.localAddress()).getPort() + "/v1/plugins/connect";
+      PluginService dialling = new PluginService(plugin, new HealthStatusManager(), true, WsSession.NO_REPLY_CAP);
+      dialler = new WsConnect.Dialler(plugin, dialling, URI.create(url), url, null, null, new StopCaps(1_000, 1_000), null);
+      WsConnect.Dialler.Outcome outcome = dialler.dial();
+      assertNotNull(outcome.session(), outcome.failure());
+      Channel gateway = upgraded.get(10, TimeUnit.SECONDS);
+      assertEquals("hello", type(frames.poll(10, TimeUnit.SECONDS)));
+      body.run(gateway, frames, outcome.session());
+      gateway.close().sync();
+      outcome.session().ended().get(10, TimeUnit.SECONDS);
+    } finally {
+      if (dialler != null) dialler.finish();
+      gatewayLoop.shutdownGracefully(0, 2, TimeUnit.SECONDS).sync();
+    }
+  }
+
+  private static void gatewayCalls(Channel gateway, long id, String method, String params) {
+    gateway.writeAndFlush(new TextWebSocketFrame("{\"type\":\"call\",\"id\":" + id + ",\"request\":{\"v\":1,"
+        + "\"plugin\":\"capped\",\"method\":\"" + method + "\",\"params\":" + params + "}}"));
+  }
+
+  private static String polled(BlockingQueue<String> frames) throws InterruptedException {
+    String frame = frames.poll(10, TimeUnit.SECONDS);
+    assertNotNull(frame, "no frame within 10 s");
+    return frame;
+  }
+
+  private static final String BIG_RESULT_5000 =
+      "{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":\"" + "x".repeat(5000) + "\"}}";
+
+  /**
+   * The events the plugin kept while no gateway was connected go out right after the hello,
+   * before any welcome: the 101's cap holds them. Before, the large one went out whole, and a
+   * gateway reading 4096 bytes closed the connection (1009).
+   */
+  @Test
+  void anEventKeptWhileDisconnectedOverTheUpgradesCapIsNotSentOnConnect() throws Exception {
+    plugin.emit("big", "x".repeat(5000));
+    plugin.emit("small", "xxx");
+    dialled(List.of("4096"), (gateway, frames, session) -> {
+      assertEquals("{\"type\":\"event\",\"event\":\"small\",\"data\":\"xxx\"}", polled(frames));
+      assertEquals(4096, session.sendCap());
+      List<String> lines;
+      synchronized (capture) {
+        lines = logged.stream().filter(record -> record.getMessage().startsWith("event "))
+            .filter(record -> record.getLevel() == Level.WARNING).map(LogRecord::getMessage).toList();
+      }
+      long bytes = "{\"type\":\"event\",\"event\":\"big\",\"data\":\"\"}".length() + 5000;
+      assertEquals(List.of("event big is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes: not sent"), lines);
+    });
+  }
+
+  @Test
+  void anAnswerBeforeAnyWelcomeIsHeldToTheUpgradesCap() throws Exception {
+    dialled(List.of("4096"), (gateway, frames, session) -> {
+      gatewayCalls(gateway, 1, "big", "{\"n\":5000}");
+      long bytes = BIG_RESULT_5000.length();
+      assertTooLarge(error(polled(frames)), "the result of big is " + bytes + " bytes, over the WebSocket message cap of 4096 bytes",
+          bytes, 4096);
+      gatewayCalls(gateway, 2, "big", "{\"n\":3}");
+      assertEquals("{\"type\":\"response\",\"id\":2,\"response\":{\"ok\":true,\"result\":\"xxx\"}}", polled(frames));
+    });
+  }
+
+  @Test
+  void aWelcomesValidCapReplacesTheUpgradesAndAnInvalidOneLeavesIt() throws Exception {
+    dialled(List.of("4096"), (gateway, frames, session) -> {
+      gateway.writeAndFlush(new TextWebSocketFrame("{\"type\":\"welcome\",\"instance\":\"i-1\",\"max_message_bytes\":16384}"));
+      gatewayCalls(gateway, 1, "big", "{\"n\":5000}");
+      assertEquals(BIG_RESULT_5000, polled(frames));
+      assertEquals(16384, session.sendCap());
+    });
+    dialled(List.of("4096"), (gateway, frames, session) -> {
+      gateway.writeAndFlush(new TextWebSocketFrame("{\"type\":\"welcome\",\"instance\":\"i-1\",\"max_message_bytes\":12.5}"));
+      gatewayCalls(gateway, 1, "big", "{\"n\":5000}");
+      assertEquals("too_large", error(polled(frames)).getAsJsonObject("details").get("reason").getAsString());
+      assertEquals(4096, session.sendCap());
+    });
+  }
+
+  @Test
+  void anUpgradesCapThatIsNoValidOneLeavesTheSdksOwn() throws Exception {
+    for (List<String> ignored : List.of(List.of("abc"), List.of("-5"), List.of("1e6"), List.of("12.5"), List.of("100"),
+        List.of("99999999999999999"), List.of(""), List.of("4096", "4096"))) {
+      plugin.emit("big", "x".repeat(5000));
+      dialled(ignored, (gateway, frames, session) -> {
+        assertEquals(8 << 20, session.sendCap(), ignored.toString());
+        assertEquals("{\"type\":\"event\",\"event\":\"big\",\"data\":\"" + "x".repeat(5000) + "\"}", polled(frames));
+        gatewayCalls(gateway, 1, "big", "{\"n\":5000}");
+        assertEquals(BIG_RESULT_5000, polled(frames), ignored.toString());
+      });
     }
   }
 
