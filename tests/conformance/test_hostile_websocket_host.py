@@ -79,6 +79,8 @@ class Link:
     next_id: int = 1
     #: The last connection's hello.
     hello: dict[str, Any] = field(default_factory=dict)
+    #: connect mode: the connections welcomed (``close`` welcomes the others first).
+    welcomed: set[int] = field(default_factory=set)
 
     def new_id(self) -> int:
         self.next_id += 1
@@ -120,11 +122,19 @@ class Link:
             if cap is not UNSAID:
                 said["max_message_bytes"] = cap
             await ws.send_str(orjson.dumps(said).decode())
+            self.welcomed.add(id(ws))
         return ws
 
     async def close(self, *, abort: bool = False) -> None:
+        """Close the current connection; in connect mode one not welcomed yet is welcomed
+        first: a plugin doubles its redial backoff after each connection that ended
+        unwelcomed (up to 10 s), which every later case would wait out."""
         ws, self.current = self.current, None
         if ws is not None:
+            if self.mode == "connect" and not abort and id(ws) not in self.welcomed:
+                with contextlib.suppress(Exception):
+                    await ws.send_str('{"type": "welcome", "instance": "x"}')
+            self.welcomed.discard(id(ws))
             if abort:  # a write may hang on a peer that does not read: drop the TCP connection
                 transport = getattr(getattr(ws, "_writer", None), "transport", None)
                 if transport is not None:
