@@ -138,7 +138,7 @@ class WebSocketRoutes:
             )
         except DispatchError as error:
             return error_answer(error)
-        ws_read_cap = admission.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
+        read_cap = admission.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
         ws = web.WebSocketResponse(
             # Pinged by the heartbeat of the plugin's target, not the gateway's: the
             # provider bounds the connection's reads and writes by that one (a trickled
@@ -152,7 +152,7 @@ class WebSocketRoutes:
             # plugin trickling a frame, as a dialled one's does (providers.websocket.read_watch).
             # The plugin's target's max_message_bytes, as a dialled plugin's: a message
             # over it closes the connection (1009).
-            max_msg_size=ws_read_cap,
+            max_msg_size=read_cap,
             # The target's compress, as a dialled plugin's connection offers it or not:
             # aiohttp's default accepted permessage-deflate whenever the plugin offered it,
             # deflating every message whatever the manifest said.
@@ -162,7 +162,7 @@ class WebSocketRoutes:
         # The same cap in the upgrade's answer, read by the plugin before it sends anything:
         # its welcome comes after the hello, and the events it kept while disconnected
         # go out before that (docs/protocol.md, "Message size").
-        ws.headers[MAX_MESSAGE_BYTES_HEADER] = str(ws_read_cap)
+        ws.headers[MAX_MESSAGE_BYTES_HEADER] = str(read_cap)
         if not ws.can_prepare(request).ok:
             refusal = InvalidParams("/v1/plugins/connect is a WebSocket: send the upgrade headers")
             return error_answer(refusal, status=426)
