@@ -61,7 +61,21 @@ def write_manifest(folder: Path, *plugins: dict[str, Any]) -> Path:
 
 
 def cli_environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": SOURCE_PATH}
+    # faulthandler: a command that does not end is sent SIGABRT, and its threads' stacks
+    # say where it hung (``stacks_of``).
+    return {**os.environ, "PYTHONPATH": SOURCE_PATH, "PYTHONFAULTHANDLER": "1"}
+
+
+def stacks_of(process: subprocess.Popen[str]) -> str:
+    """What a command that did not end was doing: SIGABRT has faulthandler print every
+    thread's stack on its stderr (``cli_environment``) before the process dies."""
+    process.send_signal(signal.SIGABRT)
+    try:
+        _, errors = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, errors = process.communicate()
+    return errors
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -156,9 +170,7 @@ def test_cli_logs_follows_a_subprocess_plugin_until_ctrl_c(tmp_path: Path) -> No
         try:
             _, errors = cli.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            cli.kill()
-            _, errors = cli.communicate()
-            pytest.fail(f"Ctrl-C did not end the command within 30 s; stderr: {errors}")
+            pytest.fail(f"Ctrl-C did not end the command within 30 s; stderr: {stacks_of(cli)}")
         assert cli.returncode == 0, errors
     assert not alive(plugin_pid), "Ctrl-C stops the plugin the command started"
 

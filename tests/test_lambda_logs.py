@@ -229,7 +229,9 @@ async def test_follow_sees_a_call_made_after_it_started(env: Env) -> None:
 
 
 def _cli_environment() -> dict[str, str]:
-    environment = {**os.environ, **FAKE_CREDENTIALS}
+    # faulthandler: a command that does not end is sent SIGABRT, and its threads' stacks
+    # say where it hung.
+    environment = {**os.environ, **FAKE_CREDENTIALS, "PYTHONFAULTHANDLER": "1"}
     environment.pop("AWS_ENDPOINT_URL", None)
     environment.pop("AWS_ENDPOINT_URL_LOGS", None)
     return environment
@@ -267,6 +269,10 @@ async def test_cli_logs_prints_the_functions_lines(env: Env, tmp_path: Path) -> 
 
 @on_local_lambda
 async def test_cli_logs_follow_prints_a_later_call_until_ctrl_c(env: Env, tmp_path: Path) -> None:
+    # The log group exists from the function's first call on; before it the command exits 1
+    # (as it should), which run alone this case took for the command not following.
+    await env.dispatcher.call("echo-lambda", "say", {"text": "before following"})
+    await env.local.flush_logs()
     process = await asyncio.create_subprocess_exec(
         *CLI,
         "-m",
@@ -293,8 +299,14 @@ async def test_cli_logs_follow_prints_a_later_call_until_ctrl_c(env: Env, tmp_pa
         process.send_signal(signal.SIGINT)
         # Both pipes read while waiting: a command blocked writing to a full pipe would
         # never exit, and what it wrote says why it did not.
-        async with asyncio.timeout(30):
-            _, errors = await process.communicate()
+        try:
+            async with asyncio.timeout(30):
+                _, errors = await process.communicate()
+        except TimeoutError:
+            process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            async with asyncio.timeout(10):
+                stacks = await process.stderr.read() if process.stderr else b""
+            pytest.fail(f"Ctrl-C did not end the command within 30 s: {stacks.decode()}")
         assert process.returncode == 0, errors.decode()
     finally:
         if process.returncode is None:
