@@ -205,8 +205,8 @@ func (s *wsSession) limit() int64 {
 // announced), the SDK's own cap still the largest; one that is not valid leaves the cap
 // as it was.
 func (s *wsSession) announce(text string) {
-	if _, ok := announcedCap(text); ok {
-		s.sendCap.Store(sendCapWith(text))
+	if limit, ok := announcedCap(text); ok {
+		s.sendCap.Store(min(limit, maxMessageBytes))
 	}
 }
 
