@@ -30,12 +30,12 @@ demo-lambda: $(STAMP) lambda-runtime
 
 # The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
 # conformance suite runs against each. Then the host clients (clients/<lang>/build.sh),
-# which call the gateway rather than serve a plugin. A build that fails fails the run.
+# which call the gateway rather than serve a plugin. Two at a time, Rust's first: it takes
+# longest (scripts/build-sdks.sh). A build that fails fails the run.
+SDK_BUILDS := $(wildcard sdk/rust/build.sh) \
+	$(filter-out sdk/rust/build.sh,$(wildcard sdk/*/build.sh)) $(wildcard clients/*/build.sh)
 sdks: $(STAMP)
-	@set -e; for build in sdk/*/build.sh clients/*/build.sh; do \
-		[ -e "$$build" ] || continue; \
-		echo "building $$build"; VENV="$(abspath $(VENV))" bash "$$build"; \
-	done
+	@VENV="$(abspath $(VENV))" bash scripts/build-sdks.sh $(SDK_BUILDS)
 
 # Regenerate linchkit_plugin/_proto from proto/plugin.proto (tests fail when it is stale).
 proto: $(STAMP)
@@ -61,6 +61,10 @@ test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	@# The tests start the CLI and Python plugins some 2,000 times. Where PYTHONDONTWRITEBYTECODE
+	@# is set (CI images often set it) each start compiled the project's sources again: 1.5 s
+	@# of CPU per CLI start instead of 1.0 here. Compiled once instead, in 1.5 s.
+	$(BIN)/python -m compileall -q -j 0 dispatcher providers sdk/python examples tests bench
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
 
 lint: $(STAMP)
