@@ -54,9 +54,11 @@ services-prereqs:
 
 # pytest on two workers (pytest-xdist), a test file each at a time: most tests wait on
 # processes, containers and sockets, so two workers took half the time of one (27 -> 12 min
-# when last measured; the suite has grown since: 15 min for ~4,250 tests on 2026-12-05).
+# when last measured; the README has the suite's figures of now).
 # Not more workers: timing-bound tests are written for a 2-core machine with one other
-# thing running. Each file keeps its module fixtures on one worker.
+# thing running. Three cut a whole run by 16 % (1646 -> 1389 s, 2026-12-07) with the CPUs
+# 87 % busy, and a test of a plugin's etcd calls within their 1 s bound failed under it.
+# Each file keeps its module fixtures on one worker.
 test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
