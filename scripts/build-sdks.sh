@@ -6,6 +6,7 @@
 # long stretches, which the other builds fill.
 # Each build's output is kept and printed whole when it ends, so logs do not interleave.
 # Every build runs to its end; then the script exits 1 naming each one that failed.
+# Needs bash 5.1 or later (`wait -n -p`), as Debian 12 has.
 set -euo pipefail
 slots="${SDK_BUILD_JOBS:-2}"
 logs=$(mktemp -d)
