@@ -55,15 +55,6 @@ func announcedCap(text string) (limit int64, ok bool) {
 	return value, true
 }
 
-// sendCapWith: the session's send cap once the host announced text (the header's value,
-// or the welcome field's JSON): the smaller of maxMessageBytes and a valid announcement.
-func sendCapWith(text string) int64 {
-	if announced, ok := announcedCap(text); ok && announced < maxMessageBytes {
-		return announced
-	}
-	return maxMessageBytes
-}
-
 // shownBareName: a method's or an event's name as the too-large messages show it, as the
 // other SDKs do: unquoted, a rune that does not print escaped as shownName escapes it (a
 // quote too), cut to 64 bytes.

@@ -15,12 +15,20 @@ import (
 	"github.com/coder/websocket"
 )
 
+// capAfter: a new session's send cap once the host announced text (the header's value, or
+// the welcome field's JSON).
+func capAfter(text string) int64 {
+	var session wsSession
+	session.announce(text)
+	return session.limit()
+}
+
 func TestAnnouncedCapTakesOnlyDecimalDigitsWithinItsRange(t *testing.T) {
 	for text, want := range map[string]int64{
 		"1024": 1024, "2048": 2048, "0000001024": 1024, "8388607": 8388607,
 		"8388608": maxMessageBytes, "9007199254740992": maxMessageBytes, // never above the SDK's own
 	} {
-		if got := sendCapWith(text); got != want {
+		if got := capAfter(text); got != want {
 			t.Errorf("announced %q: the cap is %d, want %d", text, got, want)
 		}
 	}
@@ -31,7 +39,7 @@ func TestAnnouncedCapTakesOnlyDecimalDigitsWithinItsRange(t *testing.T) {
 		if limit, ok := announcedCap(text); ok {
 			t.Errorf("announced %q: taken as %d, want it ignored", text, limit)
 		}
-		if got := sendCapWith(text); got != maxMessageBytes {
+		if got := capAfter(text); got != maxMessageBytes {
 			t.Errorf("announced %q: the cap is %d, want the SDK's own %d", text, got, maxMessageBytes)
 		}
 	}
