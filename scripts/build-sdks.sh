@@ -9,6 +9,10 @@
 # Needs bash 5.1 or later (`wait -n -p`), as Debian 12 has.
 set -euo pipefail
 slots="${SDK_BUILD_JOBS:-2}"
+if ! [[ $slots =~ ^[1-9][0-9]{0,2}$ ]]; then
+    echo "SDK_BUILD_JOBS must be a whole number from 1 to 999, not '$slots'" >&2
+    exit 2
+fi
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 
