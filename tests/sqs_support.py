@@ -1,11 +1,11 @@
-"""moto's server as a process, for the SQS job tests: ``stop`` SIGKILLs it (an SQS that
+"""moto's server as a process (``tests/moto_sqs_server.py``: with a race that lost
+messages fixed), for the SQS job tests: ``stop`` SIGKILLs it (an SQS that
 vanishes mid-run) and ``start`` brings it back on the same port (empty, as moto keeps
 nothing: the test creates its queues again). Real HTTP, real aiobotocore; nothing mocked.
 """
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +21,8 @@ import pytest
 
 from tests.services import CLEAN_ENVIRONMENT, free_port
 
-MOTO_SERVER = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+#: moto_server, with a race of its SQS that loses messages fixed (see the module).
+MOTO_SERVER = [sys.executable, str(Path(__file__).with_name("moto_sqs_server.py"))]
 START_TIMEOUT = 60.0
 REGION = "us-east-1"
 #: moto takes any key; a distinctive secret lets the tests look for it in logs and errors.
@@ -43,7 +44,7 @@ class Moto:
     def start(self) -> None:
         with self._log.open("ab") as log:
             self.process = subprocess.Popen(
-                [MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)],
+                [*MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**CLEAN_ENVIRONMENT, **CREDENTIALS},
