@@ -4,8 +4,8 @@
 set -euo pipefail
 if ! command -v dockerd >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq docker.io >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker.io >/dev/null
 fi
 if docker info >/dev/null 2>&1; then
   exit 0

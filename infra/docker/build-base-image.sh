@@ -11,7 +11,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 if ! dpkg -s python3.11-minimal libpython3.11-stdlib >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq python3.11-minimal libpython3.11-stdlib >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq python3.11-minimal libpython3.11-stdlib >/dev/null
 fi
 exec "$PYTHON" "$ROOT/infra/docker/build_base_image.py" "$@"

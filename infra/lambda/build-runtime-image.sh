@@ -34,8 +34,8 @@ for package in "${PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null
 fi
 
 inputs="$(sha256sum "$0" | cut -c1-64) sam=$SAM_CLI_VERSION ric=$RIC_VERSION \
