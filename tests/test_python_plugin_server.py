@@ -296,6 +296,59 @@ async def test_a_graceful_stop_under_load_loses_no_call(http: str, client: str) 
     assert not lost, lost
 
 
+@IMPLEMENTATIONS
+async def test_connections_queued_when_the_server_stops_are_answered_not_reset(
+    http: str,
+) -> None:
+    """A connection whose handshake the kernel completed but the server had not accepted
+    yet when it was told to stop is accepted, answered and then closed, not reset with
+    its listener: its request was written, and a reset would be a call the
+    host cannot tell apart from one the plugin ran (a call lost under load, now and then,
+    in ``test_a_graceful_stop_under_load_loses_no_call``)."""
+    from linchkit_plugin._uvicorn import _AnnouncingServer, server_config
+    from linchkit_plugin.limits import ServerLimits
+
+    limits = ServerLimits()
+    app = PluginApp(PluginHost(Binding()), limits=limits)
+    config = server_config(app, limits, http=http)
+    config.load()
+    server = _AnnouncingServer(config, None)
+    server.lifespan = config.lifespan_class(config)
+    listener = bound_socket()
+    await server.startup(sockets=[listener])
+    request = envelope("echo", {"n": 1})
+    body = orjson.dumps(request)
+    head = (
+        f"POST /invoke HTTP/1.1\r\nhost: plugin\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    clients = []
+    try:
+        # Connected and written without letting the event loop run: the connections wait
+        # in the listener's accept queue when the stop begins.
+        for _ in range(8):
+            client = socket.create_connection(listener.getsockname()[:2], timeout=10)
+            client.sendall(head + body)
+            clients.append(client)
+        await server.shutdown(sockets=[listener])
+        answers = await asyncio.gather(*(asyncio.to_thread(_read_all, c) for c in clients))
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["result"] == {"n": 1}
+
+
+def _read_all(client: socket.socket) -> bytes:
+    """Everything ``client`` receives until the server closes; a reset raises."""
+    answer = b""
+    while chunk := client.recv(65536):
+        answer += chunk
+    return answer
+
+
 def envelope(method: str, params: Any = None, **context: Any) -> dict[str, Any]:
     return {"v": 1, "plugin": "binding", "method": method, "params": params, "context": context}
 

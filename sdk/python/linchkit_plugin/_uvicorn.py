@@ -31,7 +31,9 @@ whether the plugin ran it, so only an idempotent method may be sent again (about
 per stop with 32 in flight). Here an idle connection stays open through the stop: its
 next request is served and answered with ``Connection: close``, and one the host leaves
 idle closes after ``DRAIN_IDLE_SECONDS``; new connections are refused, which a host
-knows was never sent (``tests/test_python_plugin_server.py``).
+knows was never sent (``tests/test_python_plugin_server.py``). A connection the kernel had
+completed but the server not yet accepted is accepted before the listener closes, which
+would reset it with its request written (``_accept_the_queued``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -59,6 +62,15 @@ __all__ = ["DRAIN_IDLE_SECONDS", "HTTP_IMPLEMENTATIONS", "run", "server_config"]
 #: the keep-alive timeout): under load a host reuses a pooled connection within
 #: milliseconds, and one idle that long closes as its keep-alive timer would have.
 DRAIN_IDLE_SECONDS = 1.0
+#: How long a stop lets the event loop accept the connections in a listener's accept queue
+#: before closing it: under load new ones keep coming, so the wait is bounded.
+ACCEPT_QUEUE_WAIT_SECONDS = 0.5
+#: ``getsockopt(IPPROTO_TCP, TCP_INFO)`` (Linux): the bytes read, and where ``tcpi_unacked``
+#: is in ``struct tcp_info`` (after 8 one-byte fields and four ``__u32``).
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCP_INFO_LENGTH = 104
+_TCP_INFO_UNACKED = struct.Struct("=I")
+_TCP_INFO_UNACKED_OFFSET = 24
 
 
 def _raw_answer(status: str, body: dict[str, Any]) -> bytes:
@@ -172,6 +184,36 @@ class _GuardedProtocol:
         answer = _raw_answer("431 Request Header Fields Too Large", error_response(too_big))
         self.transport.write(answer)
         self.transport.close()
+
+
+async def _accept_the_queued(listeners: Sequence[Any]) -> None:
+    """Let the event loop accept every connection waiting in a listener's accept queue
+    (at most ``ACCEPT_QUEUE_WAIT_SECONDS``), so that none is there when it closes.
+
+    The kernel completes a TCP handshake before the server accepts the connection; closing
+    the listener resets those still queued. Their host has written a request on a
+    connection it saw open, and reads the reset as a call cut off mid-way, one the plugin
+    may have run (under load, about one call in a few stops). Accepted, the connection is
+    served as every connection open at the stop is: its request answered with
+    ``Connection: close``. Linux tells a listener's queue length (``TCP_INFO``); elsewhere
+    this waits for nothing."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ACCEPT_QUEUE_WAIT_SECONDS
+    # The kernel is asked again each millisecond: no event says a queue emptied.
+    while any(_queued(sock) for sock in listeners) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.001)  # the loop accepts them meanwhile
+
+
+def _queued(listener: Any) -> int:
+    """Connections in ``listener``'s accept queue (0 when the kernel does not say)."""
+    if getattr(listener, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+    except (OSError, AttributeError):
+        return 0
+    # A listener's tcpi_unacked is its accept queue's length (Linux's tcp_get_info).
+    return int(_TCP_INFO_UNACKED.unpack_from(info, _TCP_INFO_UNACKED_OFFSET)[0])
 
 
 def _ended_by(cycle: Any) -> None:
@@ -292,6 +334,9 @@ class _AnnouncingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._on_stopping is not None:
             await self._on_stopping()
+        await _accept_the_queued([sock for server in self.servers for sock in server.sockets or ()])
+        # Nothing awaited from here to the listeners' close, the first thing uvicorn's
+        # shutdown does: no connection joins a queue found empty before it is closed.
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
