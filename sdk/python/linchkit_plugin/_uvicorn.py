@@ -43,6 +43,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -65,9 +66,9 @@ DRAIN_IDLE_SECONDS = 1.0
 #: How long a stop lets the event loop accept the connections in a listener's accept queue
 #: before closing it: under load new ones keep coming, so the wait is bounded.
 ACCEPT_QUEUE_WAIT_SECONDS = 0.5
-#: ``getsockopt(IPPROTO_TCP, TCP_INFO)`` (Linux): the bytes read, and where ``tcpi_unacked``
-#: is in ``struct tcp_info`` (after 8 one-byte fields and four ``__u32``).
-_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+#: ``getsockopt(IPPROTO_TCP, TCP_INFO)``, Linux's only: the bytes read, and where
+#: ``tcpi_unacked`` is in ``struct tcp_info`` (after 8 one-byte fields and four ``__u32``).
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 _TCP_INFO_LENGTH = 104
 _TCP_INFO_UNACKED = struct.Struct("=I")
 _TCP_INFO_UNACKED_OFFSET = 24
@@ -194,9 +195,9 @@ async def _accept_the_queued(listeners: Sequence[Any]) -> None:
     the listener resets those still queued. Their host has written a request on a
     connection it saw open, and reads the reset as a call cut off mid-way, one the plugin
     may have run (under load, about one call in a few stops). Accepted, the connection is
-    served as every connection open at the stop is: its request answered with
-    ``Connection: close``. Linux tells a listener's queue length (``TCP_INFO``); elsewhere
-    this waits for nothing."""
+    served as every connection open at the stop is: its request answered, then the
+    connection closed. Linux tells a listener's queue length (``TCP_INFO``); elsewhere this
+    waits for nothing."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ACCEPT_QUEUE_WAIT_SECONDS
     # The kernel is asked again each millisecond: no event says a queue emptied.
@@ -206,7 +207,10 @@ async def _accept_the_queued(listeners: Sequence[Any]) -> None:
 
 def _queued(listener: Any) -> int:
     """Connections in ``listener``'s accept queue (0 when the kernel does not say)."""
-    if getattr(listener, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+    if _TCP_INFO is None or getattr(listener, "family", None) not in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
         return 0
     try:
         info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
@@ -336,7 +340,7 @@ class _AnnouncingServer(uvicorn.Server):
             await self._on_stopping()
         await _accept_the_queued([sock for server in self.servers for sock in server.sockets or ()])
         # Nothing awaited from here to the listeners' close, the first thing uvicorn's
-        # shutdown does: no connection joins a queue found empty before it is closed.
+        # shutdown does: only a handshake completed in that instant can still be reset.
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
