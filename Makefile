@@ -62,9 +62,11 @@ services-prereqs:
 
 # Everything the tests need, three jobs at a time (each job's output printed whole when it
 # ends): the Rust, Java and TypeScript builds take minutes of a clean clone and need no
-# virtualenv, so they run while it installs and while the checks run. Serially this part
-# took 377 s of a clean clone's run, its Rust build alone 266 s. (The scripts that install
-# Debian packages wait for each other's lock.)
+# virtualenv, so they run while it installs and while the checks run. It is CPU that this
+# part waits on either way, mostly Rust's compiler: one step after another it took 377 s of
+# a clean clone's run (its Rust build 266 s), side by side 392 s with other work sharing
+# the machine (Rust's build then 389 s); the overlap only fills what one step leaves idle.
+# (The scripts that install Debian packages wait for each other's lock.)
 test-prereqs: sdks checks docker-prereqs services-prereqs lambda-runtime rewritten-tests
 
 # pytest rewrites each test module's asserts when it imports it, and keeps the result
