@@ -905,6 +905,7 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
                         workers[victim].kill()  # mid-run: jobs in flight on it
                         workers[victim] = WorkerProcess(manifest)
                         kills += 1
+                        progress = time.monotonic()  # its start blocked this loop a while
                     await asyncio.sleep(0.2)
                 final = await states()
                 assert kills == 3
