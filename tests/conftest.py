@@ -145,29 +145,7 @@ _TOOLCHAIN_TESTS = {
 }
 
 
-#: Files holding a test of 15 s or more (a build from an empty folder, a client's whole
-#: suite, a churn through SIGKILLs): handed to the workers first. Last in the order of
-#: collection, the TypeScript client's suite (45 s, one test) ran alone at the end of a run
-#: while the other worker sat idle for 57 s. Only the order changes; a file not named here
-#: runs as it did.
-_LONG_TESTS_FIRST = (
-    "test_scaffold.py",
-    "test_jobs_sqs.py",
-    "test_sdk_quick_starts.py",
-    "test_ts_client.py",
-    "test_plugin_registry_secure.py",
-    "test_state_redis.py",
-    "test_jobs.py",
-    "test_jobs_cli.py",
-    "test_hostile_etcd_storms.py",
-    "test_quick_start.py",
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A stable sort: each file's tests stay together and in their order (``--dist
-    # loadfile`` hands out whole files, in the order they come here).
-    items.sort(key=lambda item: item.path.name not in _LONG_TESTS_FIRST)
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         name = getattr(item, "originalname", item.name)
