@@ -18,8 +18,9 @@ if [ "$(sha256sum "$proto" | cut -d' ' -f1)" != "$(cat "$stamp" 2>/dev/null)" ];
     echo "proto/plugin.proto changed: regenerating sdk/go/internal/pluginpb" >&2
     if ! command -v protoc >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            apt-get -o DPkg::Lock::Timeout=300 install -y -q protobuf-compiler >/dev/null 2>&1 \
-                || { apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null && apt-get -o DPkg::Lock::Timeout=300 install -y -q protobuf-compiler >/dev/null; }
+            apt=(apt-get -o DPkg::Lock::Timeout=300)  # other builds may hold dpkg's lock
+            "${apt[@]}" install -y -q protobuf-compiler >/dev/null 2>&1 \
+                || { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q protobuf-compiler >/dev/null; }
         else
             echo "protoc is missing: install Debian's protobuf-compiler" >&2; exit 1
         fi
