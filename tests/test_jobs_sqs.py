@@ -855,16 +855,18 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
     # Generous: this test is about what survives the kills, and moto (a Python server doing
     # ~150 requests/s here) answering four processes on a busy machine can take seconds;
     # so can Redis, with those four processes and the submitter on two cores (a job record
-    # not written within 1 s once, at a load of 12).
-    patient = {"op_timeout_ms": 8000}
+    # not written within 1 s once, at a load of 12). moto took more than 8 s to take one of
+    # 50 messages sent at once with three test workers on the two cores (Redis's bound
+    # stops at 10 s).
+    patient_sqs, patient = {"op_timeout_ms": 30_000}, {"op_timeout_ms": 10_000}
     manifest = manifest_file(
-        tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient, state=patient, **settings
+        tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient_sqs, state=patient, **settings
     )
     workers: list[WorkerProcess] = []
     try:
         workers.extend(WorkerProcess(manifest) for _ in range(3))
         submitter_file = manifest_file(
-            tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient, state=patient
+            tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient_sqs, state=patient
         )
         async with Dispatcher(load_manifest(submitter_file)) as submitter:
             ids: list[str] = []
