@@ -8,7 +8,8 @@ answer waited for the socket ended another call's stream there, without its answ
 writer task per session now writes every frame; a cancelled call only gives up its own.
 
 The plugin's events for a host that reads nothing wait in a bounded queue, the oldest
-dropped past it, as in every SDK.
+dropped past it, as in every SDK; the ``dropped`` frame behind those that waited for a host
+waits there too, and is never dropped.
 """
 
 from __future__ import annotations
@@ -250,3 +251,46 @@ async def test_events_for_a_host_that_does_not_read_keep_the_newest_1024(
         await socket.send_bytes(_frame("health", 99))
         assert orjson.loads((await socket.receive()).data)["type"] == "health"
         assert session.events_dropped == emitted - _SESSION_EVENT_QUEUE
+
+
+async def test_the_dropped_frame_outlives_a_flood_of_events_and_says_its_count() -> None:
+    # Events emitted while no host is connected go to the next one, then a ``dropped`` frame
+    # with the count lost from them. Before, that frame waited among the events for a host
+    # that reads nothing, and a flood dropped it once it was the oldest, the count with it.
+    plugin = BlobPlugin()
+    lost_before_a_host = 7
+    waited = 1000  # the server's max_buffered_events
+    flood = 3 * _SESSION_EVENT_QUEUE
+    server = WebSocketPluginServer(PluginHost(plugin), plugin_id="blobs", version="1.0.0")
+    url = await server.start()
+    try:
+        # 32 KiB each: those that waited fill the loopback socket's buffers, most wait on.
+        for seq in range(waited + lost_before_a_host):
+            plugin.emit("waited", {"seq": seq, "pad": "w" * 32_768})
+        async with (
+            aiohttp.ClientSession() as client,
+            client.ws_connect(url, max_msg_size=0) as socket,
+        ):
+            assert orjson.loads((await socket.receive()).data)["type"] == "hello"
+            (session,) = server.sessions
+            await _until(lambda: session._draining)
+            # The dropped frame, behind those that waited, waits too.
+            assert len(session._events) > 1, "the socket took them all: make them larger"
+            for seq in range(flood):
+                plugin.emit("flood", {"seq": seq})
+
+            # The host reads again, up to the flood's last event.
+            frames: list[dict[str, Any]] = []
+            async with asyncio.timeout(30):
+                while not frames or frames[-1].get("data") != {"seq": flood - 1}:
+                    frames.append(orjson.loads((await socket.receive()).data))
+    finally:
+        await server.aclose(grace=0.5)
+    at = [i for i, frame in enumerate(frames) if frame["type"] == "dropped"]
+    assert len(at) == 1, f"dropped frames at {at} (none: lost in the flood)"
+    assert frames[at[0]] == {"type": "dropped", "count": lost_before_a_host}
+    # Those that waited for a host before it, then the newest of the flood in order: as
+    # many as the queue holds beside the dropped frame.
+    assert {frame.get("event") for frame in frames[: at[0]]} == {"waited"}
+    after = [frame["data"]["seq"] for frame in frames[at[0] + 1 :]]
+    assert after == list(range(flood - (_SESSION_EVENT_QUEUE - 1), flood))

@@ -23,9 +23,9 @@ log = logging.getLogger("linchkit_plugin.websocket")
 class EventReceiver(Protocol):
     """One connection's side of the outbox: ``linchkit_plugin.ws_server.PluginSession``."""
 
-    def queue_event(self, frame: bytes, event: str = "") -> None:
-        """Send ``frame`` (an encoded ``event`` or ``dropped`` frame; ``event``: an event's
-        name, for the log); never blocks."""
+    def queue_event(self, frame: bytes, event: str = "", *, droppable: bool = True) -> None:
+        """Send ``frame`` (an encoded ``event`` frame, or the ``dropped`` frame, which is not
+        ``droppable``; ``event``: an event's name, for the log); never blocks."""
 
 
 class EventOutbox:
@@ -65,7 +65,8 @@ class EventOutbox:
             event, frame = self._waiting.popleft()
             session.queue_event(frame, event)
         if self.dropped:
-            session.queue_event(encode_frame({"type": "dropped", "count": self.dropped}))
+            frame = encode_frame({"type": "dropped", "count": self.dropped})
+            session.queue_event(frame, droppable=False)
             self.dropped = 0
         self._sessions.add(session)
 

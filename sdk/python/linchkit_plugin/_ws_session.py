@@ -19,7 +19,7 @@ drops the connection, as the dispatcher drops a plugin that does so
 The plugin's events wait in a queue of their own while the socket takes no more (while the
 writer waits for it to drain), at most ``_SESSION_EVENT_QUEUE`` of them, the oldest dropped
 and counted past it (said once per session), as the Go, Rust and Java SDKs' sessions and an
-Events stream do. The events sender hands the writer one event at a time, so a call's
+Events stream do; the ``dropped`` frame behind those that waited for a host is never dropped. The events sender hands the writer one event at a time, so a call's
 answer waits behind one event at most, never behind every event emitted meanwhile.
 
 No frame goes out over the session's send cap (``send_cap``: its own read cap, or the
@@ -127,8 +127,9 @@ class PluginSession:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._windows: dict[int, _Window] = {}
-        #: Event frames not yet handed to the writer, oldest first (``queue_event``).
-        self._events: deque[bytes] = deque()
+        #: Event frames not yet handed to the writer, oldest first (``queue_event``), each
+        #: with whether it may be dropped: all but the ``dropped`` frame may.
+        self._events: deque[tuple[bytes, bool]] = deque()
         #: Done once ``_events`` has a frame for the idle events sender.
         self._events_queued: asyncio.Future[None] | None = None
         #: Events dropped from ``_events`` for a host that did not read them.
@@ -166,20 +167,23 @@ class PluginSession:
         #: or removed this plugin, the gateway stops), for the log.
         self.close_reason = ""
 
-    def queue_event(self, frame: bytes, event: str = "") -> None:
+    def queue_event(self, frame: bytes, event: str = "", *, droppable: bool = True) -> None:
         """Queue an event frame for the host; never waits. Past ``_SESSION_EVENT_QUEUE``
-        frames waiting the oldest is dropped: a host that reads nothing gets the newest
-        events once it reads again, as from every SDK (this one used to keep the oldest).
-        A frame over ``send_cap`` is not sent: the event ``event`` (its name) is lost,
-        not the connection."""
+        frames waiting the oldest event is dropped: a host that reads nothing gets the
+        newest events once it reads again, as from every SDK (this one used to keep the
+        oldest). A frame over ``send_cap`` is not sent: the event ``event`` (its name) is
+        lost, not the connection. ``droppable=False``: the ``dropped`` frame, never dropped
+        (a flood used to drop it once it was the oldest, and the count it carried)."""
         if self._too_large(frame, event):
             return
         if len(self._events) >= _SESSION_EVENT_QUEUE:
-            self._events.popleft()
+            # At most one frame is not droppable, the outbox's one ``dropped`` frame: when
+            # it is the oldest, the oldest event is the next.
+            del self._events[0 if self._events[0][1] else 1]
             if not self.events_dropped:
                 log.warning("the host is not reading its Events stream; dropping the oldest events")
             self.events_dropped += 1
-        self._events.append(frame)
+        self._events.append((frame, droppable))
         queued = self._events_queued
         if queued is not None and not queued.done():
             queued.set_result(None)
@@ -383,7 +387,8 @@ class PluginSession:
             if self._draining:
                 await self._drained.wait()
                 continue
-            await self._send(self._events.popleft(), until_written=True)
+            frame, _ = self._events.popleft()
+            await self._send(frame, until_written=True)
 
     async def _send(self, data: bytes, *, until_written: bool = False) -> None:
         """Queue ``data`` for the writer; while the writer waits for the socket to drain,
