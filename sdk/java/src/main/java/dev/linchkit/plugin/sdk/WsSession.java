@@ -15,6 +15,7 @@ import dev.linchkit.plugin.v1.CallRequest;
 import io.netty.buffer.ByteBuf;
 import io.netty.buffer.ByteBufUtil;
 import io.netty.channel.Channel;
+import io.netty.channel.ChannelFuture;
 import io.netty.channel.ChannelFutureListener;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.SimpleChannelInboundHandler;
@@ -63,11 +64,11 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * reading too while the socket takes no more of what it writes, so a host that does not read
  * costs its calls in flight and their answers, never a growing buffer, and one that takes
  * nothing for 1.5 heartbeats is dropped. The plugin's events wait while the socket takes no
- * more, at most {@link #EVENTS_WAITING} of them, the oldest dropped first (said once on stderr
- * per connection), as the Go and Rust SDKs' sessions and an Events stream do. A stream waits
- * for the host's credit (a window of {@link #STREAM_WINDOW} chunks). A message over {@link
- * #MAX_MESSAGE_BYTES}, or one that inflates past it, closes the connection 1009 (the pipeline's
- * decoder, aggregator and inflater count; this class closes).
+ * more (as its other frames do: below), at most {@link #EVENTS_WAITING} of them, the oldest
+ * dropped first (said once on stderr per connection), as the Go and Rust SDKs' sessions and an
+ * Events stream do. A stream waits for the host's credit (a window of {@link #STREAM_WINDOW}
+ * chunks). A message over {@link #MAX_MESSAGE_BYTES}, or one that inflates past it, closes the
+ * connection 1009 (the pipeline's decoder, aggregator and inflater count; this class closes).
  *
  * <p>What it sends is held to the send cap: the smaller of {@link #MAX_MESSAGE_BYTES} and the
  * cap the host announced ({@link #MAX_MESSAGE_BYTES_HEADER} on the upgrade: the dispatcher's
@@ -79,9 +80,13 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * that error (its method stopped as a cancel stops it), an {@code event} is dropped (said once
  * on stderr per connection). The connection stays.
  *
- * <p>Writes never block the caller: every frame is handed to Netty, whose one event loop per
- * connection writes them in order (events as the socket takes them). All state but {@link
- * #calls} and {@link #events} is the event loop's.
+ * <p>Writes never block the caller, and go out in the order the plugin handed them over: every
+ * frame waits in the session's outbox, and the connection's event loop, its one writer, hands
+ * them to the socket while it takes more. Only {@code event} frames are dropped there (the
+ * bound above), never a response, a chunk, an error, goaway or the {@code dropped} frame, so an
+ * answer never overtakes the events its method emitted before it. Pings and pongs go straight
+ * to the socket; a close goes behind everything handed over before it, and nothing after it.
+ * All state but {@link #calls} and the outbox is the event loop's.
  */
 final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** The largest message either way, as every SDK's (the dispatcher's default too). */
@@ -132,14 +137,25 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   /** Calls read while {@link #MAX_IN_FLIGHT} ran: started as slots free. */
   private final ArrayDeque<Call> waiting = new ArrayDeque<>();
   /**
-   * The plugin's event frames (and the {@code dropped} frame after those that waited for a
-   * host) not yet handed to the socket, oldest first; guarded by itself: emitted from any thread.
+   * What the session sends and the socket has not taken yet, handed over from any thread and
+   * guarded by this lock: {@link #events} and {@link #frames}, each oldest first, numbered by
+   * {@link #handedOver} so that the event loop writes them in the order handed over.
    */
-  private final ArrayDeque<String> events = new ArrayDeque<>();
-  /** Events dropped from {@link #events} for a host that did not read them; under its lock. */
+  private final Object outbox = new Object();
+  /** The plugin's event frames waiting: at most {@link #EVENTS_WAITING}, the oldest dropped past it. */
+  private final ArrayDeque<Waiting> events = new ArrayDeque<>();
+  /**
+   * Every other frame waiting (a response, a chunk, an error, goaway, the {@code dropped} frame
+   * after the events that waited for a host): never dropped. Bounded by what calls in flight
+   * answer and by the streams' windows, as Netty's buffer was when they went straight to it.
+   */
+  private final ArrayDeque<Waiting> frames = new ArrayDeque<>();
+  /** The frames handed over so far: the next one's number. */
+  private long handedOver;
+  /** Events dropped from {@link #events} for a host that did not read them. */
   private long eventsDropped;
-  /** A flush of {@link #events} is queued on the event loop; under its lock. */
-  private boolean eventsFlushQueued;
+  /** A {@link #flush} is queued on the event loop. */
+  private boolean flushQueued;
   private int running;
   private Runnable unsubscribe = () -> {};
   private boolean closeSent;
@@ -180,6 +196,9 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     lastPong = System.nanoTime();
     channel.closeFuture().addListener(closed -> end());
   }
+
+  /** A frame waiting for the socket, numbered in the order it was handed over. */
+  private record Waiting(long number, String text) {}
 
   /** A call or a stream of this connection. */
   private static final class Call {
@@ -240,7 +259,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     hello.addProperty("max_message_bytes", MAX_MESSAGE_BYTES);
     send(hello.toString());
     if (!channel.isActive() || !host) return;
-    unsubscribe = plugin.addEventSink(this::sendEvent, dropped -> queueEvent("{\"type\":\"dropped\",\"count\":" + dropped + "}"));
+    // The dropped frame is no event: an event flood must not drop it, and its count with it.
+    unsubscribe = plugin.addEventSink(this::sendEvent, dropped -> send("{\"type\":\"dropped\",\"count\":" + dropped + "}"));
     // Closed meanwhile (end() ran before there was anything to unsubscribe): unsubscribe now.
     if (!channel.isActive()) unsubscribe.run();
     scheduleHeartbeat();
@@ -269,8 +289,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   private void closeWithin(int code, String reason) {
     if (!channel.isActive()) return;
     if (!closeSent) {
-      closeSent = true;
-      channel.writeAndFlush(new CloseWebSocketFrame(code, reason));
+      sayClose(new CloseWebSocketFrame(code, reason));
     }
     channel.eventLoop().schedule(() -> {
       channel.close();
@@ -284,12 +303,31 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       channel.close();
       return;
     }
+    sayClose(new CloseWebSocketFrame(code, reason)).addListener(ChannelFutureListener.CLOSE);
+  }
+
+  /**
+   * Writes {@code close} behind every frame handed over before it, whether the socket takes
+   * more or not (the connection ends within {@link #CLOSE_HANDSHAKE_WAIT_MS} or at once), and
+   * nothing after it: a goaway still waiting goes before the close that follows it. On the
+   * event loop.
+   */
+  private ChannelFuture sayClose(CloseWebSocketFrame close) {
     closeSent = true;
-    channel.writeAndFlush(new CloseWebSocketFrame(code, reason)).addListener(ChannelFutureListener.CLOSE);
+    List<Waiting> waiting = new ArrayList<>();
+    synchronized (outbox) {
+      while (!frames.isEmpty() || !events.isEmpty()) waiting.add(nextInOrder());
+    }
+    for (Waiting frame : waiting) channel.write(new TextWebSocketFrame(frame.text()), channel.voidPromise());
+    return channel.writeAndFlush(close);
   }
 
   private void end() {
     unsubscribe.run();
+    synchronized (outbox) { // never written now
+      frames.clear();
+      events.clear();
+    }
     for (Call call : List.copyOf(calls.values())) call.cancelled.complete(null);
     ended.complete(null);
   }
@@ -331,7 +369,7 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   public void channelWritabilityChanged(ChannelHandlerContext ctx) {
     if (channel.isWritable()) {
       unwritableSince = 0;
-      flushEvents();
+      flush();
       resumeReading();
     } else {
       unwritableSince = System.nanoTime();
@@ -366,9 +404,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       closeCode = close.statusCode();
       closeReason = shownReason(close.reasonText());
       if (!closeSent) {
-        closeSent = true;
         int code = close.statusCode() < 0 ? 1000 : close.statusCode();
-        ctx.writeAndFlush(new CloseWebSocketFrame(code, "")).addListener(ChannelFutureListener.CLOSE);
+        sayClose(new CloseWebSocketFrame(code, "")).addListener(ChannelFutureListener.CLOSE);
       } else {
         ctx.close();
       }
@@ -726,48 +763,71 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   }
 
   /**
-   * Queues an event frame, from any thread, and has the event loop hand what waits to the
-   * socket while it takes more. A method that emits never waits for the host; past {@link
-   * #EVENTS_WAITING} frames the oldest is dropped: handed straight to Netty, as before, every
-   * event for a host that reads nothing stayed in its outbound buffer until the heartbeat found
-   * the host stalled, 15 s of events later.
+   * Hands an event frame over, from any thread; past {@link #EVENTS_WAITING} event frames
+   * waiting the oldest is dropped. A method that emits never waits for the host: handed
+   * straight to Netty, as before, every event for a host that reads nothing stayed in its
+   * outbound buffer until the heartbeat found the host stalled, 15 s of events later.
    */
   private void queueEvent(String frame) {
+    handOver(frame, true);
+  }
+
+  /**
+   * Hands {@code text} over, from any thread, behind every frame handed over before it; the
+   * event loop writes them in that order while the socket takes more ({@link #flush}). Only
+   * {@code event} frames ({@code event}: true) are ever dropped, the oldest first; nothing is
+   * kept once the connection has closed. Written straight to Netty, as before, an answer went
+   * out ahead of the events its method had emitted, which waited for the socket to drain.
+   */
+  private void handOver(String text, boolean event) {
     if (!channel.isActive()) return;
     boolean firstDrop = false;
     boolean flush;
-    synchronized (events) {
-      if (events.size() >= EVENTS_WAITING) {
-        events.poll();
-        firstDrop = eventsDropped++ == 0;
+    synchronized (outbox) {
+      Waiting frame = new Waiting(handedOver++, text);
+      if (event) {
+        if (events.size() >= EVENTS_WAITING) {
+          events.poll();
+          firstDrop = eventsDropped++ == 0;
+        }
+        events.add(frame);
+      } else {
+        frames.add(frame);
       }
-      events.add(frame);
-      flush = !eventsFlushQueued;
-      eventsFlushQueued = true;
+      flush = !flushQueued;
+      flushQueued = true;
     }
     if (firstDrop) {
       Log.SDK.warning("the host is not reading its Events stream; dropping the oldest events");
     }
-    // Through the event loop's queue, behind the frames handed to it before (the hello first).
-    if (flush) channel.eventLoop().execute(this::flushEvents);
+    // Through the event loop's queue, from it too: the one writer, one task for a burst.
+    if (flush) channel.eventLoop().execute(this::flush);
+  }
+
+  /** The frame handed over first of those waiting; under {@link #outbox}, with one waiting. */
+  private Waiting nextInOrder() {
+    Waiting frame = frames.peek();
+    Waiting event = events.peek();
+    return event == null || (frame != null && frame.number() < event.number()) ? frames.poll() : events.poll();
   }
 
   /**
-   * Hands the waiting event frames to the socket while it takes more. On the event loop; once
-   * the socket takes no more, {@link #channelWritabilityChanged} calls it again when it drains.
+   * Hands the waiting frames to the socket in order while it takes more. On the event loop;
+   * once the socket takes no more, {@link #channelWritabilityChanged} calls it again when it
+   * drains. After a close frame nothing more is written.
    */
-  private void flushEvents() {
+  private void flush() {
     boolean wrote = false;
     while (true) {
-      String frame;
-      synchronized (events) {
-        if (events.isEmpty() || !channel.isActive() || !channel.isWritable()) {
-          eventsFlushQueued = false;
+      Waiting frame;
+      synchronized (outbox) {
+        if ((frames.isEmpty() && events.isEmpty()) || closeSent || !channel.isActive() || !channel.isWritable()) {
+          flushQueued = false;
           break;
         }
-        frame = events.poll();
+        frame = nextInOrder();
       }
-      channel.write(new TextWebSocketFrame(frame), channel.voidPromise());
+      channel.write(new TextWebSocketFrame(frame.text()), channel.voidPromise());
       wrote = true;
     }
     if (wrote) channel.flush();
@@ -784,19 +844,9 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     send(frame.toString());
   }
 
-  /**
-   * Hands {@code text} to the connection's writer, from any thread, behind every frame handed
-   * to it before; dropped once it has closed. Always through the event loop's queue: written
-   * inline from the event loop, a stream's response (its future completed before the loop
-   * looked) went out before the chunks its method had queued from its own thread.
-   */
+  /** Hands {@code text}, a frame that is never dropped, over ({@link #handOver}), from any thread. */
   private void send(String text) {
-    if (!channel.isActive()) return;
-    if (channel.eventLoop().inEventLoop()) {
-      channel.eventLoop().execute(() -> channel.writeAndFlush(new TextWebSocketFrame(text), channel.voidPromise()));
-    } else {
-      channel.writeAndFlush(new TextWebSocketFrame(text), channel.voidPromise());
-    }
+    handOver(text, false);
   }
 
   /**
@@ -821,14 +871,17 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
 
   @Override
   public String toString() {
+    int framesWaiting;
     int eventsWaiting;
     long dropped;
-    synchronized (events) {
+    synchronized (outbox) {
+      framesWaiting = frames.size();
       eventsWaiting = events.size();
       dropped = eventsDropped;
     }
     return "WsSession(" + plugin.id() + ", calls=" + calls.size() + ", waiting=" + waiting.size()
-        + ", send_cap=" + sendCap + ", events_waiting=" + eventsWaiting + ", events_dropped=" + dropped
+        + ", send_cap=" + sendCap + ", frames_waiting=" + framesWaiting + ", events_waiting=" + eventsWaiting
+        + ", events_dropped=" + dropped
         + ", goaway=" + goneAway + ")";
   }
 
