@@ -19,8 +19,10 @@ drops the connection, as the dispatcher drops a plugin that does so
 The plugin's events wait in a queue of their own while the socket takes no more (while the
 writer waits for it to drain), at most ``_SESSION_EVENT_QUEUE`` of them, the oldest dropped
 and counted past it (said once per session), as the Go, Rust and Java SDKs' sessions and an
-Events stream do; the ``dropped`` frame behind those that waited for a host is never dropped. The events sender hands the writer one event at a time, so a call's
-answer waits behind one event at most, never behind every event emitted meanwhile.
+Events stream do; the ``dropped`` frame behind those that waited for a host is never
+dropped. The events sender hands the writer one event at a time, so a call's answer waits
+behind one event at most, never behind every event emitted meanwhile (and may so go out
+before an event its method emitted earlier: see docs/protocol.md).
 
 No frame goes out over the session's send cap (``send_cap``: its own read cap, or the
 host's announced one where smaller, ``_ws_send_cap``): a call's answer over it is answered
