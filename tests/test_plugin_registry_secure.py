@@ -283,7 +283,14 @@ def token_expires(language: str) -> None:
         assert secure_etcd.keys(PREFIX) == {}, "deleted with a new token, not left to the lease"
         said = plugin.stderr
         assert f"deregistered {key}" in said and "cannot deregister" not in said
-        assert "cannot register" not in said, "an expired token is routine, not worth a warning"
+        # An etcd slower than the SDK's 1 s bound is worth its warning (a busy machine's
+        # was, with three test workers on two cores); an expired token is routine, not.
+        refused = [
+            line
+            for line in said.splitlines()
+            if "cannot register" in line and "does not answer" not in line
+        ]
+        assert not refused, "an expired token is routine, not worth a warning"
 
 
 @pytest.mark.parametrize(
