@@ -82,12 +82,12 @@ checks: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# pytest on two workers (pytest-xdist), a test file each at a time: most tests wait on
+# pytest on three workers (pytest-xdist), a test file each at a time: most tests wait on
 # processes, containers and sockets, so two workers took half the time of one (27 -> 12 min
-# when last measured; the README has the suite's figures of now).
-# Not more workers: timing-bound tests are written for a 2-core machine with one other
-# thing running. Three cut a whole run by 16 % (1646 -> 1389 s, 2026-12-07) with the CPUs
-# 87 % busy, and a test of a plugin's etcd calls within their 1 s bound failed under it.
+# when measured), and a third took 16 % more off a run (1646 -> 1389 s, 2026-12-07) with the
+# CPUs 87 % busy; the tests bound by time were made to hold with two others beside each.
+# Files go to the workers in the order tests/conftest.py gives (the longest first), not
+# xdist's (the most tests first), so no long file starts last while the others idle.
 # Each file keeps its module fixtures on one worker.
 test:
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-prereqs
@@ -95,7 +95,7 @@ test:
 	@# is set (it is on the machines the suite runs on here) each start compiled the project's
 	@# sources again: 1.5 s of CPU per CLI start instead of 1.0. Compiled once instead, in 1.5 s.
 	$(BIN)/python -m compileall -q -j 0 dispatcher providers sdk/python examples tests bench
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=25; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -145,7 +145,40 @@ _TOOLCHAIN_TESTS = {
 }
 
 
+#: The files that took longest in a whole run (worker seconds, 2026-12-07), longest first.
+#: ``make test`` hands whole files to the workers in the order they come here
+#: (``--dist loadfile --no-loadscope-reorder``; xdist's own order is by number of tests),
+#: so the long ones start early and the short ones fill the end: in collection order the
+#: TypeScript client's suite (43 s, one test) ran last while the other worker sat idle.
+#: Only the order changes; a file not named here keeps its place after these.
+_LONGEST_FILES_FIRST = (
+    "test_plugin_registry_secure.py",  # 199 s
+    "test_websocket_oversized_messages.py",  # 115 s
+    "test_jobs_sqs.py",  # 112 s
+    "test_hostile_websocket_host.py",  # 106 s
+    "test_jobs_cli.py",  # 74 s
+    "test_scaffold.py",  # 74 s
+    "test_wasm_hostile_network.py",  # 68 s
+    "test_connect_url_never_shows_a_token.py",  # 65 s
+    "test_graceful_stop.py",  # 63 s
+    "test_state_redis.py",  # 61 s
+    "test_subprocess_provider.py",  # 61 s
+    "test_gateway_lane.py",  # 60 s
+    "test_hostile_etcd_storms.py",  # 55 s
+    "test_telemetry_tracing.py",  # 54 s
+    "test_python_plugin_server.py",  # 52 s
+    "test_sdk_quick_starts.py",  # 51 s
+    "test_jobs.py",  # 51 s
+    "test_docker.py",  # 49 s
+    "test_wasm_hostile_timing.py",  # 48 s
+    "test_ts_client.py",  # 43 s
+)
+_RANK = {name: rank for rank, name in enumerate(_LONGEST_FILES_FIRST)}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A stable sort: each file's tests stay together and in their order.
+    items.sort(key=lambda item: _RANK.get(item.path.name, len(_RANK)))
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         name = getattr(item, "originalname", item.name)
