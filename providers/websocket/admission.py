@@ -138,7 +138,7 @@ class InboundAdmission:
         until it closes. Its first frame must be the ``hello`` of ``plugin``. ``targets``
         are ``plugin``'s own (each names it: ``WebSocketTarget.plugin``), so the
         connection joins that version's fleets and no other's."""
-        hello = await _checked_hello(socket, plugin)
+        hello = await _checked_hello(socket, plugin, peer)
         if hello is None:
             return
         connection = self._new_connection(plugin, targets, socket, peer, hello)
@@ -308,7 +308,9 @@ class InboundAdmission:
 # -- the hello -----------------------------------------------------------------------------
 
 
-async def _checked_hello(socket: Socket, plugin: PluginInfo) -> dict[str, Any] | None:
+async def _checked_hello(
+    socket: Socket, plugin: PluginInfo, peer: tuple[str, int]
+) -> dict[str, Any] | None:
     """The plugin's ``hello``, checked against the plugin admitted; None (and the
     connection closed with the reason) when it is not one."""
     from providers.websocket.hello import read_hello
@@ -326,14 +328,14 @@ async def _checked_hello(socket: Socket, plugin: PluginInfo) -> dict[str, Any] |
         # hello for ever; a 4403 ends their dial with this reason in one line.
         spoken = error.details.get("protocol")
         refusal = f"this gateway speaks protocol {PROTOCOL_VERSION}; the hello said {spoken}"
-        await _refuse(socket, CLOSE_WRONG_PLUGIN, refusal)
+        await _refuse(socket, peer, plugin, CLOSE_WRONG_PLUGIN, refusal)
         return None
     except DispatchError as error:
-        await _refuse(socket, CLOSE_BAD_HELLO, error.message)
+        await _refuse(socket, peer, plugin, CLOSE_BAD_HELLO, error.message)
         return None
     wrong = _wrong_plugin(hello, plugin)
     if wrong is not None:
-        await _refuse(socket, CLOSE_WRONG_PLUGIN, wrong)
+        await _refuse(socket, peer, plugin, CLOSE_WRONG_PLUGIN, wrong)
         return None
     return hello
 
@@ -347,10 +349,15 @@ def _wrong_plugin(hello: dict[str, Any], plugin: PluginInfo) -> str | None:
     return None
 
 
-async def _refuse(socket: Socket, code: int, reason: str) -> None:
-    """Refuse a connection's hello: the close frame handed over, the connection dropped."""
+async def _refuse(
+    socket: Socket, peer: tuple[str, int], plugin: PluginInfo, code: int, reason: str
+) -> None:
+    """Refuse a connection's hello: the close frame handed over, the connection dropped.
+    Said in the log too: a hello over the target's cap has had the socket closed (1009)
+    before the reason could reach the plugin, which then knows no more than the code."""
     from providers.websocket.closing import close_message, hang_up
 
+    log.info("%s:%d refused as %s: %s", *peer, plugin.key, reason)
     await hang_up(socket, code, reason)
     await socket.close(code=code, message=close_message(reason))  # returns at once now
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import WSMsgType
+from aiohttp import WSCloseCode, WSMsgType
 
 from linchkit_plugin.errors import DispatchError, InvalidParams, TargetUnavailable
 from linchkit_plugin.ws_protocol import (
@@ -50,6 +50,8 @@ async def read_hello(socket: Socket) -> dict[str, Any]:
         message = await socket.receive(timeout=HELLO_TIMEOUT)
     except TimeoutError:
         raise TargetUnavailable(f"no hello within {HELLO_TIMEOUT:.0f} s") from None
+    if message.type is WSMsgType.ERROR:
+        raise _failed_on_hello(message.data)
     if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
         raise TargetUnavailable(f"closed before its hello ({message.type.name})")
     try:
@@ -58,3 +60,15 @@ async def read_hello(socket: Socket) -> dict[str, Any]:
         raise
     except DispatchError as error:
         raise InvalidParams(f"broke the protocol: {error.message}") from None
+
+
+def _failed_on_hello(error: BaseException) -> DispatchError:
+    """Why reading the hello failed. A hello lists every method the plugin serves, so one
+    of many methods can be over a small ``max_message_bytes``: said as the setting to
+    change (it read ``closed before its hello (ERROR)``), not as an outage."""
+    if getattr(error, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+        return InvalidParams(
+            f"its hello is larger than the target's max_message_bytes ({error}); a plugin"
+            " of many methods needs it raised"
+        )
+    return TargetUnavailable(f"the connection failed before its hello: {error}")
