@@ -21,7 +21,8 @@
  * `EVENTS_HIGH_WATER` bytes unsent), at most `EVENTS_WAITING` of them, the oldest dropped and
  * counted past it (said once on stderr), as the Go, Rust and Java SDKs and an Events stream do.
  * Events emitted while no host is connected wait, the newest `MAX_BUFFERED_EVENTS` of them, and
- * go to the next host followed by a `dropped` frame with the count lost, if any. Given
+ * go to the next host followed by a `dropped` frame with the count lost, if any, which waits in
+ * that queue too but is never dropped. Given
  * a `Tracing`, each call and each stream runs in its span, as over gRPC (tracing.ts): a
  * stream's lasts until its last chunk and ends with its outcome.
  *
@@ -102,7 +103,8 @@ const MAX_FRAME_DEPTH = MAX_DEPTH + 2;
 const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
 /**
  * The plugin's event frames one connection keeps while the socket takes no more; past it the
- * oldest is dropped (EVENTS_PER_STREAM in server.ts: an Events stream's bound, every SDK's).
+ * oldest event is dropped, never the `dropped` frame (EVENTS_PER_STREAM in server.ts: an
+ * Events stream's bound, every SDK's).
  */
 export const EVENTS_WAITING = 1024;
 /**
@@ -164,6 +166,8 @@ export class Session {
   private readonly backlog: RawData[] = [];
   /** The plugin's event frames not yet handed to `ws`, oldest first (`queueEvent`). */
   private readonly events: Buffer[] = [];
+  /** The `dropped` frame after the events that waited for a host: never dropped from `events`. */
+  private undroppable: Buffer | undefined;
   private dropped = 0;
   /** Events not sent for being over `sendCap` (the first said on stderr). */
   private eventsOverCap = 0;
@@ -210,7 +214,7 @@ export class Session {
     });
     this.unsubscribe = plugin.addEventSink(
       (name, data) => this.queueEvent({ type: 'event', event: name, data }),
-      (count) => this.queueEvent({ type: 'dropped', count }),
+      (count) => this.queueEvent({ type: 'dropped', count }, false),
     );
     this.socket.on('message', (data: RawData) => {
       // pause() stops the socket, not the messages ws already read: those wait here.
@@ -276,9 +280,12 @@ export class Session {
   /**
    * Queue one of the plugin's event frames; never waits for the host. Each used to go
    * straight to ws, whose buffer grew with every event for a host that reads nothing: they
-   * now wait here, the oldest dropped past EVENTS_WAITING.
+   * now wait here, the oldest event dropped past EVENTS_WAITING. `droppable` false: the
+   * `dropped` frame, which waits here too (behind the events that waited for a host, ahead
+   * of later ones) but is never dropped: a flood used to drop it once it was the oldest, and
+   * the count it carried.
    */
-  private queueEvent(frame: JsonObject): void {
+  private queueEvent(frame: JsonObject, droppable = true): void {
     if (this.socket.readyState !== WebSocket.OPEN) return;
     const data = encodeJson(frame);
     if (data.length > this.sendCap) {
@@ -290,9 +297,13 @@ export class Session {
       return;
     }
     if (this.events.length >= EVENTS_WAITING) {
-      this.events.shift();
+      // At most one frame is not droppable, the one `dropped` frame: when it is the oldest,
+      // the oldest event is the next.
+      if (this.events[0] === this.undroppable) this.events.splice(1, 1);
+      else this.events.shift();
       if (this.dropped++ === 0) log.warn('the host is not reading its Events stream; dropping the oldest events');
     }
+    if (!droppable) this.undroppable = data;
     this.events.push(data);
     this.flushEvents();
   }
