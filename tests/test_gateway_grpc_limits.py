@@ -151,13 +151,14 @@ async def test_calls_past_max_grpc_calls_are_refused_resource_exhausted_at_once(
     ):
         gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
         sleep = gateway_pb2.GatewayCall(
-            plugin="echo", method="sleep", params_json=orjson.dumps({"seconds": 10})
+            plugin="echo", method="sleep", params_json=orjson.dumps({"seconds": 60})
         )
-        running = [asyncio.ensure_future(gateway.Call(sleep, timeout=30)) for _ in range(4)]
+        running = [asyncio.ensure_future(gateway.Call(sleep, timeout=90)) for _ in range(4)]
         # Until the four run at once: each sleeps long enough that the first is still
         # running when the last starts on a loaded machine (1.5 s was not, in a full run;
-        # the four took over 5 s to start in another, beside other work).
-        async with asyncio.timeout(9):
+        # the four took over 5 s to start in another, beside other work, and over 9 s with
+        # three test workers and two builds on the two cores). Cancelled once seen.
+        async with asyncio.timeout(45):
             while dispatcher.stats()["dispatcher"]["calls_in_flight"] < 4:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         started = time.monotonic()
@@ -168,7 +169,12 @@ async def test_calls_past_max_grpc_calls_are_refused_resource_exhausted_at_once(
         else:
             raise AssertionError("a fifth call was taken with four running, max_grpc_calls 4")
         assert time.monotonic() - started < 0.5
-        assert all(reply.ok for reply in await asyncio.gather(*running))
+        for call in running:
+            call.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        async with asyncio.timeout(10):  # the callers gone, their calls are cancelled
+            while dispatcher.stats()["dispatcher"]["calls_in_flight"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         assert (await gateway.Call(SAY, timeout=10)).ok  # the slots came back
 
 
