@@ -10,6 +10,9 @@ writer task per session now writes every frame; a cancelled call only gives up i
 The plugin's events for a host that reads nothing wait in a bounded queue, the oldest
 dropped past it, as in every SDK; the ``dropped`` frame behind those that waited for a host
 waits there too, and is never dropped.
+
+A host's ``error`` frames (it could not use a frame of ours) are logged, escaped, and only
+the first few of a connection: a host chooses how many it sends.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import orjson
 import pytest
 
 from linchkit_plugin import Plugin
-from linchkit_plugin._ws_session import _SESSION_EVENT_QUEUE
+from linchkit_plugin._ws_session import _SESSION_EVENT_QUEUE, LOGGED_HOST_ERRORS
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_server import WebSocketPluginServer
 
@@ -294,3 +297,38 @@ async def test_the_dropped_frame_outlives_a_flood_of_events_and_says_its_count()
     assert {frame.get("event") for frame in frames[: at[0]]} == {"waited"}
     after = [frame["data"]["seq"] for frame in frames[at[0] + 1 :]]
     assert after == list(range(flood - (_SESSION_EVENT_QUEUE - 1), flood))
+
+
+#: A host's text for an operator's terminal: a screen clear, then a line of its own.
+FORGED = "\x1b[2J\nINFO forged: the plugin stopped"
+
+
+async def test_the_host_s_error_frames_are_logged_escaped_and_only_the_first_few(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, every error frame made a line: 1,000 frames, 1,000 lines.
+    flood = 1000
+    async with _served_to_a_raw_host(BlobPlugin()) as (socket, session, _):
+        with caplog.at_level(logging.INFO, "linchkit_plugin.websocket"):
+            forged = {"type": "error", "error": {"type": "provider_error", "message": FORGED}}
+            await socket.send_bytes(orjson.dumps(forged))
+            flooded = orjson.dumps({"type": "error", "id": 3, "error": {"message": "again"}})
+            for _ in range(flood - 1):
+                await socket.send_bytes(flooded)
+            # None is answered, and the session serves on: the call's answer comes next.
+            await socket.send_bytes(_frame("call", 1, "blob", {"size": 3}))
+            async with asyncio.timeout(10):
+                answer = orjson.loads((await socket.receive()).data)
+        assert answer == {"type": "response", "id": 1, "response": {"ok": True, "result": "xxx"}}
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "linchkit_plugin.websocket" and record.levelno == logging.INFO
+    ]
+    assert lines == [
+        "the host could not use a frame: \\x1b[2J\\nINFO forged: the plugin stopped",
+        *["the host could not use a frame: again"] * (LOGGED_HOST_ERRORS - 1),
+        f"the host sent more than {LOGGED_HOST_ERRORS} error frames on this connection;"
+        " further ones are not logged",
+    ]
+    assert session.host_errors == flood

@@ -29,6 +29,11 @@ host's announced one where smaller, ``_ws_send_cap``): a call's answer over it i
 ``provider_error`` (``too_large``) instead, a stream's chunk over it ends the stream so, and
 an event over it is not sent (the first logged), so that the host does not close the
 connection with every other call on it.
+
+An ``error`` frame from the host (it could not use a frame of ours) is logged at INFO, the
+host's message escaped and cut as a close reason is, and never answered: the first
+``LOGGED_HOST_ERRORS`` of a connection, then one line saying the rest are not logged, so
+that a host sending a flood of them does not flood the log.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from collections import deque
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import WSMsgType, web
 
 from linchkit_plugin._ws_events import EventOutbox
@@ -63,7 +69,7 @@ from linchkit_plugin.ws_protocol import (
     shown_close_reason,
 )
 
-__all__ = ["STALL_HEARTBEATS", "PluginSession", "Socket", "hello_of"]
+__all__ = ["LOGGED_HOST_ERRORS", "STALL_HEARTBEATS", "PluginSession", "Socket", "hello_of"]
 
 log = logging.getLogger("linchkit_plugin.websocket")
 
@@ -79,6 +85,8 @@ _GIVEN_UP_KEPT = 64
 #: find a host that stops reading but goes on sending: any frame it sends puts aiohttp's
 #: ping off. The dispatcher's bound on a plugin, the same way round.
 STALL_HEARTBEATS = 1.5
+#: The host's ``error`` frames logged on one connection; one line says the rest are not.
+LOGGED_HOST_ERRORS = 10
 
 
 class _Window:
@@ -146,6 +154,8 @@ class PluginSession:
         #: Events not sent for being over ``send_cap`` (the first is logged).
         self.events_too_large = 0
         self.protocol_errors = 0
+        #: ``error`` frames the host sent (the first ``LOGGED_HOST_ERRORS`` logged).
+        self.host_errors = 0
         #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
         self.welcomed = False
         #: Frames for the writer, in order, each with the future its sender may wait on.
@@ -300,14 +310,25 @@ class PluginSession:
             # plugin's executable, it must neither forge a line nor run in a terminal.
             log.info("host says: %s", shown_close_reason(str(frame)))
         elif kind == "error":
-            # The host could not use a frame of ours (a host that predates ``goaway`` says
-            # so of it): logged, never answered, or two peers could trade errors forever.
-            error = shown_close_reason(str(frame.get("error")))
-            log.info("the host could not use a frame: %s", error)
+            self._host_error(frame.get("error"))
         else:
             self.protocol_errors += 1
             await self._send(
                 error_frame(ProviderError(f"unknown frame type {kind!r:.40}"), call_id)
+            )
+
+    def _host_error(self, error: Any) -> None:
+        """The host could not use a frame of ours (a host that predates ``goaway`` says so
+        of it): logged, never answered, or two peers could trade errors forever. Only the
+        first ``LOGGED_HOST_ERRORS`` of a connection: the host chooses how many it sends."""
+        self.host_errors += 1
+        if self.host_errors <= LOGGED_HOST_ERRORS:
+            log.info("the host could not use a frame: %s", shown_close_reason(_error_text(error)))
+        elif self.host_errors == LOGGED_HOST_ERRORS + 1:
+            log.info(
+                "the host sent more than %d error frames on this connection;"
+                " further ones are not logged",
+                LOGGED_HOST_ERRORS,
             )
 
     async def _run_call(self, kind: str, call_id: int, frame: dict[str, Any]) -> None:
@@ -493,8 +514,21 @@ class PluginSession:
         return (
             f"<PluginSession in_flight={len(self._tasks)} events_waiting={len(self._events)}"
             f" events_dropped={self.events_dropped} send_cap={self.send_cap}"
-            f" events_too_large={self.events_too_large} protocol_errors={self.protocol_errors}>"
+            f" events_too_large={self.events_too_large} protocol_errors={self.protocol_errors}"
+            f" host_errors={self.host_errors}>"
         )
+
+
+def _error_text(error: Any) -> str:
+    """What the host's ``error`` frame says, for the log: its ``message``, an error given
+    as a bare string, or else the value's JSON text (for ``shown_close_reason`` to make
+    safe to show)."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str):
+        return message
+    if isinstance(error, str):
+        return error
+    return orjson.dumps(error).decode()
 
 
 def hello_of(
