@@ -229,6 +229,58 @@ func TestAHostileCloseReasonIsShownEscaped(t *testing.T) {
 	}
 }
 
+// An error frame from the host is logged at INFO on one line, its message escaped (a
+// newline, ESC); of a flood of them only the first loggedHostErrors and a line saying the
+// rest are not, and the session serves on. Before, the Go SDK logged none of them.
+func TestTheHostsErrorFramesAreLoggedEscapedAndOnlyTheFirstFew(t *testing.T) {
+	out := capture(t)
+	host, _, _ := dialledSession(t, testPlugin(), time.Minute)
+	writeFrame(t, host, `{"type":"error","error":{"type":"provider_error","message":"\u001b[2J\nINFO forged: the plugin stopped"}}`)
+	for range 999 {
+		writeFrame(t, host, `{"type":"error","id":3,"error":{"message":"again"}}`)
+	}
+	// None is answered: the call's answer is the next frame.
+	writeFrame(t, host, callFrame(1, "call", "echo", `"still here"`))
+	if f := readFrame(t, host); f["type"] != "response" || f["id"] != 1.0 ||
+		f["response"].(map[string]any)["result"] != "still here" {
+		t.Fatalf("after the error frames: %v, want the call's answer", f)
+	}
+	want := []string{`linchkit plugin: the host could not use a frame: \x1b[2J\nINFO forged: the plugin stopped`}
+	for range loggedHostErrors - 1 {
+		want = append(want, "linchkit plugin: the host could not use a frame: again")
+	}
+	want = append(want, "linchkit plugin: the host sent more than 10 error frames on this connection; further ones are not logged")
+	got := lines(out)
+	if len(got) != len(want) {
+		t.Fatalf("%d lines, want %d: %.600q", len(got), len(want), out.String())
+	}
+	for i, line := range got {
+		match := slogLine.FindStringSubmatch(line)
+		if match == nil || match[1] != "INFO" {
+			t.Fatalf("line %d: %q, want an INFO line", i, line)
+		}
+		if message, err := strconv.Unquote(strings.TrimPrefix(line, match[0])); err != nil || message != want[i] {
+			t.Fatalf("line %d: %q, want it to say %q", i, line, want[i])
+		}
+	}
+}
+
+func TestAnErrorFramesTextIsItsMessageOrElseWhatItIs(t *testing.T) {
+	for raw, want := range map[string]string{
+		`{"type":"provider_error","message":"unknown frame type"}`: "unknown frame type",
+		` "frame 7 went astray"`:                                   "frame 7 went astray",
+		`{"message":7}`:                                            `{"message":7}`,
+		`{"message":null}`:                                         `{"message":null}`,
+		`[1,2]`:                                                    `[1,2]`,
+		`null`:                                                     "null",
+		``:                                                         "null",
+	} {
+		if got := errorText(json.RawMessage(raw)); got != want {
+			t.Errorf("errorText(%s) = %q, want %q", raw, got, want)
+		}
+	}
+}
+
 // 4400 (a bad hello, or none within 10 s: maybe a slow link) and the other closes are not
 // refusals: connect dials again.
 func TestConnectDialsAgainAfterEveryOtherClose(t *testing.T) {

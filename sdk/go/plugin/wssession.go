@@ -24,6 +24,11 @@ package plugin
 // answered. After the stop's grace (5 s, unless LINCHKIT_PLUGIN_STOP_GRACE_MS sets it) the
 // plugin closes it itself (1001), and a host that does not answer that close within
 // closeHandshakeWait is cut off: the stop stays within its caps.
+//
+// An error frame from the host (it could not use a frame of ours) is never answered, or two
+// peers could trade them for ever. It is logged at INFO, the host's message escaped and cut
+// as a close reason is: the first loggedHostErrors of a connection, then one line saying
+// the rest are not logged, so that a host sending a flood of them does not flood stderr.
 
 import (
 	"context"
@@ -58,6 +63,9 @@ const (
 	// would have added to every stop, past the operator's caps. The same margin the spans
 	// get (spanFlushMargin).
 	closeHandshakeWait = time.Second
+	// loggedHostErrors: the host's error frames logged on one connection; one line says
+	// the rest are not.
+	loggedHostErrors = 10
 )
 
 type wireContext struct {
@@ -85,6 +93,8 @@ type frame struct {
 	Data    json.RawMessage `json:"data,omitempty"`
 	// MaxMessageBytes: the gateway's read cap, in its welcome (wssendcap.go).
 	MaxMessageBytes json.RawMessage `json:"max_message_bytes,omitempty"`
+	// Error: what an error frame says went wrong.
+	Error json.RawMessage `json:"error,omitempty"`
 }
 
 // window counts the chunks a stream may still send before the host grants more.
@@ -155,6 +165,9 @@ type wsSession struct {
 	// was logged on this connection (later ones are not).
 	sendCap      atomic.Int64
 	eventOverCap atomic.Bool
+	// hostErrors: the error frames the host sent (the first loggedHostErrors are logged);
+	// the reader's alone.
+	hostErrors int
 }
 
 // shownReasonBytes is the most of a peer's close reason shown, once escaped: a reason is
@@ -508,11 +521,46 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 		}
 	case "dropped":
 	case "error":
-		// The host could not use a frame of ours (an older one says so of goaway): never
-		// answered, or two peers could trade error frames for ever.
+		s.hostError(f.Error)
 	default:
 		s.send(ctx, map[string]any{"type": "error", "id": f.ID, "error": map[string]any{"type": TypeProviderError, "message": "unknown frame type"}})
 	}
+}
+
+// hostError logs an error frame: the host could not use a frame of ours (an older one says
+// so of goaway). Never answered, or two peers could trade error frames for ever; only the
+// first loggedHostErrors of a connection are logged, as the host chooses how many it sends.
+func (s *wsSession) hostError(raw json.RawMessage) {
+	s.hostErrors++
+	switch {
+	case s.hostErrors <= loggedHostErrors:
+		sdkLog.Info("linchkit plugin: the host could not use a frame: " + shownCloseReason(errorText(raw)))
+	case s.hostErrors == loggedHostErrors+1:
+		sdkLog.Info(fmt.Sprintf("linchkit plugin: the host sent more than %d error frames on this connection; further ones are not logged",
+			loggedHostErrors))
+	}
+}
+
+// errorText is what an error frame's error says, for the log: its message, an error given
+// as a bare string, or else its JSON text (for shownCloseReason to make safe to show).
+func errorText(raw json.RawMessage) string {
+	switch trimmed := strings.TrimLeft(string(raw), " \t\r\n"); {
+	case trimmed == "":
+		return "null"
+	case trimmed[0] == '"':
+		var text string
+		if json.Unmarshal(raw, &text) == nil {
+			return text
+		}
+	case trimmed[0] == '{':
+		var object struct {
+			Message *string `json:"message"`
+		}
+		if json.Unmarshal(raw, &object) == nil && object.Message != nil {
+			return *object.Message
+		}
+	}
+	return string(raw)
 }
 
 // call runs one call or stream; callCtx ends with a cancel frame, connCtx with the connection.
