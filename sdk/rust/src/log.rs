@@ -47,6 +47,10 @@ pub(crate) fn line(level: Level, message: &str, now: SystemTime) -> String {
 /// Writes one record to stderr, whole (one write, so lines of two threads never interleave).
 pub(crate) fn log(level: Level, message: &str) {
     let text = line(level, message, SystemTime::now());
+    #[cfg(test)]
+    if captured::keep(&text) {
+        return;
+    }
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
@@ -60,6 +64,45 @@ pub(crate) fn warn(message: &str) {
 
 pub(crate) fn error(message: &str) {
     log(Level::Error, message);
+}
+
+/// A test's own stderr: while a test captures, the records logged on its thread are kept
+/// for it instead of written (a `#[tokio::test]` runs the tasks it spawns on its thread).
+#[cfg(test)]
+pub(crate) mod captured {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static LINES: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    }
+
+    /// Keeps this thread's records from here on.
+    pub(crate) fn start() {
+        LINES.with(|lines| *lines.borrow_mut() = Some(Vec::new()));
+    }
+
+    /// This thread's records since `start`, each a line without its newline.
+    pub(crate) fn lines() -> Vec<String> {
+        LINES.with(|lines| {
+            lines
+                .borrow()
+                .iter()
+                .flatten()
+                .map(|line| line.trim_end_matches('\n').to_string())
+                .collect()
+        })
+    }
+
+    /// Keeps `text` when this thread captures.
+    pub(super) fn keep(text: &str) -> bool {
+        LINES.with(|lines| match lines.borrow_mut().as_mut() {
+            Some(kept) => {
+                kept.push(text.to_string());
+                true
+            }
+            None => false,
+        })
+    }
 }
 
 /// Makes every panic one ERROR line (where, what, and the backtrace when `RUST_BACKTRACE`

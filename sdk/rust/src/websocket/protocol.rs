@@ -67,8 +67,8 @@ pub(crate) enum Frame<'a> {
     /// The gateway accepted the hello; the cap it announced, when a valid one.
     Welcome(Option<u64>),
     Dropped,
-    /// The host could not use a frame of ours: never answered.
-    Error,
+    /// The host could not use a frame of ours: never answered; its `error` as it came.
+    Error(Option<&'a RawValue>),
     /// A type this side does not know: its name, cut, and its id when an integer.
     Unknown {
         kind: String,
@@ -92,6 +92,8 @@ struct RawFrame<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     max_message_bytes: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
 }
 
 /// A JSON integer, exactly: `1.5`, `"7"` and `2**70` are none.
@@ -148,7 +150,7 @@ pub(crate) fn read_frame(message: &[u8]) -> Result<Frame<'_>, FrameError> {
                 .and_then(|cap| announced_cap(cap.get())),
         ),
         "dropped" => Frame::Dropped,
-        "error" => Frame::Error,
+        "error" => Frame::Error(raw.error),
         _ => Frame::Unknown {
             kind: kind.chars().take(40).collect(),
             id,
@@ -439,6 +441,32 @@ pub(crate) fn error(id: Option<i64>, message: &str) -> Vec<u8> {
         None => serde_json::json!({"type": "error", "error": error}),
     };
     frame.to_string().into_bytes()
+}
+
+/// What an `error` frame's `error` says, for the log: its `message`, an error given as a
+/// bare string, or else its JSON text (for [`shown_close_reason`] to make safe to show).
+pub(crate) fn error_text(error: Option<&RawValue>) -> String {
+    #[derive(Deserialize)]
+    struct Said {
+        message: Option<String>,
+    }
+    let Some(raw) = error else {
+        return "null".into();
+    };
+    let text = raw.get().trim_start();
+    if text.starts_with('"') {
+        if let Ok(bare) = serde_json::from_str::<String>(text) {
+            return bare;
+        }
+    } else if text.starts_with('{') {
+        if let Ok(Said {
+            message: Some(message),
+        }) = serde_json::from_str(text)
+        {
+            return message;
+        }
+    }
+    raw.get().to_string()
 }
 
 /// A close reason the peer sent, as an error or a log line may show it: every character
@@ -746,6 +774,34 @@ mod tests {
         );
         assert_eq!(shown_close_reason(b"bad \xff byte"), "bad \\xff byte");
         assert_eq!(shown_close_reason("déjà vu".as_bytes()), "déjà vu");
+    }
+
+    #[test]
+    fn an_error_frames_text_is_its_message_or_else_what_it_is() {
+        let text = |frame: &str| match read_frame(frame.as_bytes()) {
+            Ok(Frame::Error(error)) => error_text(error),
+            other => panic!("{frame}: {other:?}"),
+        };
+        let cases = [
+            (
+                r#"{"type":"error","error":{"type":"provider_error","message":"unknown frame type"}}"#,
+                "unknown frame type",
+            ),
+            (
+                r#"{"type":"error","error": "frame 7 went astray"}"#,
+                "frame 7 went astray",
+            ),
+            (
+                r#"{"type":"error","error":{"message":7}}"#,
+                r#"{"message":7}"#,
+            ),
+            (r#"{"type":"error","error":["x"]}"#, r#"["x"]"#),
+            (r#"{"type":"error","error":null}"#, "null"),
+            (r#"{"type":"error"}"#, "null"),
+        ];
+        for (frame, said) in cases {
+            assert_eq!(text(frame), said, "{frame}");
+        }
     }
 
     #[test]

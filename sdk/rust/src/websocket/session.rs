@@ -20,6 +20,11 @@
 //! with that error (the producer dropped, as a `cancel` drops it), and an event is not sent
 //! (the first of a connection said at WARN).
 //!
+//! An `error` frame from the host (it could not use a frame of ours) is never answered, or
+//! two peers could trade them for ever. It is said at INFO, the host's message escaped and
+//! cut as a close reason is: the first [`LOGGED_HOST_ERRORS`] of a connection, then one line
+//! saying the rest are not, so that a host sending a flood of them does not flood stderr.
+//!
 //! Stopping loses no call: told to stop, the session says `goaway` and goes on serving
 //! what arrives, and the host closes the connection once its calls are answered; at the
 //! stop's grace it closes the connection itself (1001), cutting off what still runs.
@@ -57,6 +62,8 @@ const MESSAGE_QUEUE: usize = 64;
 /// Pongs and pings waiting for the writer; past it a pong is dropped (the next answers).
 const CONTROL_QUEUE: usize = 16;
 const READ_BYTES: usize = 64 * 1024;
+/// The host's `error` frames logged on one connection; one line says the rest are not.
+const LOGGED_HOST_ERRORS: usize = 10;
 
 /// Anything a WebSocket runs over: TCP, or TLS over it.
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -158,6 +165,8 @@ struct Session {
     messages: mpsc::Sender<Vec<u8>>,
     message_queue: Option<mpsc::Receiver<Vec<u8>>>,
     ended: Ended,
+    /// `error` frames the host sent (the first [`LOGGED_HOST_ERRORS`] are logged).
+    host_errors: usize,
 }
 
 impl Session {
@@ -171,6 +180,7 @@ impl Session {
             messages,
             message_queue: Some(message_queue),
             ended: Ended::default(),
+            host_errors: 0,
         }
     }
 
@@ -450,15 +460,29 @@ impl Session {
                 let message = format!("unknown frame type {}", crate::error::shown_name(&kind));
                 self.send(protocol::error(id, &message)).await;
             }
-            // The host could not use a frame of ours (one that predates `goaway` says so of
-            // it): never answered, or two peers could trade errors for ever.
-            Frame::Error
-            | Frame::Dropped
-            | Frame::Cancel(None)
-            | Frame::Credit { .. }
-            | Frame::Event { .. } => {}
+            Frame::Error(error) => self.host_error(error),
+            Frame::Dropped | Frame::Cancel(None) | Frame::Credit { .. } | Frame::Event { .. } => {}
         }
         None
+    }
+
+    /// The host could not use a frame of ours (one that predates `goaway` says so of it):
+    /// logged, never answered, or two peers could trade errors for ever. Only the first
+    /// [`LOGGED_HOST_ERRORS`] of a connection: the host chooses how many it sends.
+    fn host_error(&mut self, error: Option<&serde_json::value::RawValue>) {
+        self.host_errors += 1;
+        if self.host_errors <= LOGGED_HOST_ERRORS {
+            let text = protocol::error_text(error);
+            crate::log::info(&format!(
+                "the host could not use a frame: {}",
+                protocol::shown_close_reason(text.as_bytes())
+            ));
+        } else if self.host_errors == LOGGED_HOST_ERRORS + 1 {
+            crate::log::info(&format!(
+                "the host sent more than {LOGGED_HOST_ERRORS} error frames on this connection; \
+                 further ones are not logged"
+            ));
+        }
     }
 
     /// Starts a call in a task of its own, holding one of the connection's slots.
@@ -982,6 +1006,51 @@ pub(crate) mod tests {
         // The cancelled id is free again, and no answer of it ever came.
         host.send(&call(1, "echo", json!(1))).await;
         assert_eq!(host.frame().await["id"], 1);
+    }
+
+    #[tokio::test]
+    async fn the_hosts_error_frames_are_logged_escaped_and_only_the_first_few() {
+        // Before, none was logged: the host's word that it could not use a frame was lost.
+        crate::log::captured::start();
+        let mut host = host(None).await;
+        host.frame().await;
+        let forged = "\u{1b}[2J\nINFO forged: the plugin stopped";
+        host.send(
+            &json!({"type": "error", "error": {"type": "provider_error", "message": forged}}),
+        )
+        .await;
+        for _ in 1..1000 {
+            host.send(&json!({"type": "error", "id": 3, "error": {"message": "again"}}))
+                .await;
+        }
+        // None is answered, and the session serves on: the call's answer is the next frame.
+        host.send(&call(1, "echo", json!("still here"))).await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "response", "id": 1, "response": {"ok": true, "result": "still here"}})
+        );
+        let said: Vec<String> = crate::log::captured::lines()
+            .iter()
+            .map(|line| {
+                line.split_once(' ')
+                    .expect("a time first")
+                    .1
+                    .trim_start()
+                    .to_string()
+            })
+            .collect();
+        let mut want = vec![
+            "INFO linchkit_plugin: the host could not use a frame: \\x1b[2J\\nINFO forged: the plugin stopped".to_string(),
+        ];
+        want.extend(vec![
+            "INFO linchkit_plugin: the host could not use a frame: again".to_string();
+            LOGGED_HOST_ERRORS - 1
+        ]);
+        want.push(format!(
+            "INFO linchkit_plugin: the host sent more than {LOGGED_HOST_ERRORS} error frames \
+             on this connection; further ones are not logged"
+        ));
+        assert_eq!(said, want);
     }
 
     #[tokio::test]
