@@ -57,7 +57,11 @@ import java.util.concurrent.atomic.AtomicBoolean;
  * deadlines, params and spans read the same), cancels one on {@code cancel}, answers {@code
  * health}, hands host events to the plugin's handlers and sends the plugin's events (those that waited for a host first, then a
  * {@code dropped} frame with the count lost). A frame it cannot use gets an {@code error} frame
- * in one short line that never quotes it, and the connection stays.
+ * in one short line that never quotes it, and the connection stays. An {@code error} frame from
+ * the host is never answered (two peers could trade them for ever) but said at INFO, the host's
+ * message escaped and cut as a close reason is: the first {@link #LOGGED_HOST_ERRORS} of a
+ * connection, then one line saying the rest are not, so that a flood of them does not flood
+ * stderr.
  *
  * <p>Bounds, all per connection: at most {@link #MAX_IN_FLIGHT} calls run, past them the
  * session stops reading (TCP pushes back on the host) and holds what was read already; it stops
@@ -120,6 +124,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   static final int EVENT_BUFFER = 1000;
   /** Event frames waiting while the socket takes no more; past them the oldest is dropped. */
   static final int EVENTS_WAITING = PluginService.EVENTS_PER_STREAM;
+  /** The host's {@code error} frames said on one connection; one line says the rest are not. */
+  static final int LOGGED_HOST_ERRORS = 10;
 
   private final Plugin plugin;
   private final PluginService service;
@@ -160,6 +166,8 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
   private Runnable unsubscribe = () -> {};
   private boolean closeSent;
   private boolean goneAway;
+  /** The {@code error} frames the host sent (the first {@link #LOGGED_HOST_ERRORS} are said). */
+  private long hostErrors;
   /** System.nanoTime() of the last pong, or of the session's start. */
   private long lastPong;
   /** System.nanoTime() when the socket last stopped taking writes; 0 while it takes them. */
@@ -504,11 +512,37 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
         JsonElement cap = frame.get("max_message_bytes");
         if (cap != null && cap.isJsonPrimitive() && cap.getAsJsonPrimitive().isNumber()) hostAnnounced(cap.getAsString());
       }
-      // The host could not use a frame of ours (an older one says so of goaway): never
-      // answered, or two peers could trade error frames for ever; dropped is the host's count.
-      case "error", "dropped" -> { }
+      case "error" -> hostError(frame.get("error"));
+      case "dropped" -> { } // the host's count of its events lost
+
       default -> error(id, "unknown frame type");
     }
+  }
+
+  /**
+   * The host could not use a frame of ours (an older one says so of goaway): said at INFO, never
+   * answered, or two peers could trade error frames for ever. Only the first {@link
+   * #LOGGED_HOST_ERRORS} of a connection: the host chooses how many it sends.
+   */
+  private void hostError(JsonElement error) {
+    hostErrors++;
+    if (hostErrors <= LOGGED_HOST_ERRORS) {
+      Log.SDK.info("the host could not use a frame: " + shownReason(errorText(error)));
+    } else if (hostErrors == LOGGED_HOST_ERRORS + 1) {
+      Log.SDK.info("the host sent more than " + LOGGED_HOST_ERRORS
+          + " error frames on this connection; further ones are not logged");
+    }
+  }
+
+  /**
+   * What an {@code error} frame's {@code error} says, for the log: its {@code message}, an error
+   * given as a bare string, or else its JSON text (for {@link #shownReason} to make safe to show).
+   */
+  static String errorText(JsonElement error) {
+    if (error == null) return "null";
+    JsonElement said = error.isJsonObject() ? error.getAsJsonObject().get("message") : error;
+    if (said != null && said.isJsonPrimitive() && said.getAsJsonPrimitive().isString()) return said.getAsString();
+    return error.toString();
   }
 
   /** A JSON object with a string {@code type}, or null. */

@@ -14,6 +14,9 @@ import io.netty.handler.codec.http.websocketx.TextWebSocketFrame;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
+import java.util.logging.Handler;
+import java.util.logging.Level;
+import java.util.logging.LogRecord;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -95,6 +98,87 @@ class WsSessionTest {
     }
     assertTrue(session.toString().contains("events_dropped=" + first), session.toString());
     channel.finishAndReleaseAll();
+  }
+
+  @Test
+  void anErrorFramesTextIsItsMessageOrElseWhatItIs() {
+    Map<String, String> said = Map.of(
+        "{\"type\":\"provider_error\",\"message\":\"unknown frame type\"}", "unknown frame type",
+        "\"frame 7 went astray\"", "frame 7 went astray",
+        "{\"message\":7}", "{\"message\":7}",
+        "[\"x\"]", "[\"x\"]",
+        "null", "null");
+    said.forEach((error, text) -> assertEquals(text, WsSession.errorText(JsonParser.parseString(error)), error));
+    assertEquals("null", WsSession.errorText(null));
+  }
+
+  /**
+   * An error frame from the host is said at INFO on one line, its message escaped (a newline,
+   * ESC); of a flood of them only the first {@link WsSession#LOGGED_HOST_ERRORS} and a line saying
+   * the rest are not. None is answered, and the session serves on. Before, the Java SDK said
+   * none of them.
+   */
+  @Test
+  void theHostsErrorFramesAreSaidEscapedAndOnlyTheFirstFew() throws Exception {
+    List<LogRecord> logged = new ArrayList<>();
+    Handler capture = new Handler() {
+      @Override
+      public void publish(LogRecord record) {
+        synchronized (logged) {
+          logged.add(record);
+        }
+      }
+
+      @Override
+      public void flush() {}
+
+      @Override
+      public void close() {}
+    };
+    Plugin plugin = new Plugin("example", "1.0.0", "java");
+    plugin.method("echo", "its params", (params, ctx) -> params);
+    PluginService service = new PluginService(plugin, new HealthStatusManager(), true);
+    EmbeddedChannel channel = new EmbeddedChannel();
+    WsSession session = new WsSession(plugin, service, 1_000, channel);
+    channel.pipeline().addLast(session);
+    Log.SDK.addHandler(capture);
+    try {
+      session.begin();
+      channel.runPendingTasks();
+      assertEquals("hello", type(frames(channel).get(0)));
+      channel.writeInbound(new TextWebSocketFrame("{\"type\":\"error\",\"error\":{\"type\":\"provider_error\","
+          + "\"message\":\"\\u001b[2J\\nINFO forged: the plugin stopped\"}}"));
+      for (int i = 1; i < 1000; i++) {
+        channel.writeInbound(new TextWebSocketFrame("{\"type\":\"error\",\"id\":3,\"error\":{\"message\":\"again\"}}"));
+      }
+      channel.writeInbound(new TextWebSocketFrame(
+          "{\"type\":\"call\",\"id\":1,\"request\":{\"v\":1,\"method\":\"echo\",\"params\":\"still here\"}}"));
+      // The call runs on the service's threads: its answer is the first frame, once written.
+      List<JsonObject> sent = new ArrayList<>();
+      for (long deadline = System.nanoTime() + 10_000_000_000L; sent.isEmpty() && System.nanoTime() < deadline; ) {
+        Thread.sleep(5);
+        channel.runPendingTasks();
+        sent.addAll(frames(channel));
+      }
+      assertEquals(List.of(JsonParser.parseString(
+          "{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":\"still here\"}}")), sent);
+    } finally {
+      Log.SDK.removeHandler(capture);
+      channel.finishAndReleaseAll();
+      service.close();
+    }
+    List<String> want = new ArrayList<>();
+    want.add("the host could not use a frame: \\u001b[2J\\u000aINFO forged: the plugin stopped");
+    for (int i = 1; i < WsSession.LOGGED_HOST_ERRORS; i++) want.add("the host could not use a frame: again");
+    want.add("the host sent more than 10 error frames on this connection; further ones are not logged");
+    synchronized (logged) {
+      assertEquals(want, logged.stream().map(LogRecord::getMessage).toList());
+      assertTrue(logged.stream().allMatch(record -> record.getLevel() == Level.INFO), logged.toString());
+      for (LogRecord record : logged) {
+        String line = new OneLineFormatter().format(record);
+        assertEquals(line.length() - 1, line.indexOf('\n'), line);
+      }
+    }
   }
 
   private static String type(JsonObject frame) {
