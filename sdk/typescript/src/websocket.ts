@@ -39,6 +39,11 @@
  * call's answer over the cap is answered `provider_error` (`too_large`) instead, a stream's
  * chunk over it ends the stream so (its generator closed, as a cancel closes it), and an
  * event over it is not sent, the first on a connection said on stderr.
+ *
+ * An `error` frame from the host (it could not use a frame of ours) is never answered, or the
+ * two peers could trade them for ever. It is said at INFO, the host's message escaped and cut
+ * as a close reason is: the first `LOGGED_HOST_ERRORS` of a connection, then one line saying
+ * the rest are not, so that a host sending a flood of them does not flood stderr.
  */
 import * as http from 'node:http';
 import type { Duplex } from 'node:stream';
@@ -130,6 +135,8 @@ const CLOSE_WAIT_MS = 1_000;
 const CLOSE_GOING_AWAY = 1001;
 /** The gateway upgraded the connection but not the hello: it names another id or version than the one admitted. */
 const CLOSE_WRONG_PLUGIN = 4403;
+/** The host's `error` frames said on one connection; one line says the rest are not. */
+export const LOGGED_HOST_ERRORS = 10;
 
 type Frame = JsonObject & { type: string };
 
@@ -171,6 +178,8 @@ export class Session {
   private dropped = 0;
   /** Events not sent for being over `sendCap` (the first said on stderr). */
   private eventsOverCap = 0;
+  /** The host's `error` frames on this connection (the first `LOGGED_HOST_ERRORS` said). */
+  private hostErrors = 0;
   /**
    * The largest frame sent: `MAX_MESSAGE_BYTES`, or the host's cap where it announced a
    * smaller one (the upgrade's header, then in reverse mode the `welcome`'s, which replaces it).
@@ -386,12 +395,24 @@ export class Session {
       case 'dropped':
         return;
       case 'error':
-        // The host could not use a frame of ours (one that predates `goaway` says so of
-        // it): logged, never answered, or the two peers could trade errors for ever.
-        log.warn(`the host could not use a frame: ${encodeJson(frame.error ?? null).toString('utf8', 0, 200)}`);
+        this.hostError(frame.error);
         return;
       default:
         this.send({ type: 'error', id: id ?? null, error: toWireError(new ProviderError(`unknown frame type ${frame.type.slice(0, 40)}`)) });
+    }
+  }
+
+  /**
+   * The host could not use a frame of ours (one that predates `goaway` says so of it): said,
+   * never answered, or the two peers could trade errors for ever. Only the first
+   * `LOGGED_HOST_ERRORS` of a connection: the host chooses how many it sends.
+   */
+  private hostError(error: unknown): void {
+    this.hostErrors += 1;
+    if (this.hostErrors <= LOGGED_HOST_ERRORS) {
+      log.info(`the host could not use a frame: ${shownCloseReason(errorText(error))}`);
+    } else if (this.hostErrors === LOGGED_HOST_ERRORS + 1) {
+      log.info(`the host sent more than ${LOGGED_HOST_ERRORS} error frames on this connection; further ones are not logged`);
     }
   }
 
@@ -749,6 +770,16 @@ const SHOWN_REASON_CHARS = 200;
 /** A close reason the peer sent, as an error or a log line may show it (`shown`). */
 function shownCloseReason(reason: string): string {
   return shown(reason, SHOWN_REASON_CHARS);
+}
+
+/**
+ * What an `error` frame's `error` says, for the log: its `message`, an error given as a bare
+ * string, or else its JSON text (for `shownCloseReason` to make safe to show).
+ */
+export function errorText(error: unknown): string {
+  const said = isObject(error) ? error.message : error;
+  if (typeof said === 'string') return said;
+  return encodeJson(error ?? null).toString('utf8');
 }
 
 /**
