@@ -85,7 +85,8 @@ checks: $(STAMP)
 # pytest on three workers (pytest-xdist), a test file each at a time: most tests wait on
 # processes, containers and sockets, so two workers took half the time of one (27 -> 12 min
 # when measured), and a third took 16 % more off a run (1646 -> 1389 s, 2026-12-07) with the
-# CPUs 87 % busy; the tests bound by time were made to hold with two others beside each.
+# CPUs 87 % busy (a clean clone's .ci/run: 2137 -> 1712 s); the tests bound by time were
+# made to hold with two others beside each.
 # Files go to the workers in the order tests/conftest.py gives (the longest first), not
 # xdist's (the most tests first), so no long file starts last while the others idle.
 # Each file keeps its module fixtures on one worker.
