@@ -332,3 +332,29 @@ async def test_the_host_s_error_frames_are_logged_escaped_and_only_the_first_few
         " further ones are not logged",
     ]
     assert session.host_errors == flood
+
+
+async def test_the_host_s_dropped_frames_are_logged_only_the_first_few(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, every dropped frame made a line: 1,000 frames, 1,000 lines.
+    async with _served_to_a_raw_host(BlobPlugin()) as (socket, session, _):
+        with caplog.at_level(logging.INFO, "linchkit_plugin.websocket"):
+            for count in range(1, 1001):
+                await socket.send_bytes(orjson.dumps({"type": "dropped", "count": count}))
+            await socket.send_bytes(_frame("call", 1, "blob", {"size": 3}))
+            async with asyncio.timeout(10):
+                answer = orjson.loads((await socket.receive()).data)
+        assert answer == {"type": "response", "id": 1, "response": {"ok": True, "result": "xxx"}}
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "linchkit_plugin.websocket" and record.levelno == logging.INFO
+    ]
+    assert session.host_dropped == 1000
+    assert lines[0] == "host says: {'type': 'dropped', 'count': 1}"
+    assert len(lines) == LOGGED_HOST_ERRORS + 1, lines
+    assert lines[-1] == (
+        f"the host sent more than {LOGGED_HOST_ERRORS} dropped frames on this connection;"
+        " further ones are not logged"
+    )

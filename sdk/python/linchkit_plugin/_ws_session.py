@@ -156,6 +156,8 @@ class PluginSession:
         self.protocol_errors = 0
         #: ``error`` frames the host sent (the first ``LOGGED_HOST_ERRORS`` logged).
         self.host_errors = 0
+        #: ``dropped`` frames the host sent (the first ``LOGGED_HOST_ERRORS`` logged).
+        self.host_dropped = 0
         #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
         self.welcomed = False
         #: Frames for the writer, in order, each with the future its sender may wait on.
@@ -306,9 +308,7 @@ class PluginSession:
             if announced is not None:
                 self.send_cap = min(self._max_message_bytes, announced)
         elif kind == "dropped":
-            # The peer's text, escaped and cut as a close reason is: printed by a dialling
-            # plugin's executable, it must neither forge a line nor run in a terminal.
-            log.info("host says: %s", shown_close_reason(str(frame)))
+            self._host_dropped(frame)
         elif kind == "error":
             self._host_error(frame.get("error"))
         else:
@@ -327,6 +327,22 @@ class PluginSession:
         elif self.host_errors == LOGGED_HOST_ERRORS + 1:
             log.info(
                 "the host sent more than %d error frames on this connection;"
+                " further ones are not logged",
+                LOGGED_HOST_ERRORS,
+            )
+
+    def _host_dropped(self, frame: dict[str, Any]) -> None:
+        """The host's count of its events lost for this plugin: logged, the peer's text
+        escaped and cut as a close reason is (printed by a dialling plugin's executable, it
+        must neither forge a line nor run in a terminal). One comes after a reconnect; the
+        first ``LOGGED_HOST_ERRORS`` of a connection are logged, as the host's errors are,
+        where every one was."""
+        self.host_dropped += 1
+        if self.host_dropped <= LOGGED_HOST_ERRORS:
+            log.info("host says: %s", shown_close_reason(str(frame)))
+        elif self.host_dropped == LOGGED_HOST_ERRORS + 1:
+            log.info(
+                "the host sent more than %d dropped frames on this connection;"
                 " further ones are not logged",
                 LOGGED_HOST_ERRORS,
             )
