@@ -893,7 +893,11 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
     StringBuilder shown = new StringBuilder();
     for (int i = 0; i < reason.length() && shown.length() <= 200; i++) {
       char c = reason.charAt(i);
-      if (c < 0x20 || c == 0x7f || (c >= 0x80 && c < 0xa0) || Character.getType(c) == Character.FORMAT
+      int type = Character.getType(c);
+      // Line and paragraph separators (U+2028, U+2029) end a line in many viewers, as in
+      // the Go, Python, Rust and TypeScript SDKs' escaping.
+      if (c < 0x20 || c == 0x7f || (c >= 0x80 && c < 0xa0) || type == Character.FORMAT
+          || type == Character.LINE_SEPARATOR || type == Character.PARAGRAPH_SEPARATOR
           || Character.isSurrogate(c)) {
         shown.append(String.format("\\u%04x", (int) c));
       } else {

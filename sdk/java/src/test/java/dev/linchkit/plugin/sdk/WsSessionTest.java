@@ -59,6 +59,8 @@ class WsSessionTest {
   void aPeersCloseReasonIsShownEscapedAndCut() {
     assertEquals("\\u001b[2J\\u000aINFO x", WsSession.shownReason("\u001b[2J\nINFO x"));
     assertEquals(201, WsSession.shownReason("y".repeat(500)).length());
+    // Line and paragraph separators end a line in many viewers, as a newline does.
+    assertEquals("a\\u2028b\\u2029c", WsSession.shownReason("a\u2028b\u2029c"));
   }
 
   /**
