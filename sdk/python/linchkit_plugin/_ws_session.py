@@ -89,6 +89,19 @@ STALL_HEARTBEATS = 1.5
 LOGGED_HOST_ERRORS = 10
 
 
+def _say_first_few(count: int, frames: str) -> bool:
+    """Whether the ``count``-th of the host's ``frames`` on a connection is to be logged:
+    the first ``LOGGED_HOST_ERRORS`` are; past them one line says the rest are not, since
+    the host chooses how many it sends (every one was logged until 2026-12-07)."""
+    if count == LOGGED_HOST_ERRORS + 1:
+        log.info(
+            "the host sent more than %d %s on this connection; further ones are not logged",
+            LOGGED_HOST_ERRORS,
+            frames,
+        )
+    return count <= LOGGED_HOST_ERRORS
+
+
 class _Window:
     """How many chunks a stream may still send before the host grants more."""
 
@@ -319,33 +332,18 @@ class PluginSession:
 
     def _host_error(self, error: Any) -> None:
         """The host could not use a frame of ours (a host that predates ``goaway`` says so
-        of it): logged, never answered, or two peers could trade errors forever. Only the
-        first ``LOGGED_HOST_ERRORS`` of a connection: the host chooses how many it sends."""
+        of it): logged, never answered, or two peers could trade errors forever."""
         self.host_errors += 1
-        if self.host_errors <= LOGGED_HOST_ERRORS:
+        if _say_first_few(self.host_errors, "error frames"):
             log.info("the host could not use a frame: %s", shown_close_reason(_error_text(error)))
-        elif self.host_errors == LOGGED_HOST_ERRORS + 1:
-            log.info(
-                "the host sent more than %d error frames on this connection;"
-                " further ones are not logged",
-                LOGGED_HOST_ERRORS,
-            )
 
     def _host_dropped(self, frame: dict[str, Any]) -> None:
-        """The host's count of its events lost for this plugin: logged, the peer's text
-        escaped and cut as a close reason is (printed by a dialling plugin's executable, it
-        must neither forge a line nor run in a terminal). One comes after a reconnect; the
-        first ``LOGGED_HOST_ERRORS`` of a connection are logged, as the host's errors are,
-        where every one was."""
+        """The host's count of its events lost for this plugin (one comes after a
+        reconnect), the peer's text escaped and cut as a close reason is: printed by a
+        dialling plugin's executable, it must neither forge a line nor run in a terminal."""
         self.host_dropped += 1
-        if self.host_dropped <= LOGGED_HOST_ERRORS:
+        if _say_first_few(self.host_dropped, "dropped frames"):
             log.info("host says: %s", shown_close_reason(str(frame)))
-        elif self.host_dropped == LOGGED_HOST_ERRORS + 1:
-            log.info(
-                "the host sent more than %d dropped frames on this connection;"
-                " further ones are not logged",
-                LOGGED_HOST_ERRORS,
-            )
 
     async def _run_call(self, kind: str, call_id: int, frame: dict[str, Any]) -> None:
         method = ""
