@@ -41,7 +41,7 @@ def crashing(**target: Any) -> dict[str, Any]:
         "target": {"provider": "subprocess", "command": CRASHING, **target},
         "methods": {
             **{name: {} for name in ("pid", "echo", "announce", "nap", "environment")},
-            **{name: {} for name in ("complain", "write", "exit", "unavailable")},
+            **{name: {} for name in ("complain", "write", "exit", "unavailable", "spawn")},
         },
     }
 
@@ -158,6 +158,72 @@ async def test_a_crashed_plugin_is_restarted_as_a_new_process() -> None:
         (report,) = await dispatcher.health()
         assert report.health.status == "serving"
         assert report.health.extra["restarts"] == 1
+
+
+def pipes_held() -> int:
+    """How many pipes this process holds open."""
+    count = 0
+    for descriptor in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+            count += os.readlink(f"/proc/self/fd/{descriptor}").startswith("pipe:")
+    return count
+
+
+def kill_if_alive(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_crashed_plugin_s_helper_is_ended_and_the_plugin_restarted() -> None:
+    # The helper, in the plugin's process group, holds the plugin's stdout and stderr.
+    # Before, the crashed plugin was never restarted (asyncio's ``process.wait()`` waits
+    # for every pipe to end) and the helper lived on; each restart would leave another.
+    async with Dispatcher(manifest(crashing(restart_backoff_ms=20))) as dispatcher:
+        process = the_process(dispatcher)
+        first = await dispatcher.call("crashing", "pid")
+        pipes = pipes_held()
+        helper = await dispatcher.call("crashing", "spawn")
+        try:
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: process.restarts == 1 and process.state == "running")
+            await eventually(lambda: not alive(helper), timeout=5)
+            assert await dispatcher.call("crashing", "pid", timeout=10) != first
+            assert pipes_held() == pipes  # the first launch's closed, the second's open
+        finally:
+            kill_if_alive(helper)
+
+
+async def test_stopping_a_plugin_ends_what_it_left_in_its_process_group() -> None:
+    # Before, the stop waited out the whole grace for the helper's pipes, and the helper
+    # outlived it.
+    dispatcher = Dispatcher(manifest(crashing(stop_grace_ms=8000)))
+    await dispatcher.start()
+    helper = await dispatcher.call("crashing", "spawn")
+    try:
+        started = time.monotonic()
+        await dispatcher.aclose()
+        assert time.monotonic() - started < 6
+        await eventually(lambda: not alive(helper), timeout=5)
+    finally:
+        kill_if_alive(helper)
+
+
+async def test_a_helper_that_left_the_plugin_s_session_holds_no_restart_back() -> None:
+    # ``setsid``: out of the plugin's process group, not ended with it, and still holding
+    # the plugin's stdout and stderr. Its pipes are closed a second after the exit.
+    async with Dispatcher(manifest(crashing(restart_backoff_ms=20))) as dispatcher:
+        process = the_process(dispatcher)
+        first = await dispatcher.call("crashing", "pid")
+        helper = await dispatcher.call("crashing", "spawn", {"own_session": True})
+        try:
+            pipes = pipes_held()
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: process.restarts == 1 and process.state == "running")
+            assert await dispatcher.call("crashing", "pid", timeout=10) != first
+            assert alive(helper)  # documented: a process that left the group is not ours
+            assert pipes_held() == pipes
+        finally:
+            kill_if_alive(helper)
 
 
 def descriptors_into(folder: str) -> list[str]:

@@ -4,6 +4,12 @@ signal, the child's output, and its end (close stdin, SIGTERM, SIGKILL after a g
 No child outlives the dispatcher: its stdin is a pipe whose write end only the dispatcher
 holds (end-of-file when it dies, however it dies: plugins exit on it), and on Linux it is
 started with a parent-death signal (``with_parent_death_signal``).
+
+Nor does what a child starts outlive the child: it runs in a session and process group of
+its own, and once it has exited, whatever it left in that group (a worker, a shell's
+background job) is killed. Those inherited its stdout and stderr: alive, they kept our
+pipes open, and asyncio's ``process.wait()``, which waits for every pipe to end, never
+returned, so a crashed plugin was never restarted and a stop waited out its grace.
 """
 
 from __future__ import annotations
@@ -39,6 +45,14 @@ __all__ = [
 #: The longest line read whole from a plugin's stdout or stderr (the handshake line is ~1
 #: KB). A longer stderr line is logged in pieces of this size; stdout is read as it comes.
 MAX_LINE_BYTES = 64 * 1024
+
+#: How long a child's output may go on once it has exited: what its pipes still hold.
+#: Past it the pipes are closed, which a descendant that left the child's process group
+#: (``setsid``), and so was not killed with it, would otherwise hold open for its life.
+OUTPUT_AFTER_EXIT_SECONDS = 1.0
+
+#: Where the kernel has no pidfd, how often the exit is looked for.
+_EXIT_POLL_SECONDS = 0.05
 
 
 def _sha256_of(path: str) -> str:
@@ -166,6 +180,17 @@ def _unrunnable(program: str, environment: Mapping[str, str]) -> str | None:
     return None
 
 
+def _close_pipes(process: asyncio.subprocess.Process) -> None:
+    """Close our ends of ``process``'s pipes, whoever still holds theirs. asyncio's
+    ``Process`` gives no public way to its pipes (its transport's ``close`` would also
+    poll the process, reaping it under the child watcher, which then reports 255)."""
+    transport: asyncio.SubprocessTransport = process._transport  # type: ignore[attr-defined]
+    for fd in (0, 1, 2):
+        pipe = transport.get_pipe_transport(fd)
+        if pipe is not None:
+            pipe.close()
+
+
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
     """Each line of ``stream``, a line longer than ``MAX_LINE_BYTES`` in pieces of that size.
 
@@ -214,6 +239,7 @@ class Child:
         self._readers = [loop.create_task(self._forward_stderr())]
         #: Set as soon as the process has exited (see ``_watch_exit``).
         self.exited = asyncio.Event()
+        self._group_ended = False
         self._pidfd = self._watch_exit(loop)
 
     @property
@@ -227,7 +253,7 @@ class Child:
         only once the child watcher has reaped the process *and* its pipes have reached
         their end. Calls made in between went to a dead socket and failed, where calls made
         during a restart wait for the next process. A pidfd (Linux 5.3) turns readable the
-        moment the process exits; where there is none, ``process.wait()`` it is."""
+        moment the process exits; where there is none, its return code is polled."""
         pidfd = None
         with contextlib.suppress(AttributeError, OSError):
             pidfd = os.pidfd_open(self.process.pid)
@@ -239,6 +265,15 @@ class Child:
 
     def _exit_seen(self) -> None:
         self._stop_watching()
+        self._has_exited()
+
+    def _has_exited(self) -> None:
+        """The process has exited: end what it left in its process group, at once (its
+        number cannot be another group's while one of them lives), and say so."""
+        if not self._group_ended:
+            self._group_ended = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.exited.set()
 
     def _stop_watching(self) -> None:
@@ -248,8 +283,27 @@ class Child:
             os.close(pidfd)
 
     async def _wait_for_exit(self) -> None:
-        await self.process.wait()
-        self.exited.set()
+        # Not ``process.wait()``: it returns once the pipes end too, which the processes
+        # this one left behind hold open until they are killed, here.
+        while self.process.returncode is None:  # noqa: ASYNC110 - asyncio sets it, no event
+            await asyncio.sleep(_EXIT_POLL_SECONDS)
+        self._has_exited()
+
+    async def reaped(self) -> int:
+        """The process's exit code, once it has exited and its output has ended (read to
+        its end, or cut off ``OUTPUT_AFTER_EXIT_SECONDS`` after the exit)."""
+        await self.exited.wait()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OUTPUT_AFTER_EXIT_SECONDS):
+                    await asyncio.wait(self._readers)
+        finally:
+            for reader in self._readers:
+                reader.cancel()
+            _close_pipes(self.process)
+        await asyncio.wait(self._readers)
+        self._stop_watching()
+        return await self.process.wait()
 
     def on_end(self, callback: Callable[[Child], None]) -> None:
         """Call ``callback(self)`` once ``terminate`` has reaped the process."""
@@ -295,25 +349,18 @@ class Child:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.terminate()
-                try:
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(grace, 0.0)):
-                        await process.wait()
-                except TimeoutError:
-                    pass
+                        await self.exited.wait()
         finally:
             # Whatever interrupted us, the process does not outlive this call.
-            if process.returncode is None:
+            if process.returncode is None and not self.exited.is_set():
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-            for reader in self._readers:
-                reader.cancel()
             if self.socket_pin is not None:
                 self.socket_pin.close()  # after the connection: nothing dials it any more
             shutil.rmtree(self.folder, ignore_errors=True)
-        await process.wait()
-        self._stop_watching()
-        self.exited.set()
-        await asyncio.wait(self._readers)
+        code = await self.reaped()
         for callback in self._on_end:
             callback(self)
-        return process.returncode
+        return code

@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from linchkit_plugin._automtls import Certificate, der_from_handshake
@@ -97,9 +97,14 @@ def environment(
 
 
 async def read_line(
-    process: asyncio.subprocess.Process, who: str, timeout: float, stderr: Sequence[str]
+    process: asyncio.subprocess.Process,
+    who: str,
+    timeout: float,
+    stderr: Sequence[str],
+    exit_code: Callable[[], Awaitable[int]],
 ) -> str:
-    """The handshake line, within ``timeout``; ``stderr`` (its tail) explains a failure."""
+    """The handshake line, within ``timeout``; ``stderr`` (its tail) explains a failure,
+    ``exit_code`` (``Child.reaped``) an exit before it."""
     assert process.stdout is not None
     try:
         async with asyncio.timeout(timeout):
@@ -127,8 +132,7 @@ async def read_line(
             f" starts slowly{tail(stderr)}"
         ) from None
     if not raw:
-        code = await process.wait()
-        await asyncio.sleep(0)  # let the stderr reader take the last lines
+        code = await exit_code()  # its stderr read to the end
         raise HandshakeError(f"{who}: exited with code {code} before its handshake{tail(stderr)}")
     return raw.decode("utf-8", "replace").strip()
 

@@ -276,7 +276,9 @@ class PluginProcess:
         log.info("%s launched %s (pid %d)", who, executable, child.pid)
         try:
             timeout = target.handshake_timeout_ms / 1000
-            line = await handshake.read_line(child.process, who, timeout, child.stderr_tail)
+            line = await handshake.read_line(
+                child.process, who, timeout, child.stderr_tail, child.reaped
+            )
             address, server_der = handshake.parse(
                 line,
                 who,
@@ -371,7 +373,7 @@ class PluginProcess:
             # for the next process instead of going to the dead one's socket.
             self._ready.clear()
             self._state = "restarting"
-            code = await child.process.wait()  # reaped: asyncio may say so a while later
+            code = await child.reaped()
             if self._stopped():
                 return
             self._last_error = f"exited with code {code}"

@@ -14,6 +14,7 @@ import atexit
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -24,6 +25,9 @@ from linchkit_plugin.grpc_server import main
 
 
 class CrashingPlugin(Plugin):
+    def __init__(self) -> None:
+        self._helpers: list[asyncio.subprocess.Process] = []
+
     async def start(self) -> None:
         print(f"crashing plugin {os.getpid()} started", file=sys.stderr, flush=True)
         if os.environ.get("HANG_ON_EXIT"):
@@ -77,6 +81,16 @@ class CrashingPlugin(Plugin):
         """Write ``line`` to stderr as it is (a log line in another SDK's format)."""
         print(line, file=sys.stderr, flush=True)
         return True
+
+    async def spawn(self, seconds: float = 300.0, own_session: bool = False) -> int:
+        """Start a helper process that would outlive this one, as a plugin's worker or a
+        shell's background job does: it holds this process's stdout and stderr, and stays
+        in its process group unless ``own_session``. Its pid."""
+        helper = await asyncio.create_subprocess_exec(
+            "sleep", str(seconds), stdin=subprocess.DEVNULL, start_new_session=own_session
+        )
+        self._helpers.append(helper)  # kept: its transport would be collected unclosed
+        return helper.pid
 
 
 if __name__ == "__main__":
