@@ -95,6 +95,9 @@ class Example:
     #: (version, event, data) of each event the plugin emitted.
     events: asyncio.Queue[tuple[str, str, Any]] = field(default_factory=asyncio.Queue)
     address: str = ""
+    #: The plugin's process when the suite started it (``serve``, ``connect``); a
+    #: subprocess plugin's is the provider's (see ``process``).
+    started: asyncio.subprocess.Process | None = None
 
     plugin = "example"
 
@@ -122,6 +125,18 @@ class Example:
             return provider._connection(target)
         process = provider.process("example", "1.0.0", target)
         return process._child.connection
+
+    def process(self) -> asyncio.subprocess.Process:
+        """The plugin's running process: whether a call killed it (a subprocess plugin's
+        provider launches another, so compare the objects, not only the answers)."""
+        if self.started is not None:
+            return self.started
+        target: Any = self.target()
+        provider: Any = self.dispatcher.providers[target.provider]
+        supervisor = provider.process("example", "1.0.0", target)
+        assert supervisor._child is not None, "the subprocess plugin is running"
+        process: asyncio.subprocess.Process = supervisor._child.process
+        return process
 
     async def next_event(self, name: str, timeout: float = 10.0) -> Any:
         async with asyncio.timeout(timeout):
@@ -292,7 +307,7 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
         }
     try:
         dispatcher = Dispatcher(_manifest(target))
-        found = Example(language, mode, dispatcher, address=address)
+        found = Example(language, mode, dispatcher, address=address, started=service)
         dispatcher.on_event(
             lambda _plugin, version, event, data: found.events.put_nowait((version, event, data))
         )
@@ -300,7 +315,8 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
             if mode != "inbound":
                 yield found
                 return
-            async with _dialling_in(path, dispatcher):
+            async with _dialling_in(path, dispatcher) as process:
+                found.started = process
                 yield found
     finally:
         if service is not None:

@@ -156,6 +156,93 @@ async def test_count_stream_with_wrong_params_is_invalid_params(example: Example
         await call(example, "count", {"n": "three"})
 
 
+#: The example's bounds (docs/protocol.md, "The example plugin"): a caller's pad or n past
+#: them is refused before the plugin allocates or sends anything.
+MAX_PAD = 64 << 20
+MAX_COUNT = 1_000_000
+TERABYTE = 2**40
+
+
+async def no_chunk(example: Example, method: str, params: Any) -> None:
+    """``method`` called as a stream, failing the test on a chunk: a refusal comes first."""
+    stream = example.dispatcher.stream("example", method, params)
+    try:
+        async for chunk in stream:
+            pytest.fail(f"{method} sent a chunk before refusing: {chunk!r:.60}")
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def refusal(example: Example, method: str, params: Any, *, streamed: bool) -> str:
+    """The message of the InvalidParams ``method`` answers ``params`` with, called as a
+    stream or unary."""
+    called = no_chunk(example, method, params) if streamed else call(example, method, params)
+    with pytest.raises(InvalidParams) as caught:
+        await called
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "streamed", "bound", "value"),
+    [
+        ("count", {"n": 1, "pad": TERABYTE}, False, MAX_PAD, TERABYTE),
+        ("count", {"n": 1, "pad": TERABYTE}, True, MAX_PAD, TERABYTE),
+        ("emit", {"name": "large", "pad": TERABYTE}, False, MAX_PAD, TERABYTE),
+        ("emit", {"name": "large", "pad": MAX_PAD + 1}, False, MAX_PAD, MAX_PAD + 1),
+        ("count", {"n": TERABYTE}, False, MAX_COUNT, TERABYTE),
+        ("count", {"n": TERABYTE}, True, MAX_COUNT, TERABYTE),
+        ("count", {"n": MAX_COUNT + 1}, False, MAX_COUNT, MAX_COUNT + 1),
+    ],
+    ids=[
+        "count-pad-2**40",
+        "streamed-count-pad-2**40",
+        "emit-pad-2**40",
+        "emit-pad-past-64-mib",
+        "count-n-2**40",
+        "streamed-count-n-2**40",
+        "count-n-past-a-million",
+    ],
+)
+async def test_a_pad_or_n_past_its_bound_is_invalid_params_and_the_plugin_serves_on(
+    example: Example,
+    method: str,
+    params: dict[str, Any],
+    streamed: bool,
+    bound: int,
+    value: int,
+) -> None:
+    """A terabyte of padding ended the Rust and Go plugins (an aborted allocation, Go's
+    runtime out of memory) and was Python's MemoryError, Node's RangeError; a unary count
+    of 2**40 chunks grew Python's and Node's memory past the call's deadline. A caller gets
+    InvalidParams naming the bound and its value, and the plugin serves on."""
+    process = example.process()
+    message = await refusal(example, method, params, streamed=streamed)
+    assert str(bound) in message and str(value) in message, message
+    assert await call(example, "echo", {"still": "serving"}) == {"still": "serving"}
+    assert example.process() is process and process.returncode is None, "the plugin died"
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("count", {"n": 1, "pad": 2**64 - 1}),
+        ("emit", {"name": "large", "pad": 1e300}),
+        ("count", {"n": 2**64 - 1}),
+        ("count", {"n": 1e300}),
+    ],
+    ids=["count-pad-2**64-1", "emit-pad-1e300", "count-n-2**64-1", "count-n-1e300"],
+)
+async def test_a_pad_or_n_past_every_integer_type_is_invalid_params(
+    example: Example, method: str, params: dict[str, Any]
+) -> None:
+    """Past a signed 64-bit integer (2**64-1 is the most the host's JSON sends), or no
+    integer at all: refused, never wrapped into a small number nor a crash."""
+    process = example.process()
+    await refusal(example, method, params, streamed=False)
+    assert await call(example, "echo", "still serving") == "still serving"
+    assert example.process() is process and process.returncode is None, "the plugin died"
+
+
 async def test_a_stream_can_be_left_early(example: Example) -> None:
     stream = example.dispatcher.stream("example", "count", {"n": 10_000})
     async for chunk in stream:

@@ -28,8 +28,9 @@ from tests.services import CLEAN_ENVIRONMENT
 
 pytestmark = pytest.mark.skipif("java" not in LANGUAGES, reason="the Java SDK is not built here")
 
-#: Chunks of ``count`` gathered into one unary reply: past the 64 MiB cap (~72 MB of JSON).
-OVER_THE_CAP = 5_200_000
+#: Two chunks of ``count`` of 36 MB each, gathered into one unary reply: past the 64 MiB
+#: cap (~72 MB of JSON), within the example's bounds on ``n`` and ``pad``.
+OVER_THE_CAP = {"n": 2, "pad": 36_000_000}
 
 
 def manifest(
@@ -109,7 +110,7 @@ async def test_a_subprocess_logs_no_warning_and_refuses_a_reply_over_the_cap(
     async with Dispatcher(manifest(target, CONFIG)) as dispatcher:
         assert await dispatcher.call("example", "echo", {"hi": 1}) == {"hi": 1}
         with pytest.raises(ProviderError) as refused:
-            await dispatcher.call("example", "count", {"n": OVER_THE_CAP})
+            await dispatcher.call("example", "count", OVER_THE_CAP)
         assert refused.value.details is not None
         assert refused.value.details["reason"] == "too_large", refused.value
         assert refused.value.retryable is False

@@ -18,6 +18,12 @@ from linchkit_plugin.errors import InvalidParams, PluginError
 from linchkit_plugin.grpc_server import main
 from linchkit_plugin.plugin import raw_params
 
+#: The most letters x ``pad`` asks for (64 MiB): the suite's largest chunk is 9 MB, and a
+#: caller's 2**40 must be refused before it is allocated, not kill the plugin.
+MAX_PAD = 64 << 20
+#: The most chunks ``count`` sends: a unary call collects them all before it answers.
+MAX_COUNT = 1_000_000
+
 
 class ExampleFailure(Exception):
     """The business error of ``fail``: the host sees PluginError(remote_type='ExampleFailure')."""
@@ -29,12 +35,21 @@ def _integer(name: str, value: Any) -> int:
     return value
 
 
+def _at_most(name: str, value: Any, bound: int, shown: str = "") -> int:
+    """``value`` as a non-negative integer no larger than ``bound`` (``shown``: the bound in
+    other words too), else InvalidParams naming both."""
+    number = _integer(name, value)
+    if number < 0:
+        raise InvalidParams(f"{name!r} must be a non-negative integer, got {number}")
+    if number > bound:
+        raise InvalidParams(f"{name!r} must be at most {bound}{shown}, got {number}")
+    return number
+
+
 def _padding(pad: Any) -> str:
-    """``pad`` letters x: how the suite makes a chunk or an event as large as it needs."""
-    length = _integer("pad", pad)
-    if length < 0:
-        raise InvalidParams(f"'pad' must be a non-negative integer, got {length}")
-    return "x" * length
+    """``pad`` letters x, at most 64 MiB: how the suite makes a chunk or an event as large
+    as it needs."""
+    return "x" * _at_most("pad", pad, MAX_PAD, " (64 MiB)")
 
 
 class ExamplePlugin(Plugin):
@@ -104,15 +119,16 @@ class ExamplePlugin(Plugin):
         return {"slept_ms": ms}
 
     async def count(self, n: int, pad: int = 0) -> AsyncIterator[dict[str, Any]]:
-        """Streams {"i": 0} … {"i": n-1}; with ``pad`` > 0 each chunk also carries
-        ``"pad"``, a string of that many letters x."""
+        """Streams {"i": 0} … {"i": n-1}, ``n`` at most 1,000,000; with ``pad`` > 0 (at
+        most 64 MiB) each chunk also carries ``"pad"``, a string of that many letters x."""
+        count = _at_most("n", n, MAX_COUNT)
         padding = _padding(pad)
-        for i in range(_integer("n", n)):
+        for i in range(count):
             yield {"i": i, "pad": padding} if padding else {"i": i}
 
     async def emit(self, name: str, data: Any = None, pad: int = 0) -> bool:  # type: ignore[override]
-        """Emits the plugin event ``name`` with ``data``; with ``pad`` > 0 the data is a
-        string of that many letters x instead."""
+        """Emits the plugin event ``name`` with ``data``; with ``pad`` > 0 (at most 64 MiB)
+        the data is a string of that many letters x instead."""
         if not isinstance(name, str):
             raise InvalidParams("'name' must be a string")
         padding = _padding(pad)

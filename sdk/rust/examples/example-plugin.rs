@@ -33,10 +33,19 @@ struct HooksParams {
     after_ms: u64,
 }
 
+/// The most letters x `pad` asks for (64 MiB): the suite's largest chunk is 9 MB, and a
+/// caller's 2**40 must be refused before it is allocated (`"x".repeat` of a terabyte
+/// aborts the process).
+const MAX_PAD: u64 = 64 << 20;
+/// The most chunks `count` sends: a unary call collects them all before it answers.
+const MAX_COUNT: u64 = 1_000_000;
+
 #[derive(Deserialize)]
 struct CountParams {
+    /// At most [`MAX_COUNT`].
     n: u64,
-    /// Each chunk carries `pad` letters x too (0: none), to make a chunk of a given size.
+    /// Each chunk carries `pad` letters x too (0: none, at most [`MAX_PAD`]), to make a
+    /// chunk of a given size.
     #[serde(default)]
     pad: u64,
 }
@@ -46,14 +55,20 @@ struct EmitParams {
     name: String,
     #[serde(default)]
     data: serde_json::Value,
-    /// The event's data is `pad` letters x instead (0: `data`).
+    /// The event's data is `pad` letters x instead (0: `data`; at most [`MAX_PAD`]).
     #[serde(default)]
     pad: u64,
 }
 
-/// `pad` letters x.
-fn padding(pad: u64) -> String {
-    "x".repeat(pad as usize)
+/// `pad` letters x, or `invalid_params` past [`MAX_PAD`] (before anything is allocated).
+fn padding(pad: u64) -> Result<String, Error> {
+    if pad > MAX_PAD {
+        return Err(Error::invalid_params(format!(
+            "pad must be at most {MAX_PAD} (64 MiB), got {pad}"
+        )));
+    }
+    let letters = usize::try_from(pad).expect("at most 64 MiB fits a usize");
+    Ok("x".repeat(letters))
 }
 
 async fn echo(call: Call) -> Result<Json, Error> {
@@ -89,7 +104,13 @@ async fn sleep(call: Call) -> Result<Json, Error> {
 
 async fn count(call: Call, chunks: ChunkSender) -> Result<(), Error> {
     let params: CountParams = call.params()?;
-    let pad = padding(params.pad);
+    if params.n > MAX_COUNT {
+        return Err(Error::invalid_params(format!(
+            "n must be at most {MAX_COUNT}, got {}",
+            params.n
+        )));
+    }
+    let pad = padding(params.pad)?;
     for i in 0..params.n {
         if params.pad > 0 {
             chunks.send(json!({ "i": i, "pad": pad })).await?;
@@ -103,7 +124,7 @@ async fn count(call: Call, chunks: ChunkSender) -> Result<(), Error> {
 async fn emit(call: Call) -> Result<Json, Error> {
     let params: EmitParams = call.params()?;
     let data = if params.pad > 0 {
-        json!(padding(params.pad))
+        json!(padding(params.pad)?)
     } else {
         params.data
     };
@@ -192,12 +213,12 @@ fn main() {
         )
         .streaming_method(
             "count",
-            "streams {\"i\": 0} … {\"i\": n-1}, each with \"pad\": pad letters x when pad > 0",
+            "streams {\"i\": 0} … {\"i\": n-1} (n at most 1000000), each with \"pad\": pad letters x when pad > 0 (at most 64 MiB)",
             count,
         )
         .method(
             "emit",
-            "emits plugin event name with data (pad > 0: a string of pad letters x)",
+            "emits plugin event name with data (pad > 0: a string of pad letters x, at most 64 MiB)",
             emit,
         )
         .method("config", "the config object passed to Init", config)

@@ -3,7 +3,13 @@
  * written on the TypeScript SDK: the author writes only the methods.
  */
 import { createHash } from 'node:crypto';
-import { Params, Plugin, PluginError, serve } from '@linchkit/plugin-sdk';
+import { InvalidParams, Params, Plugin, PluginError, serve } from '@linchkit/plugin-sdk';
+
+/** The most letters x `pad` asks for (64 MiB): the suite's largest chunk is 9 MB, and a
+ * caller's 2**40 must be refused before anything is built, not end in a RangeError. */
+const MAX_PAD = 64 * 1024 * 1024;
+/** The most chunks `count` sends: a unary call collects them all before it answers. */
+const MAX_COUNT = 1_000_000;
 
 export function digest(data: string, rounds: number): string {
   let bytes: Buffer = createHash('sha256').update(data, 'utf8').digest();
@@ -17,10 +23,24 @@ function failIfNamed(config: Record<string, unknown>, hook: string): void {
   if (config.fail_hook === hook) throw new PluginError('BadConfig', `fail_hook names ${hook}`);
 }
 
-/** `pad` letters x (0 when absent): how the conformance suite makes a chunk or an event as
- * large as it needs. */
+/** `pad` letters x (0 when absent, at most `MAX_PAD`): how the conformance suite makes a chunk
+ * or an event as large as it needs. */
 function padding(p: Params): string {
-  return 'pad' in p.values ? 'x'.repeat(p.int('pad', { min: 0 })) : '';
+  if (!('pad' in p.values)) return '';
+  const pad = p.int('pad', { min: 0 });
+  if (pad > MAX_PAD) {
+    throw new InvalidParams(`pad must be at most ${MAX_PAD} (64 MiB), got ${pad}`, { param: 'pad' });
+  }
+  return 'x'.repeat(pad);
+}
+
+/** The `n` of count, at most `MAX_COUNT`. */
+function countOf(p: Params): number {
+  const n = p.int('n', { min: 0 });
+  if (n > MAX_COUNT) {
+    throw new InvalidParams(`n must be at most ${MAX_COUNT}, got ${n}`, { param: 'n' });
+  }
+  return n;
 }
 
 export function examplePlugin(): Plugin {
@@ -60,11 +80,14 @@ export function examplePlugin(): Plugin {
     'count',
     function* (params) {
       const p = new Params(params, 'count');
-      const n = p.int('n', { min: 0 });
+      const n = countOf(p);
       const pad = padding(p);
       for (let i = 0; i < n; i++) yield pad === '' ? { i } : { i, pad };
     },
-    { description: 'chunks {"i": 0} … {"i": n-1}; with `pad` > 0 each also carries `pad` letters x' },
+    {
+      description:
+        'chunks {"i": 0} … {"i": n-1} (`n` at most 1000000); with `pad` > 0 (at most 64 MiB) each also carries `pad` letters x',
+    },
   );
 
   plugin.method(
@@ -76,7 +99,7 @@ export function examplePlugin(): Plugin {
       plugin.emit(name, pad === '' ? p.any('data') : pad);
       return true;
     },
-    { description: 'emits plugin event `name` with `data` (with `pad` > 0: `pad` letters x instead)' },
+    { description: 'emits plugin event `name` with `data` (with `pad` > 0, at most 64 MiB: `pad` letters x instead)' },
   );
 
   plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });

@@ -17,6 +17,25 @@ import (
 	"github.com/linchkit/dispatcher/sdk/go/plugin"
 )
 
+// The bounds of count's and emit's params: a caller's pad of 2**40 must be refused before
+// it is allocated (strings.Repeat of a terabyte ends the process), and a unary count
+// collects every chunk before it answers. The suite's largest chunk is 9 MB.
+const (
+	maxPad   = 64 << 20 // letters x: 64 MiB
+	maxCount = 1_000_000
+)
+
+// checkPad refuses a pad that is negative or past maxPad, before anything is allocated.
+func checkPad(pad int64) error {
+	if pad < 0 {
+		return plugin.InvalidParams("pad must not be negative, got %d", pad)
+	}
+	if pad > maxPad {
+		return plugin.InvalidParams("pad must be at most %d (64 MiB), got %d", maxPad, pad)
+	}
+	return nil
+}
+
 // hookCounts is how many times each lifecycle hook ran (the method hooks): it lives as
 // long as the process, so a host sees whether another host's Stop ran the stop hook.
 type hookCounts struct {
@@ -135,10 +154,11 @@ func main() {
 		}
 	})
 
-	p.StreamingMethod("count", "streams {\"i\": 0} … {\"i\": n-1}, each with \"pad\": pad letters x when pad > 0", func(ctx context.Context, call *plugin.Call, send func(any) error) error {
+	p.StreamingMethod("count", "streams {\"i\": 0} … {\"i\": n-1} (n at most 1000000), each with \"pad\": pad letters x when pad > 0 (at most 64 MiB)", func(ctx context.Context, call *plugin.Call, send func(any) error) error {
+		// int64, not int: 2**40 reaches the bounds as itself where int is 32 bits too.
 		var params struct {
-			N   int `json:"n" plugin:"required"`
-			Pad int `json:"pad"`
+			N   int64 `json:"n" plugin:"required"`
+			Pad int64 `json:"pad"`
 		}
 		if err := call.Bind(&params); err != nil {
 			return err
@@ -146,15 +166,18 @@ func main() {
 		if params.N < 0 {
 			return plugin.InvalidParams("n must not be negative, got %d", params.N)
 		}
-		if params.Pad < 0 {
-			return plugin.InvalidParams("pad must not be negative, got %d", params.Pad)
+		if params.N > maxCount {
+			return plugin.InvalidParams("n must be at most %d, got %d", maxCount, params.N)
 		}
-		pad := strings.Repeat("x", params.Pad)
+		if err := checkPad(params.Pad); err != nil {
+			return err
+		}
+		pad := strings.Repeat("x", int(params.Pad))
 		for i := range params.N {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			var chunk any = map[string]int{"i": i}
+			var chunk any = map[string]int64{"i": i}
 			if params.Pad > 0 {
 				chunk = map[string]any{"i": i, "pad": pad}
 			}
@@ -165,21 +188,21 @@ func main() {
 		return nil
 	})
 
-	p.Method("emit", "emits plugin event name with data (pad > 0: a string of pad letters x)", func(_ context.Context, call *plugin.Call) (any, error) {
+	p.Method("emit", "emits plugin event name with data (pad > 0: a string of pad letters x, at most 64 MiB)", func(_ context.Context, call *plugin.Call) (any, error) {
 		var params struct {
 			Name string          `json:"name" plugin:"required"`
 			Data json.RawMessage `json:"data"`
-			Pad  int             `json:"pad"`
+			Pad  int64           `json:"pad"`
 		}
 		if err := call.Bind(&params); err != nil {
 			return nil, err
 		}
-		if params.Pad < 0 {
-			return nil, plugin.InvalidParams("pad must not be negative, got %d", params.Pad)
+		if err := checkPad(params.Pad); err != nil {
+			return nil, err
 		}
 		var data any = params.Data
 		if params.Pad > 0 {
-			data = strings.Repeat("x", params.Pad)
+			data = strings.Repeat("x", int(params.Pad))
 		}
 		if err := call.Emit(params.Name, data); err != nil {
 			return nil, err

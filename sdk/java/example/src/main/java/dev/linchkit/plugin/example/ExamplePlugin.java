@@ -18,6 +18,15 @@ import java.util.concurrent.atomic.AtomicInteger;
  * written on the Java SDK: the author writes only the methods.
  */
 public final class ExamplePlugin {
+  /**
+   * The most letters x {@code pad} asks for (64 MiB): the suite's largest chunk is 9 MB, and a
+   * caller's 2**40 must be refused before it is allocated, not end in an OutOfMemoryError.
+   */
+  static final long MAX_PAD = 64L << 20;
+
+  /** The most chunks {@code count} sends: a unary call collects them all before it answers. */
+  static final long MAX_COUNT = 1_000_000;
+
   private ExamplePlugin() {}
 
   /**
@@ -62,11 +71,31 @@ public final class ExamplePlugin {
   }
 
   /**
-   * The params' {@code pad} (0 when absent) as that many letters x: how the conformance suite
-   * makes a chunk or an event as large as it needs.
+   * The params' {@code pad} (0 when absent, at most {@link #MAX_PAD}) as that many letters x: how
+   * the conformance suite makes a chunk or an event as large as it needs.
    */
   static String pad(Params params) throws PluginException {
-    return "x".repeat((int) params.integer("pad", 0, Integer.MAX_VALUE, 0));
+    long pad = atMost("pad", params.integer("pad", Long.MIN_VALUE, Long.MAX_VALUE, 0), MAX_PAD, " (64 MiB)");
+    return "x".repeat((int) pad);
+  }
+
+  /** The params' {@code n} of count, at most {@link #MAX_COUNT}. */
+  static long count(Params params) throws PluginException {
+    return atMost("n", params.integer("n"), MAX_COUNT, "");
+  }
+
+  /**
+   * {@code value} when it is from 0 to {@code max}, else invalid_params naming the bound
+   * ({@code inWords}: the bound said another way too) and the value.
+   */
+  private static long atMost(String name, long value, long max, String inWords) throws PluginException {
+    if (value < 0) {
+      throw PluginException.invalidParams(name + " must not be negative, got " + value);
+    }
+    if (value > max) {
+      throw PluginException.invalidParams(name + " must be at most " + max + inWords + ", got " + value);
+    }
+    return value;
   }
 
   /** A chunk of count with its padding: {@code {"i": k, "pad": "xx…"}}, in that order. */
@@ -98,15 +127,16 @@ public final class ExamplePlugin {
       return Map.of("slept_ms", ms);
     });
 
-    plugin.streamingMethod("count", "chunks {\"i\": 0} … {\"i\": n-1}, each with `pad` letters x when `pad` > 0",
+    plugin.streamingMethod("count",
+        "chunks {\"i\": 0} … {\"i\": n-1} (`n` at most 1000000), each with `pad` letters x when `pad` > 0 (at most 64 MiB)",
         (params, ctx, out) -> {
           Params p = new Params(params, "count");
-          long n = p.integer("n", 0, Integer.MAX_VALUE);
+          long n = count(p);
           String pad = pad(p);
           for (long i = 0; i < n; i++) out.send(pad.isEmpty() ? Map.of("i", i) : chunk(i, pad));
         });
 
-    plugin.method("emit", "emits plugin event `name` with `data`, or with `pad` letters x when `pad` > 0", (params, ctx) -> {
+    plugin.method("emit", "emits plugin event `name` with `data`, or with `pad` letters x when `pad` > 0 (at most 64 MiB)", (params, ctx) -> {
       Params p = new Params(params, "emit");
       String name = p.string("name");
       String pad = pad(p);

@@ -25,6 +25,31 @@ class ExamplePluginTest {
   }
 
   @Test
+  void padPast64MibIsInvalidParamsNamingTheBound() {
+    for (long pad : new long[] {(64L << 20) + 1, 1L << 40}) {
+      PluginException refused = assertThrows(PluginException.class,
+          () -> ExamplePlugin.pad(params("{\"pad\":" + pad + "}")), "pad " + pad);
+      assertEquals("invalid_params", refused.type());
+      assertEquals("pad must be at most 67108864 (64 MiB), got " + pad, refused.getMessage());
+    }
+  }
+
+  @Test
+  void countOfAMillionIsTakenAndPastItIsInvalidParamsNamingTheBound() throws Exception {
+    assertEquals(1_000_000, ExamplePlugin.count(params("{\"n\":1000000}")));
+    for (long n : new long[] {1_000_001, 1L << 40}) {
+      PluginException refused = assertThrows(PluginException.class,
+          () -> ExamplePlugin.count(params("{\"n\":" + n + "}")), "n " + n);
+      assertEquals("invalid_params", refused.type());
+      assertEquals("n must be at most 1000000, got " + n, refused.getMessage());
+    }
+  }
+
+  private static Params params(String json) throws PluginException {
+    return new Params(JsonParser.parseString(json), "count");
+  }
+
+  @Test
   void padThatIsNoNonNegativeIntegerIsInvalidParams() {
     for (String pad : new String[] {"-1", "1.5", "\"3\"", "null", "true", "[3]"}) {
       PluginException refused = assertThrows(PluginException.class,
