@@ -371,6 +371,29 @@ async def test_a_plugin_that_never_answers_the_handshake_times_out() -> None:
     assert time.monotonic() - started < 5
 
 
+async def test_a_plugin_that_closes_stdout_and_runs_on_times_out_as_a_silent_one() -> None:
+    # Before, the end of its stdout was read as an exit, and the launch waited for one
+    # for as long as the plugin ran (a minute here; for ever for a server).
+    closed = {
+        "id": "closed",
+        "version": "1.0.0",
+        "target": {
+            "provider": "subprocess",
+            "command": [sys.executable, "-c", "import os, time; os.close(1); time.sleep(60)"],
+            "handshake_timeout_ms": 300,
+        },
+        "methods": {"x": {}},
+    }
+    started = time.monotonic()
+    with pytest.raises(
+        HandshakeError,
+        match=r"closed its stdout without a handshake line .*handshake_timeout_ms: 300",
+    ):
+        async with Dispatcher(manifest(closed)):
+            pass
+    assert time.monotonic() - started < 5
+
+
 async def test_a_malformed_handshake_line_is_refused() -> None:
     noisy = {
         "id": "noisy",

@@ -106,8 +106,9 @@ async def read_line(
     """The handshake line, within ``timeout``; ``stderr`` (its tail) explains a failure,
     ``exit_code`` (``Child.reaped``) an exit before it."""
     assert process.stdout is not None
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             raw = await process.stdout.readuntil(b"\n")
     except asyncio.IncompleteReadError as ended:
         raw = ended.partial  # stdout closed: a last line without its line break, or none
@@ -132,7 +133,17 @@ async def read_line(
             f" starts slowly{tail(stderr)}"
         ) from None
     if not raw:
-        code = await exit_code()  # its stderr read to the end
+        # Its stdout ended: it exits, or it closed stdout and runs on, which the same
+        # deadline bounds (before, the launch waited for as long as it ran).
+        try:
+            async with asyncio.timeout_at(deadline):
+                code = await exit_code()  # its stderr read to the end
+        except TimeoutError:
+            raise HandshakeError(
+                f"{who}: closed its stdout without a handshake line and was still running"
+                f" {timeout:.1f} s after its start (the target's handshake_timeout_ms:"
+                f" {round(timeout * 1000)}){tail(stderr)}"
+            ) from None
         raise HandshakeError(f"{who}: exited with code {code} before its handshake{tail(stderr)}")
     return raw.decode("utf-8", "replace").strip()
 
