@@ -42,6 +42,7 @@ def crashing(**target: Any) -> dict[str, Any]:
         "methods": {
             **{name: {} for name in ("pid", "echo", "announce", "nap", "environment")},
             **{name: {} for name in ("complain", "write", "exit", "unavailable", "spawn")},
+            "flood": {"timeout_ms": 60_000},
         },
     }
 
@@ -103,6 +104,31 @@ async def test_launch_logs_stderr_and_stop_leaves_nothing(caplog: pytest.LogCapt
     assert not Path(folder).exists()  # noqa: ASYNC240 - a test's one stat
     assert process.state == "stopped"
     assert process.exit_code == 0  # it left by itself, before any signal
+
+
+async def test_a_flood_of_output_is_counted_not_logged_and_the_next_line_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, every line was read, kept and logged on the event loop: with a plugin
+    # writing in a loop the loop answered 270 ms late at the median (0.9 s at worst).
+    caplog.set_level(logging.INFO, logger="dispatcher.plugin.crashing")
+    flood = 50_000
+    async with Dispatcher(manifest(crashing(max_log_lines_per_second=100))) as dispatcher:
+        assert await dispatcher.call("crashing", "flood", {"lines": flood}) == flood
+        await asyncio.sleep(0.1)  # the flood's end: a line fits again
+        assert await dispatcher.call("crashing", "write", {"line": "after the flood"})
+        await eventually(lambda: "after the flood" in caplog.text)
+    logged = [r for r in caplog.records if r.getMessage().startswith("flood line ")]
+    said = [
+        r
+        for r in caplog.records
+        if "not logged, over its max_log_lines_per_second" in r.getMessage()
+    ]
+    assert said and all(r.levelno == logging.WARNING for r in said)
+    not_logged = sum(int(r.getMessage().split(": ")[1].split()[0]) for r in said)
+    assert len(logged) + not_logged == flood  # every line counted, none twice
+    assert len(logged) < 2_000  # bursts of 100, 100 a second at most
+    assert "(pid " in said[0].getMessage() and "crashing@1.0.0" in said[0].getMessage()
 
 
 async def test_stderr_lines_keep_the_level_the_plugin_logged_them_at(

@@ -32,6 +32,7 @@ from providers._grpc.connection import PluginConnection
 from providers._socket_pin import PinnedSocket
 from providers.subprocess.levels import line_level
 from providers.subprocess.output import OutputRing
+from providers.subprocess.output_rate import DEFAULT_MAX_LOG_LINES_PER_SECOND, OutputRate
 
 __all__ = [
     "MAX_LINE_BYTES",
@@ -134,11 +135,13 @@ async def spawn(
     plugin_log: logging.Logger,
     output: OutputRing | None = None,
     pass_fds: tuple[int, ...] = (),
+    max_lines_per_second: float = DEFAULT_MAX_LOG_LINES_PER_SECOND,
 ) -> Child:
     """Start ``argv`` with pipes for stdin, stdout and stderr; ``ProviderError`` if it cannot.
 
-    Its stderr lines go to ``plugin_log`` and, when given, into ``output``; ``pass_fds``
-    stay open in the child (a sandbox's seccomp program)."""
+    Its stderr lines go to ``plugin_log`` and, when given, into ``output``, at most
+    ``max_lines_per_second`` of them (``OutputRate``); ``pass_fds`` stay open in the child
+    (a sandbox's seccomp program)."""
     unrunnable = _unrunnable(argv[0], environment)
     if unrunnable is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -163,7 +166,8 @@ async def spawn(
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)
         raise ProviderError(f"{who}: cannot start {argv[0]}: {error.strerror}") from None
-    return Child(process, folder, plugin_log, output)
+    rate = OutputRate(max_lines_per_second, f"{who} (pid {process.pid})", plugin_log)
+    return Child(process, folder, plugin_log, output, rate)
 
 
 def _unrunnable(program: str, environment: Mapping[str, str]) -> str | None:
@@ -223,6 +227,7 @@ class Child:
         folder: str,
         plugin_log: logging.Logger,
         output: OutputRing | None = None,
+        rate: OutputRate | None = None,
     ) -> None:
         assert process.stdout is not None
         assert process.stderr is not None
@@ -234,6 +239,12 @@ class Child:
         self.stderr_tail: list[str] = []
         self._plugin_log = plugin_log
         self._output = output
+        #: How many of its lines a second are read as lines and logged (both streams).
+        self.rate = (
+            rate
+            if rate is not None
+            else OutputRate(DEFAULT_MAX_LOG_LINES_PER_SECOND, f"pid {process.pid}", plugin_log)
+        )
         self._on_end: list[Callable[[Child], None]] = []
         loop = asyncio.get_running_loop()
         self._readers = [loop.create_task(self._forward_stderr())]
@@ -302,6 +313,7 @@ class Child:
                 reader.cancel()
             _close_pipes(self.process)
         await asyncio.wait(self._readers)
+        self.rate.say()  # what went unlogged at the end, said before the launch goes
         self._stop_watching()
         return await self.process.wait()
 
@@ -315,8 +327,12 @@ class Child:
         self._readers.append(asyncio.get_running_loop().create_task(self._drain_stdout()))
 
     async def _forward_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in _lines(self.process.stderr):
+        stderr = self.process.stderr
+        assert stderr is not None
+        async for raw in _lines(stderr):
+            if not self.rate.take():
+                await self.rate.skim(stderr)
+                continue
             line = raw.decode("utf-8", "replace").rstrip()
             self.stderr_tail.append(line)
             del self.stderr_tail[:-20]
@@ -330,8 +346,12 @@ class Child:
             )
 
     async def _drain_stdout(self) -> None:
-        assert self.process.stdout is not None
-        async for raw in _lines(self.process.stdout):
+        stdout = self.process.stdout
+        assert stdout is not None
+        async for raw in _lines(stdout):
+            if not self.rate.take():
+                await self.rate.skim(stdout)
+                continue
             self._plugin_log.debug("stdout: %s", raw.decode("utf-8", "replace").rstrip())
 
     async def terminate(self, grace: float) -> int | None:

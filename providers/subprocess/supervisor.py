@@ -267,6 +267,7 @@ class PluginProcess:
                 self._plugin_log,
                 self.output,
                 pass_fds=launch.pass_fds if launch is not None else (),
+                max_lines_per_second=target.max_log_lines_per_second,
             )
         finally:
             if launch is not None:

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND
 from providers.model import Argv, EnvVars
+from providers.subprocess.output_rate import DEFAULT_MAX_LOG_LINES_PER_SECOND
 from providers.target import ManifestPath, StrictModel, TargetConfig
 
 __all__ = ["MINIMAL_ENV", "STOP_GRACE_MS", "SubprocessSandbox", "SubprocessTarget"]
@@ -99,6 +100,12 @@ class SubprocessTarget(TargetConfig):
         default=DEFAULT_MAX_EVENTS_PER_SECOND,
         ge=1,
         description="Plugin events beyond this rate are dropped, counted.",
+    )
+    max_log_lines_per_second: int = Field(
+        default=DEFAULT_MAX_LOG_LINES_PER_SECOND,
+        ge=1,
+        description="Lines of the plugin's stdout and stderr logged a second; the rest are "
+        "counted, not logged.",
     )
     batch: bool = True
     sandbox: SubprocessSandbox | None = Field(

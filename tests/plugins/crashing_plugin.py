@@ -82,6 +82,12 @@ class CrashingPlugin(Plugin):
         print(line, file=sys.stderr, flush=True)
         return True
 
+    async def flood(self, lines: int) -> int:
+        """Write ``lines`` numbered lines to stderr at once, as a log call in a loop does."""
+        sys.stderr.write("".join(f"flood line {i}\n" for i in range(lines)))
+        sys.stderr.flush()
+        return lines
+
     async def spawn(self, seconds: float = 300.0, own_session: bool = False) -> int:
         """Start a helper process that would outlive this one, as a plugin's worker or a
         shell's background job does: it holds this process's stdout and stderr, and stays
