@@ -226,8 +226,8 @@ class Child:
         process: asyncio.subprocess.Process,
         folder: str,
         plugin_log: logging.Logger,
-        output: OutputRing | None = None,
-        rate: OutputRate | None = None,
+        output: OutputRing | None,
+        rate: OutputRate,
     ) -> None:
         assert process.stdout is not None
         assert process.stderr is not None
@@ -240,11 +240,7 @@ class Child:
         self._plugin_log = plugin_log
         self._output = output
         #: How many of its lines a second are read as lines and logged (both streams).
-        self.rate = (
-            rate
-            if rate is not None
-            else OutputRate(DEFAULT_MAX_LOG_LINES_PER_SECOND, f"pid {process.pid}", plugin_log)
-        )
+        self.rate = rate
         self._on_end: list[Callable[[Child], None]] = []
         loop = asyncio.get_running_loop()
         self._readers = [loop.create_task(self._forward_stderr())]

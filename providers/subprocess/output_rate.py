@@ -7,8 +7,8 @@ took as long. Lines over the target's ``max_log_lines_per_second`` (a token buck
 rate, bursts of one second of it) are neither logged nor kept for ``dispatcher logs``:
 ``skim`` counts them in blocks of 64 KiB (a ``bytes.count`` each, not a line each) and
 pauses after each, the writer waiting on its pipe meanwhile (at most ~6 MB a second of a
-flood is read, and at most 100 of its lines logged). How many lines went is said in one line at most once a
-second, and at the launch's end.
+flood is read, and at most 100 of its lines logged). How many lines went is said in one
+line at most once a second, and at the launch's end.
 """
 
 from __future__ import annotations
