@@ -323,12 +323,8 @@ class Child:
         self._readers.append(asyncio.get_running_loop().create_task(self._drain_stdout()))
 
     async def _forward_stderr(self) -> None:
-        stderr = self.process.stderr
-        assert stderr is not None
-        async for raw in _lines(stderr):
-            if not self.rate.take():
-                await self.rate.skim(stderr)
-                continue
+        assert self.process.stderr is not None
+        async for raw in self._lines_within_rate(self.process.stderr):
             line = raw.decode("utf-8", "replace").rstrip()
             self.stderr_tail.append(line)
             del self.stderr_tail[:-20]
@@ -342,13 +338,17 @@ class Child:
             )
 
     async def _drain_stdout(self) -> None:
-        stdout = self.process.stdout
-        assert stdout is not None
-        async for raw in _lines(stdout):
-            if not self.rate.take():
-                await self.rate.skim(stdout)
-                continue
+        assert self.process.stdout is not None
+        async for raw in self._lines_within_rate(self.process.stdout):
             self._plugin_log.debug("stdout: %s", raw.decode("utf-8", "replace").rstrip())
+
+    async def _lines_within_rate(self, stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """Each line of ``stream`` that ``rate`` lets be logged; past it, ``skim``."""
+        async for raw in _lines(stream):
+            if self.rate.take():
+                yield raw
+            else:
+                await self.rate.skim(stream)
 
     async def terminate(self, grace: float) -> int | None:
         """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap; clean up."""
