@@ -12,11 +12,14 @@ from __future__ import annotations
 __all__ = ["printable", "sparingly"]
 
 
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n``, ``\\x1b``), the rest as is."""
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``), the rest and those
+    in ``keep`` (a log line's tabs) as they are."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "".join(
+        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode() for c in text
+    )
 
 
 def sparingly(count: int) -> bool:

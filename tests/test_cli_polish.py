@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from click.testing import CliRunner
 import linchkit_plugin.errors as wire_errors
 from dispatcher import Dispatcher
 from dispatcher.cli import main
+from dispatcher.cli.logs import _follow_all, _print_each
 from dispatcher.cli.schema import manifest_json_schema
 from linchkit_plugin.errors import DispatchError, PluginError
 from providers._http_common import status_error
@@ -173,6 +174,19 @@ def test_cli_logs_follows_a_subprocess_plugin_until_ctrl_c(tmp_path: Path) -> No
             pytest.fail(f"Ctrl-C did not end the command within 30 s; stderr: {stacks_of(cli)}")
         assert cli.returncode == 0, errors
     assert not alive(plugin_pid), "Ctrl-C stops the plugin the command started"
+
+
+def test_cli_logs_shows_every_line_escaped_tabs_as_they_are(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A container's or a function's output reaches the terminal through here as it was
+    # written (the subprocess provider's is escaped already, as it is logged).
+    async def lines() -> AsyncIterator[str]:
+        yield "\x1b]0;owned\x07title\x1b[2J\tat Plugin.run"
+
+    for show in (_print_each, _follow_all):
+        assert asyncio.run(show([lines()])) == []
+        assert capsys.readouterr().out == "\\x1b]0;owned\\x07title\\x1b[2J\tat Plugin.run\n"
 
 
 def test_cli_logs_of_a_provider_without_logs_says_so(tmp_path: Path) -> None:

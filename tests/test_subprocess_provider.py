@@ -131,6 +131,26 @@ async def test_a_flood_of_output_is_counted_not_logged_and_the_next_line_is(
     assert "(pid " in said[0].getMessage() and "crashing@1.0.0" in said[0].getMessage()
 
 
+async def test_a_plugin_s_output_is_logged_and_kept_escaped_tabs_as_they_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, the line reached the log, error messages and ``dispatcher logs`` as written:
+    # an escape sequence set the operator's clipboard (OSC 52) or cleared the screen.
+    caplog.set_level(logging.INFO, logger="dispatcher.plugin.crashing")
+    written = "\x1b]52;c;cm0gLXJmIH4=\x07 done\x1b[2J\r\tat Plugin.run(Plugin.java:7)"
+    shown = "\\x1b]52;c;cm0gLXJmIH4=\\x07 done\\x1b[2J\\r\tat Plugin.run(Plugin.java:7)"
+    async with Dispatcher(manifest(crashing())) as dispatcher:
+        assert await dispatcher.call("crashing", "write", {"line": written})
+        await eventually(lambda: "Plugin.run" in caplog.text)
+        spec = dispatcher.manifest.plugins[0]
+        provider = dispatcher.providers["subprocess"]
+        kept = [line async for line in provider.logs(spec, spec.target, follow=False, lines=5)]
+    (record,) = [r for r in caplog.records if "Plugin.run" in r.getMessage()]
+    assert record.getMessage() == shown
+    assert shown in kept
+    assert "\x1b" not in caplog.text
+
+
 async def test_stderr_lines_keep_the_level_the_plugin_logged_them_at(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -4,7 +4,8 @@ A subprocess plugin's stderr (kept by the dispatcher that launched it, so this c
 starts the plugin and shows its own launch's output), the engine's log of a Docker
 plugin's containers (every container of the plugin on this engine, whichever dispatcher
 started it) and a Lambda function's log group in CloudWatch Logs. Other providers keep no
-output and say where to look instead.
+output and say where to look instead. Every line is shown escaped (``printable``, tabs
+kept): a plugin's output must not drive the operator's terminal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dispatcher.cli._app import (
 )
 from dispatcher.config import PluginSpec
 from linchkit_plugin.errors import DispatchError
+from providers._log_lines import printable
 from providers.target import TargetConfig
 
 
@@ -93,7 +95,7 @@ async def _print_each(streams: list[AsyncIterator[str]]) -> list[DispatchError]:
     for stream in streams:
         try:
             async for line in stream:
-                click.echo(line)
+                click.echo(printable(line, keep="\t"))
         except DispatchError as error:
             errors.append(error)
     return errors
@@ -123,7 +125,7 @@ async def _follow_all(streams: list[AsyncIterator[str]]) -> list[DispatchError]:
             if line is None:
                 ended += 1
             else:
-                click.echo(line)
+                click.echo(printable(line, keep="\t"))
     finally:
         for task in pumps:
             task.cancel()

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from linchkit_plugin.errors import ProviderError
 from providers._fork_safety import note_late_grpc
 from providers._grpc.connection import PluginConnection
+from providers._log_lines import printable
 from providers._socket_pin import PinnedSocket
 from providers.subprocess.levels import line_level
 from providers.subprocess.output import OutputRing
@@ -325,7 +326,10 @@ class Child:
     async def _forward_stderr(self) -> None:
         assert self.process.stderr is not None
         async for raw in self._lines_within_rate(self.process.stderr):
-            line = raw.decode("utf-8", "replace").rstrip()
+            # Escaped: the plugin's words reach log files, error messages and, through
+            # ``dispatcher logs``, an operator's terminal, whose escape sequences they
+            # must not drive. Tabs stay (a Java stack trace's lines begin with one).
+            line = printable(raw.decode("utf-8", "replace").rstrip(), keep="\t")
             self.stderr_tail.append(line)
             del self.stderr_tail[:-20]
             if self._output is not None:
@@ -340,7 +344,8 @@ class Child:
     async def _drain_stdout(self) -> None:
         assert self.process.stdout is not None
         async for raw in self._lines_within_rate(self.process.stdout):
-            self._plugin_log.debug("stdout: %s", raw.decode("utf-8", "replace").rstrip())
+            line = printable(raw.decode("utf-8", "replace").rstrip(), keep="\t")
+            self._plugin_log.debug("stdout: %s", line)
 
     async def _lines_within_rate(self, stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
         """Each line of ``stream`` that ``rate`` lets be logged; past it, ``skim``."""
