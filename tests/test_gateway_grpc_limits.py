@@ -159,7 +159,12 @@ async def test_calls_past_max_grpc_calls_are_refused_resource_exhausted_at_once(
         # the four took over 5 s to start in another, beside other work, and over 9 s with
         # three test workers and two builds on the two cores). Cancelled once seen.
         async with asyncio.timeout(45):
-            while dispatcher.stats()["dispatcher"]["calls_in_flight"] < 4:  # noqa: ASYNC110
+            while dispatcher.stats()["dispatcher"]["calls_in_flight"] < 4:
+                # One of the four that ended cannot be waited for: say how it ended (a
+                # full run once waited the 45 s out here, with no word of why).
+                for call in running:
+                    if call.done():
+                        raise AssertionError(f"one of the four ended first: {call!r}")
                 await asyncio.sleep(0.01)
         started = time.monotonic()
         try:
