@@ -46,11 +46,9 @@ async def serving_on(
     """Real TCP servers running ``handler`` per connection on ``port`` (0: any) of each of
     ``hosts`` (loopback addresses: a fleet found by DNS shares a port); yields them."""
     tasks: set[asyncio.Task[Any]] = set()
+    writers: set[asyncio.StreamWriter] = set()
 
-    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
+    async def handled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await handler(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -58,7 +56,14 @@ async def serving_on(
         finally:
             writer.close()
 
-    servers = [await asyncio.start_server(tracked, host, port) for host in hosts]
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Each connection is recorded as it is accepted, not once its task first runs:
+        # one accepted as the test ended (a client's detached request connecting late)
+        # had its task cancelled before it ran, and its socket was left open.
+        writers.add(writer)
+        tasks.add(asyncio.get_running_loop().create_task(handled(reader, writer)))
+
+    servers = [await asyncio.start_server(accepted, host, port) for host in hosts]
     try:
         yield servers
     finally:
@@ -67,6 +72,8 @@ async def serving_on(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.close()
         for server in servers:
             await server.wait_closed()
 
