@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
@@ -136,6 +136,8 @@ def test_any_json_any_bytes_and_hostile_headers_never_get_an_untyped_5xx(
     paths = [path for path, _ in operations(document)]
 
     @_FUZZ
+    # Found by a run: aiohttp's Content-Type parser raised IndexError on it (an untyped 500).
+    @example("/v1/plugins/echo/methods/say", b"\x00", {"Content-Type": ";0*"})
     @given(
         st.sampled_from([*paths, "/v1/plugins/ghost/methods/x", "/v1/plugins/echo/methods/%00"]),
         json_values.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=64),
