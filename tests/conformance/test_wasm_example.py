@@ -124,6 +124,17 @@ async def test_count_as_a_unary_call_is_the_list_of_chunks(example: Dispatcher) 
     assert await call(example, "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
+@pytest.mark.parametrize("n", [1_000_001, 2**40, 2**62])
+async def test_count_past_its_bound_is_invalid_params_naming_it(
+    example: Dispatcher, n: int
+) -> None:
+    # The native examples' bound: before it, 2**40 trapped the module (a ProviderError
+    # quoting a wasm backtrace) and 1,000,001 grew it past memory_mb.
+    with pytest.raises(InvalidParams, match=f"n must be at most 1000000, got {n}"):
+        await call(example, "count", {"n": n})
+    assert await call(example, "count", {"n": 1}) == [{"i": 0}]
+
+
 async def test_config_is_what_the_manifest_gave(example: Dispatcher) -> None:
     assert await call(example, "config", {}) == CONFIG
 

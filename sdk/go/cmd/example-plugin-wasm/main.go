@@ -16,6 +16,10 @@ import (
 
 func main() {}
 
+// maxCount bounds count's n as the native example does: count collects every chunk before
+// it answers, so an n of 2**40 would only end in a trap of the sandbox's memory limit.
+const maxCount = 1_000_000
+
 //go:wasmexport echo
 func echo() int32 {
 	return wasm.Call(func(params json.RawMessage) (any, error) { return params, nil })
@@ -93,6 +97,9 @@ func count() int32 {
 		}
 		if params.N == nil || *params.N < 0 {
 			return nil, wasm.InvalidParams("count needs n, a non-negative int")
+		}
+		if *params.N > maxCount {
+			return nil, wasm.InvalidParams("n must be at most %d, got %d", maxCount, *params.N)
 		}
 		chunks := make([]map[string]int, *params.N)
 		for i := range chunks {
