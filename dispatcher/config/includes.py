@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.shape import MAX_DEPTH, shape_problem, too_deep
 
 __all__ = [
     "INCLUDED_KEYS",
@@ -98,6 +99,10 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
             # leading zero (octal in YAML 1.1) go through PyYAML below.
             _INT: lambda text: int(text) if text.isdigit() and text[0] != "0" else self._int(text),
         }
+        #: Whether the document needs ``shape_problem``'s walk: an alias was met (a shared
+        #: node, which may expand it), or PyYAML's constructor built it (unwatched). Else
+        #: ``_build`` kept the depth within ``MAX_DEPTH`` itself, for a len() per map or list.
+        self.unchecked = False
 
     def _int(self, text: str) -> Any:
         return self.construct_yaml_int(yaml.ScalarNode(_INT, text))
@@ -124,6 +129,7 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
         try:
             return self._build(node, {}, set())
         except _NotPlain:
+            self.unchecked = True
             return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
@@ -134,6 +140,7 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
     def _build(self, node: yaml.Node, built: dict[int, Any], open_nodes: set[int]) -> Any:
         identity = id(node)
         if identity in built:  # an alias of a node built already: the same object
+            self.unchecked = True
             return built[identity]
         tag = node.tag
         kind = type(node)
@@ -144,6 +151,8 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
         ):
             if identity in open_nodes:
                 raise _NotPlain  # it contains itself
+            if len(open_nodes) >= MAX_DEPTH:
+                raise _NotPlain  # too deep: PyYAML's constructor, then shape_problem, say so
             open_nodes.add(identity)
             value = (
                 self._mapping(node, built, open_nodes)
@@ -196,23 +205,45 @@ class Document:
 
 
 def read_document(path: str | os.PathLike[str]) -> Document:
-    """Read and parse one file (``.toml`` as TOML, anything else as YAML)."""
+    """Read and parse one file (``.toml`` as TOML, anything else as YAML), refused if it
+    nests too deep or its aliases expand it too far (``dispatcher.config.shape``)."""
     file = Path(path)
     source = os.fspath(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except OSError as error:
         raise ManifestError(
             source, [ManifestProblem("", f"cannot read: {error.strerror}")]
         ) from None
-    if file.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ManifestError(source, [ManifestProblem("", f"not valid TOML: {error}")]) from None
-        return Document(source, data, file.parent)
     try:
-        data = parse_yaml(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        not_text = f"not UTF-8 text: byte {raw[error.start]:#04x} at offset {error.start}"
+        raise ManifestError(source, [ManifestProblem("", not_text, line)]) from None
+    toml = file.suffix == ".toml"
+    try:
+        data, unchecked = (_parsed_toml(source, text), True) if toml else _parsed_yaml(source, text)
+    except RecursionError:  # the parsers recurse per level: this is far past MAX_DEPTH
+        problem: str | None = too_deep()
+    else:
+        problem = shape_problem(data) if unchecked else None
+    if problem is not None:
+        raise ManifestError(source, [ManifestProblem("", problem)])
+    return Document(source, data, file.parent, yaml_text=None if toml else text)
+
+
+def _parsed_toml(source: str, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ManifestError(source, [ManifestProblem("", f"not valid TOML: {error}")]) from None
+
+
+def _parsed_yaml(source: str, text: str) -> tuple[Any, bool]:
+    """The document, and whether it still needs ``shape_problem`` (``_Loader.unchecked``)."""
+    try:
+        return _loaded(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -220,16 +251,23 @@ def read_document(path: str | os.PathLike[str]) -> Document:
         raise ManifestError(
             source, [ManifestProblem("", f"not valid YAML: {problem}", line)]
         ) from None
-    return Document(source, data, file.parent, yaml_text=text)
 
 
 def parse_yaml(text: str) -> Any:
     """A manifest's YAML: safe, with its keys as written (``_keys_as_written``)."""
+    return _loaded(text)[0]
+
+
+def _loaded(text: str) -> tuple[Any, bool]:
+    """``parse_yaml``, and whether the document still needs ``shape_problem``."""
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        return loader.get_single_data(), loader.unchecked
     except yaml.YAMLError:
         # libyaml words its problems its own way: report them as PyYAML's parser does.
-        return yaml.load(text, Loader=_SafeLoader)
+        return yaml.load(text, Loader=_SafeLoader), True
+    finally:
+        loader.dispose()
 
 
 def expand_includes(main: Document) -> tuple[Document, list[Document], list[ManifestProblem]]:
