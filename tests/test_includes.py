@@ -154,7 +154,6 @@ async def test_a_reload_sees_a_file_added_to_the_folder_with_no_failed_call(
     [
         "plugins: [{id: a, version: 1.0.0, methods: {m: {timeout_ms: 5, pure: yes}}}]",
         "base: &base {rate: 10, burst: 2}\nlimits: [*base, {<<: *base, burst: 3}]",
-        "loop: &loop [1, *loop]",
         "when: 2001-12-14\nblob: !!binary aGk=\nratio: 1.5\nnothing: ~\nhex: 0x1f\nstr: !!str 12",
         "same: &s hello\nagain: *s\n'': empty key\n? long key\n: value",
         "duplicate: 1\nduplicate: 2",

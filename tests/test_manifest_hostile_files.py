@@ -131,6 +131,14 @@ def test_aliases_that_expand_past_the_bound_are_refused_at_once(
     assert f"aliases (*name) add over {MAX_ALIASED_VALUES:,} values" in refused, refused
 
 
+@pytest.mark.parametrize("config", ["&loop {again: *loop}", "{list: &loop [1, *loop]}"])
+def test_a_node_that_contains_itself_is_refused(tmp_path: Path, config: str) -> None:
+    # It loaded as a cyclic object, and the substitution of ${VAR} that walks it next
+    # raised RecursionError.
+    refused = problem(write(tmp_path, with_config(config)))
+    assert "an alias inside the node it names" in refused, refused
+
+
 def test_aliases_within_the_bound_load_and_share_what_they_name(tmp_path: Path) -> None:
     # 9**6 (531,441) values: expensive, and still a file someone may write.
     manifest = load_manifest(write(tmp_path, with_config(laughs(6))))

@@ -31,7 +31,10 @@ MAX_ALIASED_VALUES = 1_000_000
 
 
 def too_deep() -> str:
-    return f"nested deeper than {MAX_DEPTH} levels of maps and lists"
+    return (
+        f"nested deeper than {MAX_DEPTH} levels of maps and lists"
+        " (or holding an alias inside the node it names, which nests without end)"
+    )
 
 
 def shape_problem(data: Any) -> str | None:
