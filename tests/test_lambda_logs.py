@@ -281,21 +281,28 @@ async def test_cli_logs_follow_prints_a_later_call_until_ctrl_c(env: Env, tmp_pa
         "echo-lambda",
         "--follow",
         "-n",
-        "0",
+        "1",
         env=_cli_environment(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
-    try:
-        await asyncio.sleep(3)  # the dispatcher is up and the first (empty) read is done
-        result = await env.dispatcher.call("echo-lambda", "say", {"text": "followed"})
-        assert result["text"] == "followed"
-        async with asyncio.timeout(30):
+
+    async def next_report(what: str) -> None:
+        async with asyncio.timeout(60):
             line = (await process.stdout.readline()).decode()
             while not REPORT.match(line):
-                assert line, "the CLI ended without printing the call"
+                assert line, f"the CLI ended without printing {what}"
                 line = (await process.stdout.readline()).decode()
+
+    try:
+        # The first call's last line (its REPORT) says the first read is done: what comes
+        # after is followed. (A fixed wait for it, with -n 0, was too short on a busy
+        # machine: the command started after the call, and rightly printed nothing.)
+        await next_report("the first call's last line")
+        result = await env.dispatcher.call("echo-lambda", "say", {"text": "followed"})
+        assert result["text"] == "followed"
+        await next_report("the call made while it followed")
         process.send_signal(signal.SIGINT)
         # Both pipes read while waiting: a command blocked writing to a full pipe would
         # never exit, and what it wrote says why it did not.
