@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import EXAMPLES, ROOT
 
 
 @pytest.mark.parametrize(
@@ -22,3 +23,22 @@ def test_importing_the_dispatcher_does_not_load_the_http_client() -> None:
     code = "import sys, dispatcher; dispatcher.Dispatcher; print('aiohttp' in sys.modules)"
     ran = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert ran.stdout.strip() == "False"
+
+
+def test_the_cli_loads_jsonschema_only_for_a_manifest_with_a_schema(tmp_path: Path) -> None:
+    # jsonschema, with attrs and referencing, was a fifth of every CLI start's imports.
+    manifest = tmp_path / "plugins.yaml"
+    plugin = f"{{id: echo, version: 1.0.0, target: {{provider: local, entrypoint: 'echo_plugin:EchoPlugin', path: '{EXAMPLES}'}}"
+    code = (
+        "import sys; from dispatcher.cli import main; from dispatcher.config import load_manifest;"
+        f" load_manifest({str(manifest)!r}); print('jsonschema' in sys.modules)"
+    )
+    for methods, loaded in [
+        ("{say: {}}", "False"),
+        ("{say: {params_schema: {type: object}}}", "True"),
+    ]:
+        manifest.write_text(f"version: 1\nplugins:\n  - {plugin}, methods: {methods}}}\n")
+        ran = subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
+        )
+        assert ran.stdout.strip() == loaded, methods

@@ -10,8 +10,6 @@ import re
 from functools import cached_property
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dispatcher.config.gateway import GatewayConfig
@@ -51,6 +49,11 @@ class MethodSpec(Policies, Generic[TargetT]):
     @classmethod
     def _schema_is_valid(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
+            # Imported here: jsonschema (with attrs and referencing) was a fifth of what
+            # every CLI start imports, for the manifests that hold a schema at all.
+            from jsonschema import Draft202012Validator
+            from jsonschema.exceptions import SchemaError
+
             try:
                 Draft202012Validator.check_schema(schema)
             except SchemaError as error:
