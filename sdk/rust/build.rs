@@ -1,7 +1,11 @@
 // Generates the Rust code of proto/plugin.proto at build time with a protoc binary taken
 // from crates.io (protoc-bin-vendored), so building needs nothing but cargo.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not built into it: two checkouts sharing a target
+    // directory share this script's build (its path relative to the package is the same),
+    // and the one built first would read the other checkout's proto.
+    let proto_dir =
+        std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let proto = proto_dir.join("plugin.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     // SAFETY: build scripts are single-threaded; the variable is for tonic-prost-build.
