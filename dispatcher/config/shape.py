@@ -9,8 +9,8 @@ since every walk after the parser's recurses or copies:
   file is wrong.
 * YAML aliases share one node, so a few hundred bytes of anchors, each listing the one
   before nine times, are a document of 9**9 values once walked: the load ran for hours
-  (a reload of such a file held the dispatcher's start for as long), and the copy that
-  substitutes ``${VAR}`` grew its memory without bound. Aliases that repeat a block are
+  (a reload reads the file on the event loop: every call in flight stalled as long), and
+  the copy that substitutes ``${VAR}`` grew its memory without bound. Aliases that repeat a block are
   fine (the usual use: one ``policies`` block for many methods); only the expanded size
   is bounded, far past any manifest written by hand.
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 __all__ = ["MAX_ALIASED_VALUES", "MAX_DEPTH", "shape_problem", "too_deep"]
 
-#: Levels of maps and lists a manifest file may nest (a plugin's config and a method's
-#: schema live three levels down); a registry entry has the same bound.
+#: Levels of maps and lists a manifest file may nest (a plugin's config is the fourth, a
+#: method's params_schema the sixth); a registry entry has the same bound.
 MAX_DEPTH = 64
 
 #: Values a manifest file's aliases may add to what it writes, once expanded. A file
