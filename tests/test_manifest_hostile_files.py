@@ -1,19 +1,22 @@
 """Manifest files made to hurt the reader: nested past any parser's stack, YAML aliases
-that expand a few hundred bytes to billions of values, bytes that are not UTF-8. Each is
+that expand a few hundred bytes to billions of values, bytes that are not UTF-8, a path
+that never ends. Each is
 a typed ``ManifestError`` naming the file, at once, from ``load_manifest``, an included
 file, a reload and the CLI alike; a manifest that merely shares blocks by alias loads.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from dispatcher import Dispatcher, ManifestError, load_manifest
-from dispatcher.config.shape import MAX_ALIASED_VALUES, MAX_DEPTH
+from dispatcher.config.shape import MAX_ALIASED_VALUES, MAX_DEPTH, MAX_FILE_BYTES
 from tests.conftest import EXAMPLES, ROOT
 
 pytestmark = pytest.mark.timeout(120)  # before the bounds, some of these ran for hours
@@ -186,6 +189,29 @@ def test_an_included_file_is_held_to_the_same_bounds_and_named(tmp_path: Path) -
 
 
 # -- bytes --------------------------------------------------------------------------------
+
+
+def test_a_path_that_never_ends_or_a_file_past_the_bound_is_refused_unread(tmp_path: Path) -> None:
+    # /dev/zero was read whole into memory: the process grew until the kernel ended it.
+    with pytest.raises(ManifestError, match="larger than 64 MiB"):
+        load_manifest("/dev/zero")
+    main = write(tmp_path, "version: 1\ninclude: [/dev/zero]\n")
+    with pytest.raises(ManifestError, match=r"/dev/zero.*larger than 64 MiB"):
+        load_manifest(main)
+    huge = write(tmp_path, PLUGIN + "#" * MAX_FILE_BYTES + "\n", "huge.yaml")
+    assert "larger than 64 MiB" in problem(huge)
+
+
+def test_a_manifest_read_from_a_pipe_still_loads(tmp_path: Path) -> None:
+    # As from `-m <(envsubst < plugins.tmpl.yaml)`: only the size is bounded.
+    fifo = tmp_path / "plugins.yaml"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(PLUGIN,))
+    writer.start()
+    try:
+        assert [spec.id for spec in load_manifest(fifo).plugins] == ["echo"]
+    finally:
+        writer.join(timeout=10)
 
 
 @pytest.mark.parametrize("name", ["plugins.yaml", "plugins.toml"])

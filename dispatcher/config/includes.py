@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
-from dispatcher.config.shape import MAX_DEPTH, shape_problem, too_deep
+from dispatcher.config.shape import MAX_DEPTH, MAX_FILE_BYTES, shape_problem, too_deep
 
 __all__ = [
     "INCLUDED_KEYS",
@@ -210,11 +210,15 @@ def read_document(path: str | os.PathLike[str]) -> Document:
     file = Path(path)
     source = os.fspath(path)
     try:
-        raw = file.read_bytes()
+        with file.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         raise ManifestError(
             source, [ManifestProblem("", f"cannot read: {error.strerror}")]
         ) from None
+    if len(raw) > MAX_FILE_BYTES:
+        too_large = f"larger than {MAX_FILE_BYTES >> 20} MiB: not a manifest"
+        raise ManifestError(source, [ManifestProblem("", too_large)])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -1,9 +1,14 @@
-"""How deep a manifest file may nest, and how far its YAML aliases may expand it.
+"""How large a manifest file may be, how deep it may nest, and how far its YAML aliases
+may expand it.
 
 Both bound what reading a file costs, and both are checked once it is parsed, before
 anything walks it (environment substitution, validation, the config a plugin is sent),
 since every walk after the parser's recurses or copies:
 
+* A path that is not a file of text (``/dev/zero``, a log given by mistake) was read
+  whole into memory before anything looked at it: ``include: [/dev/zero]`` or
+  ``-m /dev/zero`` grew the process until the kernel ended it. A pipe still works
+  (``-m <(envsubst < plugins.tmpl.yaml)``): only the size is bounded.
 * A document nested hundreds of levels deep (``[[[[…]]]]``) made the parser or a later
   walk raise ``RecursionError``, a traceback where the operator expects to be told which
   file is wrong.
@@ -19,7 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MAX_ALIASED_VALUES", "MAX_DEPTH", "shape_problem", "too_deep"]
+__all__ = ["MAX_ALIASED_VALUES", "MAX_DEPTH", "MAX_FILE_BYTES", "shape_problem", "too_deep"]
+
+#: The largest manifest file read: 64 MiB, some 200 times the YAML of 1,000 plugins.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 #: Levels of maps and lists a manifest file may nest (a plugin's config is the fourth, a
 #: method's params_schema the sixth); a registry entry has the same bound.
