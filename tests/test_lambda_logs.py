@@ -202,13 +202,18 @@ async def test_follow_sees_a_call_made_after_it_started(env: Env) -> None:
     seen: asyncio.Queue[str] = asyncio.Queue()
 
     async def follow() -> None:
-        async for line in env.provider.logs(spec, spec.target, follow=True, lines=0):
+        async for line in env.provider.logs(spec, spec.target, follow=True, lines=1):
             await seen.put(line)
 
     following = asyncio.create_task(follow())
     try:
+        # The one line of the past comes once the first read is done: what comes after is
+        # followed. (A fixed 0.5 s for that read, with lines=0, was too short on a busy
+        # machine: the read came after the call below, which it then rightly counted as past.)
+        async with asyncio.timeout(60):
+            await seen.get()
         await asyncio.sleep(0.5)
-        assert seen.empty()  # lines=0: nothing of the past
+        assert seen.empty()  # lines=1: nothing more of the past
         await env.dispatcher.call("echo-lambda", "say", {"text": "after"})
         got: list[str] = []
         async with asyncio.timeout(15):
@@ -287,22 +292,20 @@ async def test_cli_logs_follow_prints_a_later_call_until_ctrl_c(env: Env, tmp_pa
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
-
-    async def next_report(what: str) -> None:
+    try:
+        # The one line -n 1 prints (the first call's last) says the first read is done:
+        # what comes after is followed, and every line of that read counts as seen. (A fixed
+        # wait for it, with -n 0, was too short on a busy machine: the command started after
+        # the call, and rightly printed nothing.)
+        async with asyncio.timeout(60):
+            assert await process.stdout.readline(), "the CLI ended without printing a line"
+        result = await env.dispatcher.call("echo-lambda", "say", {"text": "followed"})
+        assert result["text"] == "followed"
         async with asyncio.timeout(60):
             line = (await process.stdout.readline()).decode()
             while not REPORT.match(line):
-                assert line, f"the CLI ended without printing {what}"
+                assert line, "the CLI ended without printing the call"
                 line = (await process.stdout.readline()).decode()
-
-    try:
-        # The first call's last line (its REPORT) says the first read is done: what comes
-        # after is followed. (A fixed wait for it, with -n 0, was too short on a busy
-        # machine: the command started after the call, and rightly printed nothing.)
-        await next_report("the first call's last line")
-        result = await env.dispatcher.call("echo-lambda", "say", {"text": "followed"})
-        assert result["text"] == "followed"
-        await next_report("the call made while it followed")
         process.send_signal(signal.SIGINT)
         # Both pipes read while waiting: a command blocked writing to a full pipe would
         # never exit, and what it wrote says why it did not.
