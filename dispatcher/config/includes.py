@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
-from dispatcher.config.shape import MAX_DEPTH, MAX_FILE_BYTES, shape_problem, too_deep
+from dispatcher.config.shape import MAX_DEPTH, MAX_FILE_BYTES, TOO_DEEP, shape_problem
 
 __all__ = [
     "INCLUDED_KEYS",
@@ -229,7 +229,7 @@ def read_document(path: str | os.PathLike[str]) -> Document:
     try:
         data, unchecked = (_parsed_toml(source, text), True) if toml else _parsed_yaml(source, text)
     except RecursionError:  # the parsers recurse per level: this is far past MAX_DEPTH
-        problem: str | None = too_deep()
+        problem: str | None = TOO_DEEP
     else:
         problem = shape_problem(data) if unchecked else None
     if problem is not None:

@@ -36,6 +36,7 @@ import yaml
 from pydantic import Field
 
 from dispatcher.config.includes import parse_yaml
+from dispatcher.config.shape import MAX_DEPTH
 from linchkit_plugin.wire import nested_deeper_than
 from providers.discovery import EtcdWatch
 from providers.target import StrictModel
@@ -46,8 +47,9 @@ __all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
 #: server somewhere else and run nothing of the host's.
 DEFAULT_PROVIDERS = ("http", "grpc")
 
-#: How deep an entry's value may nest; a real entry needs a handful of levels.
-MAX_ENTRY_DEPTH = 64
+#: How deep an entry's value may nest (a manifest file's bound); a real entry needs a
+#: handful of levels.
+MAX_ENTRY_DEPTH = MAX_DEPTH
 _TOO_DEEP = f"the value is nested deeper than {MAX_ENTRY_DEPTH} levels"
 
 _HOST_FILE_KEY = re.compile(r"(_file|_dir)$|^(path|unix_socket)$")

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MAX_ALIASED_VALUES", "MAX_DEPTH", "MAX_FILE_BYTES", "shape_problem", "too_deep"]
+__all__ = ["MAX_ALIASED_VALUES", "MAX_DEPTH", "MAX_FILE_BYTES", "TOO_DEEP", "shape_problem"]
 
 #: The largest manifest file read: 64 MiB, some 200 times the YAML of 1,000 plugins.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 #: Levels of maps and lists a manifest file may nest (a plugin's config is the fourth, a
-#: method's params_schema the sixth); a registry entry has the same bound.
+#: method's params_schema the sixth); a registry entry's value is held to it too.
 MAX_DEPTH = 64
 
 #: Values a manifest file's aliases may add to what it writes, once expanded. A file
@@ -38,11 +38,10 @@ MAX_DEPTH = 64
 MAX_ALIASED_VALUES = 1_000_000
 
 
-def too_deep() -> str:
-    return (
-        f"nested deeper than {MAX_DEPTH} levels of maps and lists"
-        " (or holding an alias inside the node it names, which nests without end)"
-    )
+TOO_DEEP = (
+    f"nested deeper than {MAX_DEPTH} levels of maps and lists"
+    " (or holding an alias inside the node it names, which nests without end)"
+)
 
 
 def shape_problem(data: Any) -> str | None:
@@ -61,7 +60,7 @@ def shape_problem(data: Any) -> str | None:
     while level:
         depth += 1
         if depth > MAX_DEPTH:
-            return too_deep()
+            return TOO_DEEP
         below: dict[int, tuple[Any, int]] = {}
         for key, (value, times) in level.items():
             children = value.values() if isinstance(value, dict) else value
