@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from dispatcher._reload import ReloadPlan
 from dispatcher.config import Manifest, PluginSpec
-from providers import provider_classes
+from providers import provider_class
 from providers._detach_queues import in_queues
 from providers._entry_updates import updated
 from providers.base import Provider, ServedReport
@@ -67,8 +67,7 @@ def instances_of(plugin: PluginSpec[Any]) -> list[TargetConfig]:
 def providers_for(manifest: Manifest[Any]) -> dict[str, Provider[Any]]:
     """One provider of each kind the manifest's targets use."""
     used = {target.provider for plugin in manifest.plugins for target in plugin.targets()}
-    classes = provider_classes()
-    return {name: classes[name]() for name in sorted(used)}
+    return {name: provider_class(name)() for name in sorted(used)}
 
 
 class Attachments:
@@ -257,7 +256,7 @@ class Attachments:
         """The provider ``name``, made and started now if no plugin used it until this reload."""
         provider = self.providers.get(name)
         if provider is None:
-            provider = self.providers[name] = provider_classes()[name]()
+            provider = self.providers[name] = provider_class(name)()
             self._prepare(provider)
             await provider.start()
             self._started.append(provider)

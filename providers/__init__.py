@@ -18,7 +18,15 @@ import providers._fork_safety  # noqa: F401
 from providers.base import Health, Provider
 from providers.target import TargetConfig
 
-__all__ = ["ENTRY_POINT_GROUP", "Health", "Provider", "TargetConfig", "provider_classes"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Health",
+    "Provider",
+    "TargetConfig",
+    "is_provider",
+    "provider_class",
+    "provider_names",
+]
 
 ENTRY_POINT_GROUP = "dispatcher.providers"
 
@@ -44,13 +52,34 @@ def _load(reference: str) -> type[Provider[Any]]:
 
 
 @cache
-def provider_classes() -> dict[str, type[Provider[Any]]]:
-    """Every known provider by name: built-ins, then installed entry points."""
+def _references() -> dict[str, str]:
+    """Every known provider's ``module:Class`` by name: built-ins, then entry points."""
     references = dict(_BUILT_IN)
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         references.setdefault(entry_point.name, entry_point.value)
-    classes = {name: _load(reference) for name, reference in references.items()}
-    for name, cls in classes.items():
-        if cls.name != name:
-            raise TypeError(f"provider entry point {name!r} names a class serving {cls.name!r}")
-    return classes
+    return references
+
+
+def is_provider(name: str) -> bool:
+    """Whether a provider is registered as ``name`` (a built-in's without reading the
+    installed packages' entry points: ~20 ms of a start)."""
+    return name in _BUILT_IN or name in _references()
+
+
+def provider_names() -> list[str]:
+    """Every known provider's name, sorted, without importing any of them."""
+    return sorted(_references())
+
+
+@cache
+def provider_class(name: str) -> type[Provider[Any]]:
+    """The provider named ``name``, its module imported now (``KeyError`` if unknown).
+
+    One at a time: a manifest that uses two providers imports two of the nine built-in
+    modules; all nine, their target models built, were ~0.2 s of a CLI's start.
+    """
+    reference = _BUILT_IN.get(name) or _references()[name]
+    cls = _load(reference)
+    if cls.name != name:
+        raise TypeError(f"provider entry point {name!r} names a class serving {cls.name!r}")
+    return cls

@@ -11,7 +11,7 @@ import click
 from dispatcher.cli._app import EXIT_FAILED, load, main, manifest_option
 from dispatcher.config import PluginSpec
 from linchkit_plugin.errors import DispatchError
-from providers import provider_classes
+from providers import provider_class
 from providers.deploy import Step
 from providers.target import TargetConfig
 
@@ -80,7 +80,7 @@ def deploy(
 async def _deploy_one(
     plugin: PluginSpec[Any], target: TargetConfig, *, dry_run: bool, remove: bool
 ) -> bool:
-    provider = provider_classes()[target.provider]()
+    provider = provider_class(target.provider)()
     deployer = provider.deployer()
     if deployer is None:
         click.echo(f"{plugin.key}: {target.describe()}: nothing to deploy")
@@ -119,7 +119,7 @@ async def _deploy_one(
 
 
 async def _package_one(plugin: PluginSpec[Any], target: TargetConfig, out: Path) -> bool:
-    deployer = provider_classes()[target.provider]().deployer()
+    deployer = provider_class(target.provider)().deployer()
     try:
         written = await deployer.package(plugin, target, out) if deployer else None
     except DispatchError as error:

@@ -14,7 +14,7 @@ import click
 
 from dispatcher.cli._app import load, main, manifest_option
 from dispatcher.config import PluginSpec
-from providers import provider_classes
+from providers import provider_class
 from providers.capabilities import Capabilities
 
 
@@ -28,10 +28,9 @@ def _capabilities_line(capabilities: Capabilities) -> str:
 
 
 def _describe(spec: PluginSpec[Any]) -> list[str]:
-    classes = provider_classes()
     lines = [spec.key, f"  capabilities: {_capabilities_line(spec.capabilities)}"]
     for target in spec.targets():
-        provider = classes[target.provider]()
+        provider = provider_class(target.provider)()
         translation = provider.sandbox(spec, target)
         lines.append(f"  target {target.describe()}:")
         if translation is None:

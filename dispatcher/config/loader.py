@@ -37,7 +37,7 @@ from dispatcher.config.policies import Policies
 from dispatcher.config.quoting import is_secret, shown_input
 from dispatcher.config.shared_targets import shared_target_problems
 from dispatcher.config.telemetry import TelemetryEnvironmentError
-from providers import provider_classes
+from providers import is_provider, provider_class, provider_names
 from providers.target import MASK, Destination, TargetConfig
 
 __all__ = [
@@ -55,11 +55,37 @@ Substitutions = dict[tuple[str | int, ...], list[str]]
 
 
 @cache
-def manifest_model() -> type[Manifest[Any]]:
-    """``Manifest`` specialised to the union of every registered provider's target model."""
-    models = tuple(cls.target_model for cls in provider_classes().values())
+def manifest_model(providers: frozenset[str] | None = None) -> type[Manifest[Any]]:
+    """``Manifest`` specialised to the union of the target models of ``providers`` (every
+    registered provider's by default)."""
+    names = sorted(providers) if providers is not None else provider_names()
+    models = tuple(provider_class(name).target_model for name in names)
     target_union = Annotated[Union[models], Field(discriminator="provider")]  # type: ignore[valid-type]  # noqa: UP007
     return Manifest[target_union]
+
+
+def _model_for(data: Any) -> type[Manifest[Any]]:
+    """The manifest model for a document: the union of the providers its targets name,
+    when each names a known one; otherwise every provider's, so that a target without a
+    provider, or with one nobody registered, gets the same problem whatever else is there."""
+    named: set[str] = set()
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    for plugin in plugins if isinstance(plugins, list) else ():
+        if not isinstance(plugin, dict):
+            continue
+        methods = plugin.get("methods")
+        methods = list(methods.values()) if isinstance(methods, dict) else []
+        for owner in (plugin, *methods):
+            target = owner.get("target") if isinstance(owner, dict) else None
+            if target is None:
+                continue
+            provider = target.get("provider") if isinstance(target, dict) else None
+            if not (isinstance(provider, str) and is_provider(provider)):
+                return manifest_model()
+            named.add(provider)
+    # Without a target (plugins from a registry only), any union validates the document
+    # alike: the local provider's model is the cheapest to build.
+    return manifest_model(frozenset(named or {"local"}))
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest[Any]:
@@ -199,7 +225,7 @@ def _validate_document(
     if not found:
         context = {"base_dir": document.base_dir.resolve()}
         try:
-            part = manifest_model().model_validate(data, context=context)
+            part = _model_for(data).model_validate(data, context=context)
         except ValidationError as error:
             found.extend(_problems_from(error, substituted, quote=quote))
     source = None if own else document.source
@@ -305,7 +331,7 @@ def _substituted(
 def _problems_from(
     error: ValidationError, substituted: Substitutions, *, quote: bool = True
 ) -> Iterator[ManifestProblem]:
-    tags = set(provider_classes())
+    tags = set(provider_names())
     for detail in error.errors(include_url=False):
         location = _without_discriminator_tags(detail["loc"], tags)
         # The input of a problem at or above a substituted value contains that value.
@@ -315,6 +341,7 @@ def _problems_from(
             if path[: len(location)] == location or location[: len(path)] == path
             for value in values
         ]
+        # Every provider's model: a union of one would hide the tag in the location.
         quote_this = quote and not is_secret(manifest_model(), detail["loc"])
         message = _explain(detail, location, show_input=not secrets, quote=quote_this)
         for secret in sorted(secrets, key=len, reverse=True):
@@ -351,7 +378,7 @@ def _explain(
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_not_found":
-        return f"a target needs 'provider', one of: {', '.join(sorted(provider_classes()))}"
+        return f"a target needs 'provider', one of: {', '.join(provider_names())}"
     message = str(detail["msg"]).removeprefix("Value error, ")
     if kind in {"union_tag_invalid", "value_error"}:
         return message
