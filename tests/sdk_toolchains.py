@@ -35,6 +35,10 @@ RUST_TARGET = SDK / "rust" / "target"
 #: reuses what `make sdks` compiled of the SDK's requirements (grpc, protobuf: ~40 s on two
 #: cores) instead of compiling them again under the default flags.
 GO_AS_MAKE_SDKS = {"CGO_ENABLED": "0", "GOFLAGS": "-trimpath -buildvcs=false"}
+#: Maven's own JVM with C1's code only: a build is over before C2's compiles would pay (the
+#: Java scaffold's test and package took 34 s of CPU with both compilers, 23 s with C1).
+#: A ``MAVEN_OPTS`` of the environment's own wins.
+MAVEN_BUILD_JVM = {"MAVEN_OPTS": "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"}
 #: Offline toolchains: a test that needs the network is a test that fails on CI.
 OFFLINE = {
     "GOPROXY": "off",
@@ -52,7 +56,7 @@ def run(
     return subprocess.run(
         command,
         cwd=folder,
-        env={**os.environ, "PATH": path, **environment},
+        env={**MAVEN_BUILD_JVM, **os.environ, "PATH": path, **environment},
         capture_output=True,
         text=True,
         timeout=timeout,
