@@ -137,6 +137,16 @@ async def test_the_lambda_timeout_is_a_deadline_exceeded(env: Env) -> None:
         await env.provider.invoke(env.target(envelope=False), invocation({"sleep": 6}))
 
 
+async def test_the_call_after_a_timed_out_one_is_answered(env: Env) -> None:
+    # The runtime resets after a timeout; a call that met the reset in the same environment
+    # was answered Sandbox.Failure ("ErrGateCanceled") at once. Lambda runs it after an init.
+    for _ in range(2):
+        with pytest.raises(DeadlineExceeded, match=r"Task timed out after 3\.00 seconds"):
+            await env.provider.invoke(env.target(envelope=False), invocation({"sleep": 6}))
+        result = await env.provider.invoke(env.target(envelope=False), invocation({"x": 1}))
+        assert result["event"] == {"x": 1}
+
+
 async def test_a_function_that_outlives_the_callers_deadline_is_cut_off(env: Env) -> None:
     # A handler that ignores deadlines: the provider's own timeout ends the call.
     started = time.monotonic()

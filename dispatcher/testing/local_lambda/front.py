@@ -319,6 +319,7 @@ class LocalLambda:
         self.invocations += 1
         self._in_flight[function.name] += 1
         healthy = True
+        payload = b""
         headers = {"Content-Type": "application/json"}
         if client_context:
             headers["X-Amz-Client-Context"] = client_context
@@ -344,6 +345,10 @@ class LocalLambda:
             self._in_flight[function.name] -= 1
             if self._shipper is not None:
                 self._shipper.ship(environment, function, caller)
+            # After a timeout the emulator resets the runtime, and an invocation that met
+            # the reset was answered at once with "Sandbox.Failure ... ErrGateCanceled"
+            # (seen under load); Lambda runs the next one after an init. A new environment.
+            healthy = healthy and not _timed_out(payload)
             await self._environments.release(environment, healthy)
         payload, function_error = _classify(payload)
         log_tail = await self._log_tail(environment) if tail else None
@@ -356,10 +361,15 @@ class LocalLambda:
         return base64.b64encode(text).decode("ascii")
 
 
+def _timed_out(payload: bytes) -> bool:
+    """Whether the emulator's answer says the function ran past its timeout."""
+    return payload.lstrip().startswith(b"Task timed out after")
+
+
 def _classify(payload: bytes) -> tuple[bytes, str | None]:
     """Tell a function error from a result, as Lambda does; RIE does not say (sam does the same)."""
     text = payload.strip()
-    if text.startswith(b"Task timed out after"):
+    if _timed_out(text):
         message = text.decode("utf-8", "replace")
         return orjson.dumps({"errorType": "Sandbox.Timedout", "errorMessage": message}), "Unhandled"
     if text.startswith(b"{"):
