@@ -12,8 +12,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -103,6 +105,11 @@ func main() {
 		if err := call.Bind(&params); err != nil {
 			return nil, err
 		}
+		// Threads count against the limit too: while the children hold it, a runtime that
+		// needs a new thread (a blocking call handing its P on, on a loaded machine) dies
+		// ("failed to create new OS thread") and the host saw a reset instead of an answer.
+		// Threads made before are kept idle for it.
+		spareThreads(4)
 		var started []*exec.Cmd
 		failure := ""
 		for range params.N {
@@ -253,4 +260,22 @@ func dropConnections() {
 		}
 		_ = syscall.Shutdown(fd, syscall.SHUT_RDWR)
 	}
+}
+
+// spareThreads leaves at least n idle OS threads in the Go runtime, which never ends an idle
+// one: n goroutines, each locked to a thread of its own, wait together, then unlock.
+func spareThreads(n int) {
+	var ready sync.WaitGroup
+	release := make(chan struct{})
+	ready.Add(n)
+	for range n {
+		go func() {
+			runtime.LockOSThread()
+			ready.Done()
+			<-release
+			runtime.UnlockOSThread()
+		}()
+	}
+	ready.Wait()
+	close(release)
 }
