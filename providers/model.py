@@ -9,7 +9,9 @@ capabilities``) can build on them without an import circle.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
@@ -139,13 +141,36 @@ class StrictModel(BaseModel):
 
 
 def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
-    if path.is_absolute():
-        return path
-    base = (info.context or {}).get("base_dir", Path.cwd())
-    return (Path(base) / path).resolve()
+    if not path.is_absolute():
+        base = (info.context or {}).get("base_dir", Path.cwd())
+        path = (Path(base) / path).resolve()
+    _refuse_special(path)
+    return path
 
 
-#: A path in a manifest: relative paths are taken from the manifest's folder.
+def _refuse_special(path: Path) -> None:
+    """A manifest's paths name files and folders (TLS files, modules, build contexts): one
+    naming a FIFO made whoever read it wait for a writer for ever (OpenSSL loading a
+    ``ca_file``, on the event loop), a device read without end. A path that does not
+    exist yet is the provider's to report when it needs it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ValueError(f"{path} is {_special_kind(mode)}, not a file or a folder")
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+#: A path in a manifest: relative paths are taken from the manifest's folder; one naming a
+#: FIFO, a socket or a device is refused.
 ManifestPath = Annotated[Path, AfterValidator(_relative_to_manifest)]
 
 

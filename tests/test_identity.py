@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -592,6 +593,23 @@ async def test_a_jwks_server_that_hangs_or_is_gone_gives_unauthorized_not_a_hang
     with pytest.raises(Unauthorized):
         await nobody.principal_of(keys["rsa"].token())
     await nobody.aclose()
+
+
+async def test_a_jwks_path_naming_a_fifo_gives_unauthorized_not_a_stuck_thread(
+    tmp_path: Path, keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Read as a file, a FIFO nobody writes to held a thread for ever, and the process's
+    # exit waited for it.
+    fifo = tmp_path / "jwks.json"
+    os.mkfifo(fifo)
+    config = auth_manifest(tmp_path, {"jwt": jwt_config("jwks.json")}).auth.jwt
+    authenticator = JwtAuthenticator(config)
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(authenticator.start(), timeout=10)
+    assert "not a regular file (a FIFO)" in caplog.text, caplog.text
+    with pytest.raises(Unauthorized):
+        await asyncio.wait_for(authenticator.principal_of(keys["rsa"].token()), timeout=10)
+    await authenticator.aclose()
 
 
 async def test_private_or_symmetric_keys_in_a_jwks_are_never_used(

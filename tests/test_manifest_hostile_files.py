@@ -8,14 +8,17 @@ file, a reload and the CLI alike; a manifest that merely shares blocks by alias 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from dispatcher import Dispatcher, ManifestError, load_manifest
+from dispatcher.config import includes
 from dispatcher.config.shape import MAX_ALIASED_VALUES, MAX_DEPTH, MAX_FILE_BYTES
 from tests.conftest import EXAMPLES, ROOT
 
@@ -196,7 +199,7 @@ def test_a_path_that_never_ends_or_a_file_past_the_bound_is_refused_unread(tmp_p
     with pytest.raises(ManifestError, match="larger than 64 MiB"):
         load_manifest("/dev/zero")
     main = write(tmp_path, "version: 1\ninclude: [/dev/zero]\n")
-    with pytest.raises(ManifestError, match=r"/dev/zero.*larger than 64 MiB"):
+    with pytest.raises(ManifestError, match=r"/dev/zero.*not a regular file"):
         load_manifest(main)
     huge = write(tmp_path, PLUGIN + "#" * MAX_FILE_BYTES + "\n", "huge.yaml")
     assert "larger than 64 MiB" in problem(huge)
@@ -212,6 +215,113 @@ def test_a_manifest_read_from_a_pipe_still_loads(tmp_path: Path) -> None:
         assert [spec.id for spec in load_manifest(fifo).plugins] == ["echo"]
     finally:
         writer.join(timeout=10)
+
+
+def test_a_pipe_whose_writer_comes_late_still_loads(tmp_path: Path) -> None:
+    fifo = tmp_path / "plugins.yaml"
+    os.mkfifo(fifo)
+    late = threading.Timer(0.5, fifo.write_text, args=(PLUGIN,))
+    late.start()
+    try:
+        assert [spec.id for spec in load_manifest(fifo).plugins] == ["echo"]
+    finally:
+        late.join(timeout=10)
+
+
+def test_a_fifo_nobody_writes_to_is_refused_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It waited for a writer for ever: `dispatcher validate` hung, and so did a reload on
+    # the event loop of a running dispatcher.
+    monkeypatch.setattr(includes, "PIPE_WAIT_SECONDS", 0.5)
+    fifo = tmp_path / "plugins.yaml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    refused = problem(fifo)
+    assert "no end of file within 0.5 s" in refused, refused
+    assert time.monotonic() - started < 5
+
+
+def test_a_pipe_whose_writer_stalls_is_refused_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(includes, "PIPE_WAIT_SECONDS", 0.5)
+    fifo = tmp_path / "plugins.yaml"
+    os.mkfifo(fifo)
+    released = threading.Event()
+
+    def stall() -> None:
+        with fifo.open("w") as pipe:
+            pipe.write(PLUGIN[:20])
+            pipe.flush()
+            released.wait(timeout=30)
+
+    writer = threading.Thread(target=stall)
+    writer.start()
+    try:
+        assert "no end of file within 0.5 s" in problem(fifo)
+    finally:
+        released.set()
+        writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("planted", ["fifo", "/dev/null", "directory"])
+def test_an_include_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, planted: str
+) -> None:
+    # An included file is read again on every reload, which a pipe cannot be: an include
+    # naming a FIFO hung the load, or any later reload, waiting for a writer.
+    (tmp_path / "plugins.d").mkdir()
+    included = tmp_path / "plugins.d" / "more.yaml"
+    if planted == "fifo":
+        os.mkfifo(included)
+    elif planted == "directory":
+        included.mkdir()
+    else:
+        included.symlink_to(planted)
+    main = write(tmp_path, "version: 1\ninclude: [plugins.d/*.yaml]\n")
+    started = time.monotonic()
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(main)
+    assert time.monotonic() - started < 5
+    [rendered] = [found.render(caught.value.source) for found in caught.value.problems]
+    assert "more.yaml" in rendered, rendered
+    expected = "is a directory" if planted == "directory" else "not a regular file"
+    assert expected in rendered.lower(), rendered
+
+
+HTTP_WITH_CA = """\
+version: 1
+plugins:
+  - id: remote
+    version: 1.0.0
+    target: {provider: http, url: "https://127.0.0.1:9", tls: {ca_file: CA}}
+    methods: {say: {}}
+"""
+
+
+@pytest.mark.parametrize("planted", ["fifo", "socket", "/dev/zero"])
+def test_a_path_in_a_manifest_naming_a_fifo_socket_or_device_is_refused_at_load(
+    tmp_path: Path, planted: str
+) -> None:
+    # A ca_file that was a FIFO hung the first call for ever: OpenSSL waited for a writer,
+    # on the event loop. Every path a manifest names (TLS files, modules, contexts) is a
+    # file or a folder.
+    ca = tmp_path / "ca.pem"
+    if planted == "fifo":
+        os.mkfifo(ca)
+    elif planted == "socket":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(ca))
+        listener.close()
+    else:
+        ca.symlink_to(planted)
+    refused = problem(write(tmp_path, HTTP_WITH_CA.replace("CA", "ca.pem")))
+    named = "/dev/zero" if planted == "/dev/zero" else "ca.pem"  # the symlink resolved
+    assert "tls.ca_file: " in refused, refused
+    assert f"{named} is a" in refused and "not a file or a folder" in refused, refused
+    missing = write(tmp_path, HTTP_WITH_CA.replace("CA", "later.pem"), "missing.yaml")
+    assert [spec.id for spec in load_manifest(missing).plugins] == ["remote"]
 
 
 @pytest.mark.parametrize("name", ["plugins.yaml", "plugins.toml"])

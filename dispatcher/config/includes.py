@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.files import read_capped
 from dispatcher.config.shape import MAX_DEPTH, MAX_FILE_BYTES, TOO_DEEP, shape_problem
 
 __all__ = [
@@ -35,6 +36,10 @@ __all__ = [
 INCLUDED_KEYS = frozenset({"plugins", "rollouts"})
 
 _GLOB_MAGIC = frozenset("*?[")
+
+#: How long a manifest handed over through a pipe (``<(envsubst < plugins.yaml)``, a FIFO)
+#: may take to arrive whole: a FIFO nobody writes to fails in this time instead of hanging.
+PIPE_WAIT_SECONDS = 10.0
 
 
 #: libyaml's parser when PyYAML was built with it: the YAML of 1,000 plugins parsed in
@@ -204,14 +209,15 @@ class Document:
             return None
 
 
-def read_document(path: str | os.PathLike[str]) -> Document:
+def read_document(path: str | os.PathLike[str], *, pipes: bool = True) -> Document:
     """Read and parse one file (``.toml`` as TOML, anything else as YAML), refused if it
-    nests too deep or its aliases expand it too far (``dispatcher.config.shape``)."""
+    nests too deep or its aliases expand it too far (``dispatcher.config.shape``). A pipe
+    is read for ``PIPE_WAIT_SECONDS`` at most, or refused without ``pipes``
+    (``dispatcher.config.files``)."""
     file = Path(path)
     source = os.fspath(path)
     try:
-        with file.open("rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)
+        raw = read_capped(file, MAX_FILE_BYTES, pipe_wait=PIPE_WAIT_SECONDS if pipes else None)
     except OSError as error:
         raise ManifestError(
             source, [ManifestProblem("", f"cannot read: {error.strerror}")]
@@ -298,7 +304,9 @@ def expand_includes(main: Document) -> tuple[Document, list[Document], list[Mani
                 continue
             seen.add(resolved)
             try:
-                document = read_document(path)
+                # Files only: an included file is read again on every reload, which a
+                # pipe cannot be.
+                document = read_document(path, pipes=False)
             except ManifestError as error:
                 problems.extend(_in(error.source, problem) for problem in error.problems)
                 continue
@@ -315,7 +323,7 @@ def watched_paths(path: str | os.PathLike[str]) -> list[Path]:
     file = Path(path)
     paths = [file]
     try:
-        data = read_document(file).data
+        data = read_document(file, pipes=False).data  # a pipe's bytes were the load's
     except ManifestError:
         return paths  # unreadable now: the next change to it will be seen anyway
     patterns = data.get("include") if isinstance(data, dict) else None

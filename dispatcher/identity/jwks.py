@@ -23,13 +23,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from dispatcher.config.files import read_capped
 from providers.egress import EgressPolicy, EgressRefused
 from providers.target import masked_url
 
@@ -162,13 +162,9 @@ class KeySet:
         return body
 
     async def _read_file(self) -> bytes:
-        path = Path(self.location)
-
-        def read() -> bytes:
-            with path.open("rb") as file:
-                return file.read(MAX_JWKS_BYTES + 1)
-
-        body = await asyncio.to_thread(read)
+        # A file only: a FIFO there held a thread waiting for a writer for ever (and the
+        # process's exit, which waits for that thread, with it).
+        body = await asyncio.to_thread(read_capped, self.location, MAX_JWKS_BYTES, pipe_wait=None)
         if len(body) > MAX_JWKS_BYTES:
             raise _Refused(f"larger than {MAX_JWKS_BYTES} bytes")
         return body
