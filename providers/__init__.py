@@ -8,6 +8,7 @@ Provider modules import their vendor SDK lazily, so loading a target model is ch
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -22,11 +23,15 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Health",
     "Provider",
+    "ProviderNotLoadable",
     "TargetConfig",
     "is_provider",
+    "loadable_provider_names",
     "provider_class",
     "provider_names",
 ]
+
+log = logging.getLogger("dispatcher.providers")
 
 ENTRY_POINT_GROUP = "dispatcher.providers"
 
@@ -43,11 +48,27 @@ _BUILT_IN = {
 }
 
 
-def _load(reference: str) -> type[Provider[Any]]:
+class ProviderNotLoadable(Exception):
+    """A provider is registered (a built-in, or a package's entry point) but its class
+    cannot be loaded: its package is broken, half installed, or names something else."""
+
+    def __init__(self, name: str, reference: str, reason: str) -> None:
+        super().__init__(f"provider {name!r} ({reference}) cannot be loaded: {reason}")
+        self.name = name
+        self.reference = reference
+        self.reason = reason
+
+
+def _load(name: str, reference: str) -> type[Provider[Any]]:
     module_name, _, attribute = reference.partition(":")
-    provider = getattr(import_module(module_name), attribute)
+    try:
+        provider = getattr(import_module(module_name), attribute)
+    except Exception as error:  # a third party's module: anything its import raises
+        raise ProviderNotLoadable(name, reference, f"{type(error).__name__}: {error}") from error
     if not (isinstance(provider, type) and issubclass(provider, Provider)):
-        raise TypeError(f"{reference} is not a dispatcher Provider subclass")
+        raise ProviderNotLoadable(name, reference, "not a dispatcher Provider subclass")
+    if provider.name != name:
+        raise ProviderNotLoadable(name, reference, f"its class serves {provider.name!r}")
     return provider
 
 
@@ -73,13 +94,25 @@ def provider_names() -> list[str]:
 
 @cache
 def provider_class(name: str) -> type[Provider[Any]]:
-    """The provider named ``name``, its module imported now (``KeyError`` if unknown).
+    """The provider named ``name``, its module imported now (``KeyError`` if unknown,
+    ``ProviderNotLoadable`` if its class cannot be loaded).
 
     One at a time: a manifest that uses two providers imports two of the nine built-in
     modules; all nine, their target models built, were ~0.2 s of a CLI's start.
     """
-    reference = _BUILT_IN.get(name) or _references()[name]
-    cls = _load(reference)
-    if cls.name != name:
-        raise TypeError(f"provider entry point {name!r} names a class serving {cls.name!r}")
-    return cls
+    return _load(name, _BUILT_IN.get(name) or _references()[name])
+
+
+@cache
+def loadable_provider_names() -> list[str]:
+    """``provider_names`` without those whose class cannot be loaded, each said once in a
+    warning: one broken package must not stop manifests that do not use it from loading."""
+    loadable = []
+    for name in provider_names():
+        try:
+            provider_class(name)
+        except ProviderNotLoadable as error:
+            log.warning("%s; manifests naming it are refused", error)
+        else:
+            loadable.append(name)
+    return loadable

@@ -37,7 +37,13 @@ from dispatcher.config.policies import Policies
 from dispatcher.config.quoting import is_secret, shown_input
 from dispatcher.config.shared_targets import shared_target_problems
 from dispatcher.config.telemetry import TelemetryEnvironmentError
-from providers import is_provider, provider_class, provider_names
+from providers import (
+    ProviderNotLoadable,
+    is_provider,
+    loadable_provider_names,
+    provider_class,
+    provider_names,
+)
 from providers.target import MASK, Destination, TargetConfig
 
 __all__ = [
@@ -58,7 +64,7 @@ Substitutions = dict[tuple[str | int, ...], list[str]]
 def manifest_model(providers: frozenset[str] | None = None) -> type[Manifest[Any]]:
     """``Manifest`` specialised to the union of the target models of ``providers`` (every
     registered provider's by default)."""
-    names = sorted(providers) if providers is not None else provider_names()
+    names = sorted(providers) if providers is not None else loadable_provider_names()
     models = tuple(provider_class(name).target_model for name in names)
     target_union = Annotated[Union[models], Field(discriminator="provider")]  # type: ignore[valid-type]  # noqa: UP007
     return Manifest[target_union]
@@ -67,25 +73,50 @@ def manifest_model(providers: frozenset[str] | None = None) -> type[Manifest[Any
 def _model_for(data: Any) -> type[Manifest[Any]]:
     """The manifest model for a document: the union of the providers its targets name,
     when each names a known one; otherwise every provider's, so that a target without a
-    provider, or with one nobody registered, gets the same problem whatever else is there."""
+    provider, or with one nobody registered, gets the same problem whatever else is there.
+    (A provider that is registered but cannot be loaded was reported before: ``_unloadable``.)"""
     named: set[str] = set()
-    plugins = data.get("plugins") if isinstance(data, dict) else None
-    for plugin in plugins if isinstance(plugins, list) else ():
-        if not isinstance(plugin, dict):
-            continue
-        methods = plugin.get("methods")
-        methods = list(methods.values()) if isinstance(methods, dict) else []
-        for owner in (plugin, *methods):
-            target = owner.get("target") if isinstance(owner, dict) else None
-            if target is None:
-                continue
-            provider = target.get("provider") if isinstance(target, dict) else None
-            if not (isinstance(provider, str) and is_provider(provider)):
-                return manifest_model()
-            named.add(provider)
+    for _, target in _targets(data):
+        provider = target.get("provider") if isinstance(target, dict) else None
+        if not (isinstance(provider, str) and is_provider(provider)):
+            return manifest_model()
+        named.add(provider)
     # Without a target (plugins from a registry only), any union validates the document
     # alike: the local provider's model is the cheapest to build.
     return manifest_model(frozenset(named or {"local"}))
+
+
+def _unloadable(data: Any) -> list[ManifestProblem]:
+    """A problem for each target naming a provider that is registered but whose class
+    cannot be loaded (its package is broken): said as such, not as a traceback."""
+    problems = []
+    for location, target in _targets(data):
+        provider = target.get("provider") if isinstance(target, dict) else None
+        if isinstance(provider, str) and is_provider(provider):
+            try:
+                provider_class(provider)
+            except ProviderNotLoadable as error:
+                fix = "reinstall the package that provides it, or name another provider"
+                problems.append(
+                    ManifestProblem(_render_path((*location, "provider")), f"{error}: {fix}")
+                )
+    return problems
+
+
+def _targets(data: Any) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """Each ``target`` a document's plugins write (a plugin's, then its methods'), where."""
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    for index, plugin in enumerate(plugins if isinstance(plugins, list) else ()):
+        if not isinstance(plugin, dict):
+            continue
+        owners: list[tuple[tuple[str | int, ...], Any]] = [(("plugins", index), plugin)]
+        methods = plugin.get("methods")
+        if isinstance(methods, dict):
+            owners += [(("plugins", index, "methods", name), m) for name, m in methods.items()]
+        for location, owner in owners:
+            target = owner.get("target") if isinstance(owner, dict) else None
+            if target is not None:
+                yield (*location, "target"), target
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest[Any]:
@@ -222,6 +253,8 @@ def _validate_document(
     substituted: Substitutions = {}
     data = _interpolate_env(data, (), found, substituted)
     part: Manifest[Any] | None = None
+    if not found:
+        found.extend(_unloadable(data))
     if not found:
         context = {"base_dir": document.base_dir.resolve()}
         try:
