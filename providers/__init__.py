@@ -67,8 +67,9 @@ def _load(name: str, reference: str) -> type[Provider[Any]]:
         raise ProviderNotLoadable(name, reference, f"{type(error).__name__}: {error}") from error
     if not (isinstance(provider, type) and issubclass(provider, Provider)):
         raise ProviderNotLoadable(name, reference, "not a dispatcher Provider subclass")
-    if provider.name != name:
-        raise ProviderNotLoadable(name, reference, f"its class serves {provider.name!r}")
+    serves = getattr(provider, "name", None)
+    if serves != name:
+        raise ProviderNotLoadable(name, reference, f"its class serves {serves!r}")
     return provider
 
 
@@ -92,7 +93,6 @@ def provider_names() -> list[str]:
     return sorted(_references())
 
 
-@cache
 def provider_class(name: str) -> type[Provider[Any]]:
     """The provider named ``name``, its module imported now (``KeyError`` if unknown,
     ``ProviderNotLoadable`` if its class cannot be loaded).
@@ -100,7 +100,21 @@ def provider_class(name: str) -> type[Provider[Any]]:
     One at a time: a manifest that uses two providers imports two of the nine built-in
     modules; all nine, their target models built, were ~0.2 s of a CLI's start.
     """
-    return _load(name, _BUILT_IN.get(name) or _references()[name])
+    loaded = _loaded(name)
+    if isinstance(loaded, ProviderNotLoadable):
+        # A new one each time: raising the kept one again would grow its traceback.
+        raise ProviderNotLoadable(name, loaded.reference, loaded.reason) from loaded.__cause__
+    return loaded
+
+
+@cache
+def _loaded(name: str) -> type[Provider[Any]] | ProviderNotLoadable:
+    """The class, or why it cannot be loaded: a failed import is tried once, not once for
+    each of a thousand targets naming it."""
+    try:
+        return _load(name, _BUILT_IN.get(name) or _references()[name])
+    except ProviderNotLoadable as error:
+        return error
 
 
 @cache
