@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,7 +20,9 @@ from click.testing import CliRunner
 
 from dispatcher import Dispatcher
 from dispatcher.audit import GENESIS, AuditLog, AuditLogError, verify, verify_lines
+from dispatcher.audit import chain as audit_chain
 from dispatcher.audit import log as audit_log
+from dispatcher.audit.chain import check_chain
 from dispatcher.cli import main
 from dispatcher.config import ManifestError, parse_manifest
 from dispatcher.identity import Credentials, Principal, api_key_digest
@@ -405,6 +408,77 @@ async def test_records_cut_from_the_end_need_the_head_to_show(tmp_path: Path) ->
     result = CliRunner().invoke(main, ["audit", "verify", str(path), "--head", head])
     assert result.exit_code == 1 and "expected head" in result.output
     assert CliRunner().invoke(main, ["audit", "verify", str(tmp_path / "none.log")]).exit_code == 2
+
+
+@pytest.mark.parametrize("change", [None, *sorted(TAMPERING)])
+async def test_verify_finds_the_same_wherever_the_blocks_it_reads_end(
+    tmp_path: Path, change: str | None
+) -> None:
+    # verify reads a block at a time: a line split across blocks, or a block ending just
+    # at a line's end, must read as the whole file does.
+    path, _ = await sample_log(tmp_path)
+    if change is not None:
+        tamper(path, change)
+    data = path.read_bytes()
+    whole = verify_lines(data)
+    for size in (1, 2, 7, 64, 199, len(data) - 1, len(data)):
+        blocks = [data[start : start + size] for start in range(0, len(data), size)]
+        assert check_chain(blocks) == whole, size
+
+
+def test_verify_checks_a_log_larger_than_memory_would_like_in_the_memory_of_a_line(
+    tmp_path: Path,
+) -> None:
+    # It read the whole log, then split it: a 200 MB log took ~450 MB, and the audit log
+    # of a long-running gateway only grows.
+    from dispatcher.audit.chain import seal_batch
+
+    path = tmp_path / "audit.log"
+    bodies = [
+        json.dumps({"kind": "call", "n": n, "pad": "x" * 10_000}).encode() for n in range(500)
+    ]
+    head = GENESIS
+    with path.open("wb") as log:
+        for _ in range(40):  # 20,000 records, ~200 MB
+            lines, head = seal_batch(bodies, head)
+            log.write(lines)
+    code = (
+        "import resource, sys\n"
+        "from dispatcher.audit import verify\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"report = verify({str(path)!r}, head={head!r})\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(report.intact, report.records, grown // 1024)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    intact, records, grown_mb = ran.stdout.split()
+    assert (intact, records) == ("True", "20000"), ran.stderr
+    assert int(grown_mb) < 50, f"verify grew by {grown_mb} MB for a 200 MB log"
+
+
+async def test_verify_reads_a_pipe_and_gives_up_on_a_fifo_nobody_writes_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, head = await sample_log(tmp_path)
+    fifo = tmp_path / "audit.pipe"
+    os.mkfifo(fifo)
+    # A writer that comes late: the pipe is read to its end, as `<(zcat audit.log.gz)` is.
+    late = threading.Timer(0.3, lambda: fifo.write_bytes(path.read_bytes()))
+    late.start()
+    report = await asyncio.wait_for(asyncio.to_thread(verify, fifo, head=head), 20)
+    late.join(10)
+    assert report.intact and report.records == 8, report
+    # Nobody writes: it opened the FIFO waiting for a writer for ever.
+    monkeypatch.setattr(audit_chain, "PIPE_WAIT_SECONDS", 0.5)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.to_thread(verify, fifo), 20)
+    result = CliRunner().invoke(main, ["audit", "verify", str(fifo)])
+    assert result.exit_code == 2, result.output
+    assert "cannot read: a pipe nobody wrote to within 0.5 s" in result.output, result.output
+    with pytest.raises(IsADirectoryError):
+        verify(tmp_path)
 
 
 async def test_a_fleet_call_records_the_instance_that_answered(tmp_path: Path) -> None:

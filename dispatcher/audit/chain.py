@@ -25,21 +25,26 @@ check it; the dispatcher logs its head when it closes the log and reports it in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from dispatcher.audit._lock import lock, unlock
+from dispatcher.config.files import wait_for_writer
 
 __all__ = [
     "GENESIS",
     "ChainReport",
+    "check_chain",
     "line_hash",
     "line_problem",
     "seal",
@@ -52,6 +57,10 @@ __all__ = [
 GENESIS = "0" * 64
 #: How long ``verify`` waits for a writer to finish its append before it reads anyway.
 VERIFY_LOCK_SECONDS = 5.0
+#: How much of a log ``verify`` reads at a time.
+VERIFY_BLOCK_BYTES = 1 << 20
+#: How long ``verify`` waits for a pipe's writer to write (or end) before it gives up.
+PIPE_WAIT_SECONDS = 10.0
 _LINE = re.compile(rb'^(\{.*),"hash":"([0-9a-f]{64})"\}$', re.DOTALL)
 
 
@@ -120,33 +129,66 @@ def verify(path: str | Path, *, head: str | None = None) -> ChainReport:
     there was when it held the writers' lock (shared, for an instant), so a batch being
     written is not mistaken for a line cut short. A writer that holds the lock for longer
     than ``VERIFY_LOCK_SECONDS`` (blocked on a hung disk) is not waited for.
+
+    The log is read a block at a time, so a log of any size is checked in the memory of
+    one line. A pipe (``<(zcat audit.log.gz)``) is read to its end once its writer has
+    written; a FIFO nobody writes to fails after ``PIPE_WAIT_SECONDS`` (``TimeoutError``).
     """
-    with open(path, "rb") as file:
-        descriptor = file.fileno()
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a pipe: all it brings
-            return verify_lines(file.read(), head=head)
+    # Not blocking: opening a FIFO would wait for a writer for ever.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(descriptor, "rb", buffering=0) as file:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(mode):  # a pipe: all it brings, once its writer is there
+            wait_for_writer(descriptor, PIPE_WAIT_SECONDS)
+            os.set_blocking(descriptor, True)
+            return check_chain(iter(partial(file.read, VERIFY_BLOCK_BYTES), b""), head=head)
         locked = lock(descriptor, shared=True, wait=VERIFY_LOCK_SECONDS)
         try:
             size = os.fstat(descriptor).st_size
         finally:
             if locked:
                 unlock(descriptor)
-        data = file.read(size)
-    return verify_lines(data, head=head)
+        return check_chain(_blocks(file, size), head=head)
+
+
+def _blocks(file: BinaryIO, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of ``file``, a block at a time."""
+    while size > 0:
+        block = file.read(min(size, VERIFY_BLOCK_BYTES))
+        if not block:
+            return
+        size -= len(block)
+        yield block
 
 
 def verify_lines(data: bytes, *, head: str | None = None) -> ChainReport:
-    lines = data.split(b"\n")
-    tail = lines.pop()  # what follows the last \n: nothing, in a complete log
+    """``verify`` of a log's bytes already read."""
+    return check_chain((data,), head=head)
+
+
+def check_chain(blocks: Iterable[bytes], *, head: str | None = None) -> ChainReport:
+    """The chain of the log whose bytes come in ``blocks``, split anywhere."""
     prev = GENESIS
     last_hash: str | None = None
-    for number, line in enumerate(lines, start=1):
-        problem = line_problem(line, prev)
-        if problem is not None:
-            return ChainReport(number - 1, last_hash, number, problem)
-        last_hash = prev = line_hash(line)
-    count = len(lines)
-    if tail:
+    count = 0
+    partial_line: list[bytes] = []  # the line the last block ended in, its pieces so far
+    for block in blocks:
+        lines = block.split(b"\n")
+        if partial_line:
+            partial_line.append(lines[0])
+            if len(lines) == 1:
+                continue  # a line longer than a block: still no end
+            lines[0] = b"".join(partial_line)
+        partial_line = [lines.pop()]
+        for line in lines:
+            count += 1
+            problem = line_problem(line, prev)
+            if problem is not None:
+                return ChainReport(count - 1, last_hash, count, problem)
+            last_hash = prev = line_hash(line)
+    if any(partial_line):
         return ChainReport(
             count, last_hash, count + 1, "incomplete last line (the file was cut short)"
         )

@@ -20,7 +20,7 @@ import select
 import stat
 import time
 
-__all__ = ["read_capped"]
+__all__ = ["read_capped", "wait_for_writer"]
 
 
 def read_capped(path: str | os.PathLike[str], most: int, *, pipe_wait: float | None) -> bytes:
@@ -83,6 +83,17 @@ def _read_pipe(descriptor: int, limit: int, wait: float) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def wait_for_writer(descriptor: int, wait: float) -> None:
+    """Until the pipe open (without blocking) on ``descriptor`` has something to read, or
+    its end: ``TimeoutError`` after ``wait`` seconds (a FIFO nobody writes to)."""
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN)
+    if not poller.poll(wait * 1000):
+        raise TimeoutError(
+            errno.ETIMEDOUT, f"a pipe nobody wrote to within {wait:g} s (a FIFO without a writer?)"
+        )
 
 
 def _kind(mode: int) -> str:
