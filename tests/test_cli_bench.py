@@ -200,6 +200,9 @@ def test_a_params_file_that_is_not_json_lines_is_a_usage_error(tmp_path: Path) -
         assert result.returncode == 2 and says in result.stderr, result.stderr
     both = bench(path, "echo.say", "-p", "{}", "--params-file", str(broken))
     assert both.returncode == 2 and "not both" in both.stderr
+    # A file without end: it was read for ever, a line at a time that never ended.
+    endless = bench(path, "echo.say", "--params-file", "/dev/zero")
+    assert endless.returncode == 2 and "larger than 256 MiB" in endless.stderr, endless.stderr
 
 
 def _started(path: Path, *args: str) -> subprocess.Popen[str]:
@@ -232,6 +235,23 @@ def test_ctrl_c_stops_starting_calls_and_reports_what_was_measured(tmp_path: Pat
     assert report["failed"] == 0 and report["succeeded"] >= 4  # those in flight ended
     assert report["seconds"] < 10
     assert "stopping: waiting for the calls in flight" in stderr
+
+
+def test_ctrl_c_stops_a_run_of_a_method_that_answers_at_once(tmp_path: Path) -> None:
+    # An in-process method that never suspends its caller: the signal's handler never ran,
+    # and the run went on for its whole duration (a week, at most), then exited 0.
+    path = manifest(tmp_path, echo_plugin())
+    process = _started(
+        path, "echo.say", "-p", '{"text": "x"}', "-d", "600", "--warmup", "0", "-o", "json"
+    )
+    time.sleep(0.5)
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - interrupted < 20
+    report = json.loads(stdout)
+    assert report["interrupted"] is True and report["succeeded"] > 0
 
 
 def test_a_second_ctrl_c_abandons_the_calls_in_flight(tmp_path: Path) -> None:

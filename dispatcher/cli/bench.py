@@ -40,6 +40,7 @@ from dispatcher.cli._app import (
 from dispatcher.cli._gateway_client import GatewayCaller, check_gateway_url
 from dispatcher.cli._load import CallOnce, Load, LoadReport, run_load
 from dispatcher.config import Manifest
+from dispatcher.config.files import read_capped
 from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
 from providers._log_lines import printable
@@ -236,6 +237,10 @@ def _plugin_and_method(target: str) -> tuple[str, str]:
     return plugin, method
 
 
+#: The largest --params-file read: its params are all held while the load runs.
+MOST_PARAMS_FILE_BYTES = 256 << 20
+
+
 def _json(text: str | None) -> Any:
     if text is None:
         return {}
@@ -246,18 +251,26 @@ def _json(text: str | None) -> Any:
 
 
 def _params_from_file(path: Path) -> list[Any]:
-    """Every line of a JSON Lines file, decoded; blank lines skipped."""
+    """Every line of a JSON Lines file, decoded; blank lines skipped. A pipe is read for
+    10 s at most, and a file past ``MOST_PARAMS_FILE_BYTES`` refused (``/dev/zero`` was
+    read for ever, and a FIFO nobody wrote to waited for ever)."""
+    try:
+        data = read_capped(path, MOST_PARAMS_FILE_BYTES, pipe_wait=10.0)
+    except OSError as error:
+        raise click.UsageError(f"--params-file {path}: cannot read: {error.strerror}") from None
+    if len(data) > MOST_PARAMS_FILE_BYTES:
+        most = MOST_PARAMS_FILE_BYTES >> 20
+        raise click.UsageError(f"--params-file {path}: larger than {most} MiB")
     values = []
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                values.append(orjson.loads(line))
-            except orjson.JSONDecodeError as error:
-                raise click.UsageError(
-                    f"--params-file {path}, line {number}: not valid JSON ({error})"
-                ) from None
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(orjson.loads(line))
+        except orjson.JSONDecodeError as error:
+            raise click.UsageError(
+                f"--params-file {path}, line {number}: not valid JSON ({error})"
+            ) from None
     if not values:
         raise click.UsageError(f"--params-file {path} has no params (one JSON value per line)")
     return values
