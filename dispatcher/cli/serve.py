@@ -257,11 +257,11 @@ async def _serve(
             reloads.add(watcher)
         _freeze_what_start_built()
         try:
-            click.echo(f"listening on {server.url}")
+            _announce(f"listening on {server.url}")
             if server.grpc is not None:
-                click.echo(f"grpc listening on {server.grpc.address}")
+                _announce(f"grpc listening on {server.grpc.address}")
             if server.admin is not None:
-                click.echo(f"admin listening on {server.admin.url}")
+                _announce(f"admin listening on {server.admin.url}")
             await stop.wait()
             # A log line (in the manifest's log format); "listening on" above is not: it
             # is what scripts read on stdout to learn the address.
@@ -273,3 +273,12 @@ async def _serve(
             for task in reloads:  # the watcher and reloads under way end with the server
                 task.cancel()
             await asyncio.gather(*reloads, return_exceptions=True)
+
+
+def _announce(line: str) -> None:
+    """A line for whoever reads standard output (scripts learning the address). A gateway
+    whose standard output is gone (closed, a full disk) serves on: it says so in its log."""
+    try:
+        click.echo(line)
+    except OSError as error:
+        log.warning("cannot write %r to standard output: %s", line, error.strerror or error)
