@@ -366,6 +366,17 @@ async def test_through_a_gateway_calls_are_counted_as_a_caller_in_another_langua
         assert code == 1 and stdout == ""
         assert json.loads(stderr.strip().splitlines()[-1])["error"]["type"] == "unauthorized"
         assert "wrong" not in stderr  # the key is not echoed back
+        # A key pasted with its line break (it was a traceback: a header cannot hold one)
+        # goes without it; any other control character is refused, the key not shown.
+        code, stdout, stderr = await _bench(
+            "echo.say", "-p", '{"text": "hi"}', "-n", "5", "--gateway", url, "-o", "json",
+            key=BENCH_KEY + "\r\n",
+        )  # fmt: skip
+        assert code == 0 and json.loads(stdout)["succeeded"] == 5, stderr
+        code, stdout, stderr = await _bench("echo.say", "--gateway", url, key="secret\x1bkey")
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert "control character (from DISPATCHER_API_KEY)" in stderr, stderr
+        assert "secret" not in stderr
     finally:
         process.terminate()
         await process.wait()

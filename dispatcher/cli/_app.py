@@ -392,14 +392,39 @@ def credential_options(command: F) -> F:
         "--token",
         envvar="DISPATCHER_TOKEN",
         default=None,
+        callback=credential,
         help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
     )(command)
     return click.option(
         "--api-key",
         envvar="DISPATCHER_API_KEY",
         default=None,
+        callback=credential,
         help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
     )(command)
+
+
+def credential(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """A secret given on the command line or in the environment, as a header can carry it.
+
+    A trailing line break (``export DISPATCHER_TOKEN=$(cat token)`` keeps none, a file
+    pasted whole does) is dropped; any other control character is refused without the
+    secret's text: it was a traceback from the HTTP client (``Forbidden control
+    character detected in headers``)."""
+    if value is None:
+        return None
+    value = value.rstrip("\r\n")
+    if not value or any(ord(character) < 0x20 or ord(character) == 0x7F for character in value):
+        source = context.get_parameter_source(parameter.name or "")
+        where = (
+            f" (from {parameter.envvar})"
+            if source is click.core.ParameterSource.ENVIRONMENT
+            else ""
+        )
+        raise click.BadParameter(
+            f"empty, or holds a control character{where}; its text is not shown", context
+        )
+    return value
 
 
 def load(context: click.Context) -> Manifest[Any]:
