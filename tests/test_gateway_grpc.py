@@ -631,3 +631,16 @@ async def test_the_grpc_port_tells_a_caller_what_the_http_port_does_of_where_plu
     assert (f"127.0.0.1:{port}" in told) == (detail == "full")
     if detail == "safe":
         assert told.startswith("remote.say: the plugin could not be reached")
+
+
+async def test_a_grpc_port_already_taken_is_an_os_error_naming_it_not_a_runtime_error() -> None:
+    # grpcio raises RuntimeError for it: `dispatcher serve --grpc-port N` was a traceback
+    # where the HTTP port, taken, is "error: … address already in use" and exit 2.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = GatewaySettings(port=0, grpc_port=port)
+        with pytest.raises(OSError, match=rf"cannot listen for gRPC on 127\.0\.0\.1:{port}"):
+            async with running_gateway(settings=settings):
+                pass

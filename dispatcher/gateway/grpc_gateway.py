@@ -42,6 +42,8 @@ connections from grpc's channelz (``dispatcher.gateway.grpc_connections``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -141,13 +143,25 @@ class GrpcGateway:
                 fetcher,
                 require_client_authentication=settings.client_cert == "required",
             )
-            port = self._server.add_secure_port(address, credentials)
+            port = self._bound(partial(self._server.add_secure_port, address, credentials))
         else:
-            port = self._server.add_insecure_port(address)
+            port = self._bound(partial(self._server.add_insecure_port, address))
         if port == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+            raise OSError(
+                f"cannot listen for gRPC on {address}: the port is taken, or the address"
+                " is not this machine's"
+            )
         self.port = port
         await self._server.start()
+
+    @staticmethod
+    def _bound(add_port: Callable[[], int]) -> int:
+        """The port ``add_port`` bound, 0 if it could not: grpcio says so with a
+        ``RuntimeError`` since 1.60 (it was a traceback of ``dispatcher serve``)."""
+        try:
+            return add_port()
+        except RuntimeError:
+            return 0
 
     def connection_stats(self) -> dict[str, Any]:
         """Open connections (None when grpc's channelz cannot tell) and the limit; grpc
