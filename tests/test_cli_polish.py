@@ -225,6 +225,9 @@ def test_cli_health_refuses_a_timeout_it_cannot_keep(tmp_path: Path) -> None:
     "command",
     [
         ["health", "--timeout"],
+        # A call's: 0 or less was a deadline_exceeded answered as retryable, a retry loop's
+        # spin; infinity, an invalid_params from deep inside.
+        ["call", "echo.say", "--timeout"],
         ["job", "some-id", "--wait"],
         ["serve", "--grace"],
         ["serve", "--watch"],
@@ -243,7 +246,8 @@ def test_no_seconds_option_takes_nan_or_infinity(tmp_path: Path, command: list[s
             "methods": {"say": {}},
         },
     )
-    for bad in ("nan", "NaN", "inf", "-inf"):
+    bad_values = ("nan", "NaN", "inf", "-inf", *(("0", "-1") if command[0] == "call" else ()))
+    for bad in bad_values:
         result = CliRunner().invoke(main, ["-m", str(path), *command, bad])
         assert result.exit_code == 2, (bad, result.output)
         assert command[-1] in result.output, result.output

@@ -30,7 +30,9 @@ from linchkit_plugin.errors import DispatchError
 @main.command()
 @click.argument("target", metavar="PLUGIN.METHOD")
 @click.option("-p", "--params", default="{}", show_default=True, help="Params as JSON.")
-@click.option("--timeout", type=float, default=None, help="Seconds; overrides the method's.")
+@click.option(
+    "--timeout", type=Seconds(0.001, 86_400), default=None, help="Seconds; overrides the method's."
+)
 @click.option("--caller", default=None, help="Caller identity sent with the call.")
 @credential_options
 @click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
