@@ -324,6 +324,39 @@ def test_a_path_in_a_manifest_naming_a_fifo_socket_or_device_is_refused_at_load(
     assert [spec.id for spec in load_manifest(missing).plugins] == ["remote"]
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "the file is empty"),
+        ("# only a comment\n", "the file is empty"),
+        ("- a\n- b\n", "the file is a list, not a mapping"),
+        ('"plugins"\n', "the file is a string, not a mapping"),
+    ],
+)
+def test_a_file_that_is_no_mapping_says_what_a_manifest_is(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    # It was pydantic's own words, naming the generic model's parameters:
+    # "Input should be a valid dictionary or instance of Manifest[Annotated[LocalTarget, …".
+    refused = problem(write(tmp_path, text))
+    assert said in refused and "'version: 1' and 'plugins'" in refused, refused
+    assert "Manifest[" not in refused and "Annotated" not in refused, refused
+
+
+def test_an_empty_manifest_path_is_a_usage_error_not_a_folder(tmp_path: Path) -> None:
+    for args in (["-m", "", "validate"], ["validate", "-m", ""]):
+        run = subprocess.run(
+            [sys.executable, "-m", "dispatcher.cli", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=60,
+        )
+        assert run.returncode == 2 and "empty: name the manifest file" in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("name", ["plugins.yaml", "plugins.toml"])
 def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path, name: str) -> None:
     refused = problem(write(tmp_path, b"version: 1\n\n# caf\xe9\n", name))

@@ -325,6 +325,13 @@ COMMAND_MODULES = {
 }
 
 
+def _manifest_path(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    # An empty path reads as the current folder: "cannot read: is a directory".
+    if not value:
+        raise click.BadParameter("empty: name the manifest file", context, parameter)
+    return value
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-m",
@@ -333,6 +340,7 @@ COMMAND_MODULES = {
     show_default=True,
     envvar="DISPATCHER_MANIFEST",
     show_envvar=True,
+    callback=_manifest_path,
     help=MANIFEST_HELP,
 )
 @click.version_option(package_name="linchkit-dispatcher", prog_name="dispatcher")
@@ -359,9 +367,11 @@ def session(context: click.Context) -> _Session:
     return session
 
 
-def _override_manifest(context: click.Context, _: click.Parameter, value: str | None) -> None:
+def _override_manifest(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> None:
     if value is not None:
-        session(context).manifest = value
+        session(context).manifest = _manifest_path(context, parameter, value)
 
 
 #: ``-m`` after the command name as well as before it (``dispatcher call x.y -m other.yaml``).

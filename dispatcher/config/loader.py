@@ -253,6 +253,12 @@ def _validate_document(
     substituted: Substitutions = {}
     data = _interpolate_env(data, (), found, substituted)
     part: Manifest[Any] | None = None
+    if not found and own and not isinstance(data, dict):
+        # pydantic's own words name the generic model's parameters, unreadable here.
+        kinds = {list: "a list", str: "a string", bool: "true or false", int: "a number"}
+        kind = kinds.get(type(data), "a number" if isinstance(data, float) else "a value")
+        what = "empty" if data is None else f"{kind}, not a mapping"
+        found.append(ManifestProblem("", f"the file is {what}: {_A_MANIFEST}"))
     if not found:
         found.extend(_unloadable(data))
     if not found:
@@ -265,6 +271,9 @@ def _validate_document(
     problems.extend(ManifestProblem(p.path, p.message, p.line, source) for p in found)
     return part
 
+
+#: What a manifest is, for a file that is not one at all.
+_A_MANIFEST = "a manifest is a mapping with 'version: 1' and 'plugins' (a list)"
 
 _ENTRY_PATH = re.compile(r"^(plugins|rollouts)\[(\d+)\](.*)$", re.DOTALL)
 
