@@ -304,6 +304,52 @@ def test_an_sdk_folder_that_is_not_that_sdk_is_refused_and_nothing_is_written(
     assert not (tmp_path / "order-totals").exists()
 
 
+def test_a_java_plugin_named_as_a_java_keyword_gets_a_package_javac_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `dispatcher new new --lang java` wrote `package com.example.new;`: javac refused it.
+    sdk_jar = ROOT / "sdk" / "java" / "target" / "linchkit-plugin-sdk-1.0.0.jar"
+    gson = sorted((Path.home() / ".m2" / "repository" / "com" / "google").rglob("gson-*.jar"))
+    if shutil.which("javac") is None or not sdk_jar.is_file() or not gson:
+        pytest.skip("the Java SDK is not built here (sdk/java/build.sh)")
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(main, ["new", "new", "--lang", "java"]).exit_code == 0
+    source = (
+        tmp_path / "new" / "src" / "main" / "java" / "com" / "example" / "new_" / "NewPlugin.java"
+    )
+    assert source.read_text().startswith("package com.example.new_;")
+    assert (
+        "<mainClass>com.example.new_.NewPlugin</mainClass>"
+        in (tmp_path / "new" / "pom.xml").read_text()
+    )
+    classpath = os.pathsep.join([str(sdk_jar), str(gson[-1])])
+    compiled = subprocess.run(
+        ["javac", "-d", str(tmp_path / "classes"), "-cp", classpath, str(source)],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr
+
+
+def test_an_sdk_whose_files_are_not_text_or_a_current_folder_gone_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both were tracebacks (UnicodeDecodeError, FileNotFoundError).
+    binary = tmp_path / "binary-sdk"
+    binary.mkdir()
+    for name in ("go.mod", "go.sum", "Cargo.lock", "pom.xml"):
+        (binary / name).write_bytes(b"\xff\xfe\x00")
+    monkeypatch.chdir(tmp_path)
+    for language in ("go", "rust", "java"):
+        result = CliRunner().invoke(main, ["new", "zz", "--lang", language, "--sdk", str(binary)])
+        assert result.exit_code == 2 and "is not the" in result.output, result.output
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    result = CliRunner().invoke(main, ["new", "ghost"])
+    assert result.exit_code == 2 and "the current folder no longer exists" in result.output
+
+
 @pytest.mark.parametrize("language", ["go", "rust", "java", "typescript"])
 def test_the_readme_installs_the_dispatcher_from_its_checkout_not_from_pypi(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, language: str

@@ -35,6 +35,19 @@ LANGUAGES = ("python", "go", "rust", "java", "typescript")
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*\Z")
 _MAX_NAME = 64
 _TEMPLATE_SUFFIX = ".tmpl"
+#: Words Java reserves, which a package name cannot be (``dispatcher new new --lang java``
+#: wrote ``package com.example.new;``, which javac refuses).
+# fmt: off
+_JAVA_KEYWORDS = frozenset({
+    "abstract", "assert", "boolean", "break", "byte", "case", "catch", "char", "class",
+    "const", "continue", "default", "do", "double", "else", "enum", "extends", "final",
+    "finally", "float", "for", "goto", "if", "implements", "import", "instanceof", "int",
+    "interface", "long", "native", "new", "package", "private", "protected", "public",
+    "return", "short", "static", "strictfp", "super", "switch", "synchronized", "this",
+    "throw", "throws", "transient", "try", "void", "volatile", "while", "true", "false",
+    "null",
+})
+# fmt: on
 #: Where a compiled language's SDK lives in this repository's checkout.
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -70,13 +83,20 @@ def new(name: str, language: str, sdk_path: Path | None) -> None:
             f" hyphens, starting with a letter, at most {_MAX_NAME} characters (e.g. order-totals)",
             param_hint="NAME",
         )
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise click.UsageError("the current folder no longer exists: cd into one") from None
     folder = Path(name)
     if folder.is_symlink() or folder.is_file() or (folder.is_dir() and any(folder.iterdir())):
         raise click.UsageError(f"{folder}/ already exists and is not empty: nothing was written")
     sdk = _sdk_folder(language, sdk_path)
+    module = name.replace("-", "_")
+    if language == "java" and module in _JAVA_KEYWORDS:
+        module += "_"  # the Java Language Specification's advice for a package name (6.1)
     values = {
         "name": name,
-        "module": name.replace("-", "_"),
+        "module": module,
         "class": "".join(word.capitalize() for word in name.split("-")),
         "sdk": str(sdk) if sdk is not None else "",
         # The checkout the SDK is part of (sdk/<lang>): the dispatcher installs from it.
@@ -115,7 +135,7 @@ def _go_values(sdk: Path) -> dict[str, str]:
     try:
         go_mod = (sdk / "go.mod").read_text(encoding="utf-8")
         go_sum = (sdk / "go.sum").read_text(encoding="utf-8")
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise click.UsageError(f"{sdk} is not the Go SDK: {error}") from None
     version = re.search(r"^go (\S+)$", go_mod, re.MULTILINE)
     blocks = re.findall(r"^require \(\n(.*?)^\)", go_mod, re.MULTILINE | re.DOTALL)
@@ -134,7 +154,7 @@ def _rust_values(sdk: Path) -> dict[str, str]:
     with, which are also the ones in cargo's cache once the SDK was built (offline)."""
     try:
         cargo_lock = (sdk / "Cargo.lock").read_text(encoding="utf-8")
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise click.UsageError(f"{sdk} is not the Rust SDK: {error}") from None
     return {"cargo_lock": cargo_lock.rstrip("\n")}
 
@@ -144,7 +164,7 @@ def _java_values(sdk: Path) -> dict[str, str]:
     ``~/.m2`` once the SDK was built, so the plugin's test runs offline)."""
     try:
         pom = (sdk / "pom.xml").read_text(encoding="utf-8")
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise click.UsageError(f"{sdk} is not the Java SDK: {error}") from None
     # The project's own version: the first <version> after its <artifactId>.
     version = re.search(r"<artifactId>linchkit-plugin-sdk</artifactId>\s*<version>([^<]+)<", pom)
