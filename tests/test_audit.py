@@ -458,6 +458,13 @@ def test_verify_checks_a_log_larger_than_memory_would_like_in_the_memory_of_a_li
     assert int(grown_mb) < 50, f"verify grew by {grown_mb} MB for a 200 MB log"
 
 
+def test_verify_gives_up_on_a_line_without_end() -> None:
+    # /dev/zero (or a log whose tail a crash filled with NULs) was one line read for ever.
+    report = verify("/dev/zero")
+    assert (report.records, report.bad_line) == (0, 1)
+    assert report.problem is not None and "longer than 1 MiB" in report.problem
+
+
 async def test_verify_reads_a_pipe_and_gives_up_on_a_fifo_nobody_writes_to(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,6 +57,9 @@ __all__ = [
 GENESIS = "0" * 64
 #: How long ``verify`` waits for a writer to finish its append before it reads anyway.
 VERIFY_LOCK_SECONDS = 5.0
+#: The longest line a log of ours holds: past it, a line is not a record.
+MAX_LINE_BYTES = 1 << 20
+_TOO_LONG = f"a line longer than {MAX_LINE_BYTES >> 20} MiB: not a record (is this an audit log?)"
 #: How much of a log ``verify`` reads at a time.
 VERIFY_BLOCK_BYTES = 1 << 20
 #: How long ``verify`` waits for a pipe's writer to write (or end) before it gives up.
@@ -174,14 +177,19 @@ def check_chain(blocks: Iterable[bytes], *, head: str | None = None) -> ChainRep
     last_hash: str | None = None
     count = 0
     partial_line: list[bytes] = []  # the line the last block ended in, its pieces so far
+    partial_size = 0
     for block in blocks:
         lines = block.split(b"\n")
         if partial_line:
             partial_line.append(lines[0])
+            partial_size += len(lines[0])
+            if partial_size > MAX_LINE_BYTES:  # /dev/zero: a line without end, held whole
+                return ChainReport(count, last_hash, count + 1, _TOO_LONG)
             if len(lines) == 1:
                 continue  # a line longer than a block: still no end
             lines[0] = b"".join(partial_line)
         partial_line = [lines.pop()]
+        partial_size = len(partial_line[0])
         for line in lines:
             count += 1
             problem = line_problem(line, prev)

@@ -69,7 +69,13 @@ from typing import IO, Any
 import orjson
 
 from dispatcher.audit._lock import holders, lock, unlock
-from dispatcher.audit.chain import GENESIS, line_hash, line_problem, seal_batch
+from dispatcher.audit.chain import (
+    GENESIS,
+    MAX_LINE_BYTES,
+    line_hash,
+    line_problem,
+    seal_batch,
+)
 
 __all__ = [
     "CLOSE_TIMEOUT_SECONDS",
@@ -87,7 +93,7 @@ _GATHER_SECONDS = 0.005
 #: How far back the writer looks for the last line at first; records are far shorter.
 _TAIL_FIRST_BYTES = 8192
 #: How far back it looks at most: a longer last line is not one of ours.
-_TAIL_BYTES = 1 << 20
+_TAIL_BYTES = MAX_LINE_BYTES
 #: How long the writer waits before trying a refused append again.
 _RETRY_SECONDS = 1.0
 #: Records queued at most before calls are refused (``audit.max_backlog``): ~50 MB.
