@@ -212,10 +212,22 @@ def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | 
         if error is not None:
             where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
             raise InvalidParams(
-                f"{where}: {error.message}", details={"schema_path": list(error.schema_path)}
+                _shortened(f"{where}: {error.message}"),
+                details={"schema_path": list(error.schema_path)},
             )
 
     return validate
+
+
+#: The most of a schema problem said: jsonschema's message quotes the value it refused
+#: whole (a 120 KB list came back as a 120 KB message, to the caller and into logs).
+MAX_PROBLEM_CHARS = 1000
+
+
+def _shortened(problem: str) -> str:
+    if len(problem) <= MAX_PROBLEM_CHARS:
+        return problem
+    return f"{problem[:MAX_PROBLEM_CHARS]}… (cut: {len(problem):,} characters in all)"
 
 
 def checked_timeout(timeout: object, what: str) -> float:

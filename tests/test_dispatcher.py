@@ -107,6 +107,13 @@ async def test_params_schema_is_checked_before_the_target_is_called() -> None:
         with pytest.raises(InvalidParams, match=r"params\['text'\]: 'toolong' is too long"):
             await dispatcher.call("echo", "say", {"text": "toolong"})
         assert (await dispatcher.call("echo", "say", {"text": "ok"}))["text"] == "ok"
+        # The refused value is quoted, but not whole: a 120 KB list came back as a 120 KB
+        # message (to a gateway's caller, into logs).
+        with pytest.raises(InvalidParams) as refused:
+            await dispatcher.call("echo", "say", {"text": list(range(30_000))})
+        message = refused.value.message
+        assert message.startswith("params['text']: [0, 1, 2") and len(message) < 1100, message
+        assert message.endswith("characters in all)"), message[-80:]
 
 
 async def test_call_many_keeps_order_and_reports_every_outcome(echo_url: str) -> None:

@@ -343,6 +343,16 @@ def test_a_file_that_is_no_mapping_says_what_a_manifest_is(
     assert "Manifest[" not in refused and "Annotated" not in refused, refused
 
 
+def test_a_file_name_with_control_characters_is_shown_escaped(tmp_path: Path) -> None:
+    # The name was printed raw: one holding an escape sequence set the terminal's title.
+    named = write(tmp_path, "", "a\x1b]0;PWNED\x07.yaml")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(named)
+    shown = str(caught.value)
+    assert "\x1b" not in shown and "\x07" not in shown, shown
+    assert "a\\x1b]0;PWNED\\x07.yaml" in shown, shown
+
+
 def test_an_empty_manifest_path_is_a_usage_error_not_a_folder(tmp_path: Path) -> None:
     for args in (["-m", "", "validate"], ["validate", "-m", ""]):
         run = subprocess.run(

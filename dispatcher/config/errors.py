@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from providers._log_lines import printable
+
 __all__ = ["ENVIRONMENT", "ManifestError", "ManifestProblem"]
 
 #: The ``source`` of a problem in an environment variable the manifest leaves a setting
@@ -23,7 +25,9 @@ class ManifestProblem:
     source: str | None = None
 
     def render(self, source: str) -> str:
-        source = self.source or source
+        # A file's name is the user's, or a glob's match: shown escaped, as values are (a
+        # name holding an escape sequence set the terminal's title).
+        source = printable(self.source or source)
         where = f"{source}:{self.line}" if self.line is not None else source
         return f"{where}: {self.path or '<root>'}: {self.message}"
 
@@ -46,4 +50,5 @@ class ManifestError(Exception):
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         if not complete:
             count += "; more checks run once these are fixed"
-        super().__init__(f"invalid manifest {source} ({count}):\n  " + "\n  ".join(lines))
+        shown = printable(source)
+        super().__init__(f"invalid manifest {shown} ({count}):\n  " + "\n  ".join(lines))
