@@ -484,6 +484,49 @@ async def test_the_gateway_and_the_cli_show_and_steer_rollouts() -> None:
         assert d.stats()["rollouts"]["svc.answer"]["status"] == "aborted"
 
 
+async def test_the_cli_steers_the_rollout_of_a_plugin_whose_id_holds_dots() -> None:
+    """A plugin id may hold dots: ``acme.svc.answer`` is plugin ``acme.svc``, method
+    ``answer`` (``dispatcher call`` splits so). It was split at the first dot, and access
+    checked for plugin ``acme``'s method ``svc.answer``, which a rule naming the version
+    (``acme.svc@2.*.answer``) does not allow: 403."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+    from dispatcher.gateway import GatewayServer, GatewaySettings
+
+    key = "rk_rollout_operator_0123456789abcdef"
+    document = {
+        "version": 1,
+        "plugins": [{**version(number), "id": "acme.svc"} for number in ("1.0.0", "2.0.0")],
+        "rollouts": [rollout(plugin="acme.svc", steps=[50, 100], interval_s=60)],
+        "auth": {
+            "api_keys": [
+                {
+                    "principal": "operator",
+                    "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                    "roles": ["operator"],
+                }
+            ]
+        },
+        "access": {"roles": {"operator": {"allow": ["acme.svc@2.*.answer"]}}},
+    }
+    settings = GatewaySettings(port=0, header_timeout=2.0, body_timeout=2.0)
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as d,
+        GatewayServer(d, settings) as server,
+    ):
+        paused = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["rollout", "pause", "acme.svc.answer", "--url", server.url, "--api-key", key],
+        )
+        assert paused.exit_code == 0, paused.output
+        assert paused.output.startswith("acme.svc.answer  1.0.0 -> 2.0.0  paused 50%")
+        assert d.stats()["rollouts"]["acme.svc.answer"]["status"] == "paused"
+
+
 async def test_a_shadows_differences_show_no_callers_values_to_another_caller(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-ECHO_PROVIDER = '''\
+ECHO_PROVIDER = """\
 from typing import Any, Literal
 
 from providers import Provider, TargetConfig
@@ -35,7 +35,7 @@ class EchoProvider(Provider[EchoTarget]):
 
 class NotAProvider:
     name = "plain"
-'''
+"""
 
 #: Entry points as the packages that publish them would install them.
 ENTRY_POINTS = {

@@ -25,7 +25,7 @@ from linchkit_plugin.errors import (
 )
 from providers.base import CONNECT_STAGE
 
-__all__ = ["GatewayCaller", "check_gateway_url"]
+__all__ = ["AnswerTooLarge", "GatewayCaller", "check_gateway_url", "read_capped"]
 
 #: Largest answer read: a gateway (or what stands in front of it) sending more is not
 #: answering a call.
@@ -130,15 +130,28 @@ def _headers(
     return headers
 
 
-async def _read_capped(answer: aiohttp.ClientResponse) -> bytes:
-    if (answer.content_length or 0) > MAX_ANSWER_BYTES:
-        raise ProviderError(f"the gateway's answer is over {MAX_ANSWER_BYTES:,} bytes")
+class AnswerTooLarge(Exception):
+    """An answer declared or sent more than a reader takes."""
+
+
+async def read_capped(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+    """``answer``'s body, ``AnswerTooLarge`` past ``limit`` bytes: refused on its declared
+    length before anything is read, or as soon as what came passes it (no length, a lie)."""
+    if (answer.content_length or 0) > limit:
+        raise AnswerTooLarge
     body = bytearray()
     async for chunk in answer.content.iter_any():
         body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            raise ProviderError(f"the gateway's answer is over {MAX_ANSWER_BYTES:,} bytes")
+        if len(body) > limit:
+            raise AnswerTooLarge
     return bytes(body)
+
+
+async def _read_capped(answer: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await read_capped(answer, MAX_ANSWER_BYTES)
+    except AnswerTooLarge:
+        raise ProviderError(f"the gateway's answer is over {MAX_ANSWER_BYTES:,} bytes") from None
 
 
 def _result_of(status: int, body: bytes, where: str) -> Any:

@@ -12,6 +12,11 @@ private CA is trusted through ``SSL_CERT_FILE``); one that requires a scrape tok
 (``token_env``, ``token_file``) is sent it from the variable ``--token-env`` names or the
 file ``--token-file`` names (read again at each scrape, so a rotation is followed), never
 from the command line, where any user of the machine could read it.
+
+What the gateway answers is read as a peer's: at most ``MAX_SCRAPE_BYTES``, UTF-8, the
+dispatcher's families with their labels; anything else ends ``top`` with one line saying
+what (exit 1). Every name it sends is shown printable: a label value cannot write escape
+sequences to the terminal.
 """
 
 from __future__ import annotations
@@ -22,17 +27,27 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dispatcher.cli._app import EXIT_FAILED, EXIT_USAGE, Seconds, main
+from dispatcher.cli._gateway_client import AnswerTooLarge, check_gateway_url, read_capped
 from dispatcher.telemetry.snapshot import MethodRow, Sample, method_rows
+from providers._log_lines import printable
+
+if TYPE_CHECKING:  # imported when the watch starts: ``dispatcher --help`` does without it
+    import aiohttp
 
 #: A scrape that takes longer than this is a gateway in trouble: say so, do not wait.
 SCRAPE_TIMEOUT = 5.0
 #: The most of a token file read (the gateway's own cap: a token is tens of bytes).
 _MOST_TOKEN_BYTES = 4096
+#: The largest scrape read. A plugin method adds about 2 KiB to a gateway's exposition
+#: (its calls by outcome, 15 latency buckets, its cache counters) over 11 KiB of families
+#: every gateway has: 8 MiB is some four thousand methods, more than a manifest holds. A
+#: gateway that sends more is not sending its metrics, and parsing it would take seconds.
+MAX_SCRAPE_BYTES = 8 * 1024 * 1024
 
 
 class ScrapeFailed(Exception):
@@ -81,14 +96,21 @@ def top(
     once: bool,
 ) -> None:
     """Watch a running gateway: rate, errors, p50/p99, cache and breakers per method."""
+    try:
+        gateway = check_gateway_url(url)
+    except ValueError as error:
+        raise click.UsageError(f"--url: {error}") from None
     if token_env is not None and token_file is not None:
         click.echo("error: --token-env or --token-file: one of them, not both", err=True)
         context.exit(EXIT_USAGE)
     headers: Callable[[], dict[str, str]] = dict
     if token_env is not None:
-        token = os.environ.get(token_env)
-        if not token:  # named, never shown
-            click.echo(f"error: --token-env {token_env}: the variable is unset or empty", err=True)
+        try:  # named, never shown
+            token = _checked_token(
+                os.environ.get(token_env, ""), "the variable", empty="is unset or empty"
+            )
+        except ValueError as error:
+            click.echo(f"error: --token-env {token_env}: {error}", err=True)
             context.exit(EXIT_USAGE)
         bearer = {"Authorization": f"Bearer {token}"}
 
@@ -101,7 +123,7 @@ def top(
             click.echo(f"error: --token-file {token_file}: {error}", err=True)
             context.exit(EXIT_USAGE)
     try:
-        asyncio.run(_watch(url.rstrip("/"), interval, once, headers))
+        asyncio.run(_watch(gateway, interval, once, headers))
     except ScrapeFailed as error:
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_FAILED)
@@ -125,19 +147,32 @@ class _FileToken:
             raise ValueError(f"the file cannot be read ({error.strerror or error})") from None
         if len(content) > _MOST_TOKEN_BYTES:
             raise ValueError(f"the file holds more than {_MOST_TOKEN_BYTES} bytes: not a token")
-        token = content.rstrip(b"\r\n")
-        if not token:
-            raise ValueError("the file is empty")
         try:
-            return token.decode("ascii")
+            text = content.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError("the token in the file is not ASCII") from None
+        return _checked_token(text, "the file")
 
     def headers(self) -> dict[str, str]:
         # The last token read while the file holds none: the gateway still takes it.
         with contextlib.suppress(ValueError):
             self._token = self._read()
         return {"Authorization": f"Bearer {self._token}"}
+
+
+def _checked_token(text: str, where: str, *, empty: str = "is empty") -> str:
+    """``text`` without the line break a copy-paste or an editor leaves after it; a
+    ``ValueError`` naming ``where`` (never quoting the token) if nothing is left (saying
+    ``empty``), it is not ASCII or it holds another control character, which no header
+    may carry (aiohttp refused it with a traceback)."""
+    token = text.rstrip("\r\n")
+    if not token:
+        raise ValueError(f"{where} {empty}")
+    if not token.isascii():
+        raise ValueError(f"the token in {where} is not ASCII")
+    if not token.isprintable():
+        raise ValueError(f"the token in {where} holds a control character")
+    return token
 
 
 async def _watch(
@@ -180,14 +215,40 @@ async def _scrape(session: Any, url: str, headers: dict[str, str]) -> Sample:
                 )
             if answer.status != 200:
                 raise ScrapeFailed(f"{url}/metrics answered {answer.status}")
-            text = await answer.text()
+            body = await _read_capped(answer, url)
     except (aiohttp.ClientError, TimeoutError) as error:
         reason = type(error).__name__ if isinstance(error, TimeoutError) else str(error)
-        raise ScrapeFailed(f"cannot read {url}/metrics: {reason}") from None
+        raise ScrapeFailed(f"cannot read {url}/metrics: {printable(reason)}") from None
+    return _sample(body, url)
+
+
+async def _read_capped(answer: aiohttp.ClientResponse, url: str) -> bytes:
+    try:
+        return await read_capped(answer, MAX_SCRAPE_BYTES)
+    except AnswerTooLarge:
+        most = MAX_SCRAPE_BYTES >> 20
+        raise ScrapeFailed(
+            f"{url}/metrics answered more than {most} MiB: not its metrics"
+        ) from None
+
+
+def _sample(body: bytes, url: str) -> Sample:
+    """The families of a scrape: the exposition format is UTF-8, whatever the answer's
+    ``Content-Type`` claims, and each family ``top`` shows has its labels."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ScrapeFailed(f"{url}/metrics is not UTF-8 text (byte {error.start})") from None
     try:
         return Sample.parse(text, time.monotonic())
+    except KeyError as error:  # a family the dispatcher labels, without one of them
+        raise ScrapeFailed(
+            f"{url}/metrics is not a dispatcher's metrics: a sample lacks the label"
+            f" {printable(str(error))}"
+        ) from None
     except ValueError as error:
-        raise ScrapeFailed(f"{url}/metrics is not a Prometheus exposition: {error}") from None
+        reason = printable(str(error)[:200])
+        raise ScrapeFailed(f"{url}/metrics is not a Prometheus exposition: {reason}") from None
 
 
 def view(url: str, before: Sample, now: Sample) -> Any:
@@ -199,12 +260,14 @@ def view(url: str, before: Sample, now: Sample) -> Any:
 
     # Every name here comes from the manifest or the gateway: a fleet's name lists its
     # instances in brackets, which rich would take for markup and drop. Cells are Text
-    # (never parsed) or escaped.
-    methods = Table(title=f"{escape(url)}   in flight {now.in_flight:g}", title_justify="left")
+    # (never parsed) or escaped, and printable: a label value's escape sequences would
+    # rewrite the operator's terminal.
+    title = f"{escape(printable(url))}   in flight {now.in_flight:g}"
+    methods = Table(title=title, title_justify="left")
     for heading in ("PLUGIN", "METHOD", "CALLS/S", "ERRORS", "P50", "P99", "CACHE HITS"):
         methods.add_column(heading, justify="left" if heading in ("PLUGIN", "METHOD") else "right")
     for row in method_rows(before, now):
-        methods.add_row(*(Text(cell) for cell in _cells(row)))
+        methods.add_row(*(Text(printable(cell)) for cell in _cells(row)))
     parts: list[Any] = [methods]
     open_breakers = {target: state for target, state in now.breakers.items() if state != "closed"}
     if open_breakers:
@@ -212,15 +275,16 @@ def view(url: str, before: Sample, now: Sample) -> Any:
         breakers.add_column("TARGET")
         breakers.add_column("STATE")
         for target, state in sorted(open_breakers.items()):
-            breakers.add_row(Text(target), Text(state, style="red" if state == "open" else ""))
+            shown = Text(printable(state), style="red" if state == "open" else "")
+            breakers.add_row(Text(printable(target)), shown)
         parts.append(breakers)
     if now.instances:
         instances = Table(title="fleet instances", title_justify="left")
         for heading in ("FLEET", "INSTANCE", "STATE"):
             instances.add_column(heading)
         for (fleet, instance), state in sorted(now.instances.items()):
-            shown = Text(state, style="" if state == "healthy" else "yellow")
-            instances.add_row(Text(fleet), Text(instance), shown)
+            shown = Text(printable(state), style="" if state == "healthy" else "yellow")
+            instances.add_row(Text(printable(fleet)), Text(printable(instance)), shown)
         parts.append(instances)
     return Group(*parts)
 
