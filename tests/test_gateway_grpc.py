@@ -290,7 +290,8 @@ async def test_an_error_quoting_a_long_value_is_still_its_own_status_and_type() 
                 assert (error.code(), trailers(error).get("error-type")) == (code, kind), error
                 read_back = translate_rpc_error(error, "gateway")
                 assert type(read_back) is error_class and not read_back.retryable
-                assert error.details().endswith("…")
+                # Cut to fit: by the gateway, or already by the schema check's own cut.
+                assert "…" in error.details() and len(error.details()) < 16_384
         reply = await gateway.Call(grpc_call("echo", "say", {"text": "ok"}))
         assert reply.ok
 
