@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from linchkit_plugin._setting_files import PEM_FILE_BYTES, read_setting_file
+
 __all__ = [
     "CLIENT_CERT_FILE_ENV",
     "CLIENT_KEY_FILE_ENV",
@@ -132,8 +134,8 @@ class ConnectTls:
     def _read(self, setting: str) -> str:
         path: str = getattr(self, setting)
         try:
-            with open(path, "rb") as file:
-                blob = file.read()
+            # Capped, and never a FIFO or a device: /dev/zero grew the process without end.
+            blob = read_setting_file(path, limit=PEM_FILE_BYTES)
         except OSError as error:
             raise ConnectTlsError(
                 f"{self.names[setting]}: cannot read {path}: {_reason(error)}"

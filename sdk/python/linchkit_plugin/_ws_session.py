@@ -48,6 +48,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
 
+from linchkit_plugin._method_failures import cancelled_from_outside, unanswerable
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_send_cap import bare_name, too_large
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
@@ -365,6 +366,10 @@ class PluginSession:
                     response = ok_response(None)
             except DispatchError as error:
                 response = error_response(error)
+            except BaseException as error:  # past the host's own mapping: still one answer
+                if isinstance(error, asyncio.CancelledError) and cancelled_from_outside():
+                    raise
+                response = error_response(unanswerable(method, error))
             try:
                 data = encode_frame({"type": "response", "id": call_id, "response": response})
             except InvalidParams as error:

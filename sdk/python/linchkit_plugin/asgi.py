@@ -28,7 +28,8 @@ call its caller cancelled) cancels the method, which sees ``CancelledError``, an
 is answered: ``_unless_disconnected``. A call the server cancels (a stopping server cuts
 off what outlived its grace: uvicorn's ``timeout_graceful_shutdown``) is answered ``503``
 ``target_unavailable`` with ``details["stage"] == "in_flight"``: the plugin is going
-away, and the call may have run.
+away, and the call may have run. A ``CancelledError`` the method raised of its own
+accord is no cancellation (``_method_failures``): that call's ``plugin_error``, a 200.
 
 The ASGI lifespan runs the plugin's ``init``/``start`` at startup and ``stop``/``destroy``
 at shutdown, ``stop_caps.hooks`` at most together. Written against raw ASGI, without a framework, because this is a hot path
@@ -43,6 +44,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from linchkit_plugin._method_failures import cancelled_from_outside, unanswerable
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.encodings import (
     ACCEPT_ENCODING,
@@ -343,6 +345,10 @@ class PluginApp:
             )
         except DispatchError as error:
             return error_response(error)
+        except BaseException as error:  # past the host's own mapping: still this call's answer
+            if isinstance(error, asyncio.CancelledError) and cancelled_from_outside():
+                raise
+            return error_response(unanswerable(request.method, error))
         return ok_response(result)
 
     async def _read_body(self, receive: Receive) -> bytes:

@@ -17,6 +17,12 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from linchkit_plugin._setting_files import (
+    TOKEN_FILE_BYTES,
+    SettingFileRefused,
+    read_setting_file,
+)
+
 __all__ = ["TOKEN_ENV", "TOKEN_FILE_ENV", "BearerToken", "TokenError"]
 
 TOKEN_ENV = "LINCHKIT_PLUGIN_TOKEN"
@@ -55,10 +61,13 @@ class BearerToken:
             if from_environment:
                 raise TokenError(f"set either a token file or {TOKEN_ENV}, not both")
             try:
-                text = Path(token_file).read_text(encoding="ascii")
+                text = read_setting_file(token_file, limit=TOKEN_FILE_BYTES).decode("ascii")
             except (OSError, UnicodeDecodeError) as error:
+                # Why in a few words: not a regular file (a FIFO would block the start for
+                # ever), or larger than a token (/dev/zero would be read without end).
+                why = error.strerror if isinstance(error, SettingFileRefused) else None
                 raise TokenError(
-                    f"cannot read the token file {str(token_file)!r}: {type(error).__name__}"
+                    f"cannot read the token file {str(token_file)!r}: {why or type(error).__name__}"
                 ) from None
             try:
                 return cls(text)

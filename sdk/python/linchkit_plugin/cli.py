@@ -39,6 +39,7 @@ from linchkit_plugin._registry_options import (
     registry_settings,
     websocket_refusal,
 )
+from linchkit_plugin._setting_files import PEM_FILE_BYTES, check_setting_file
 from linchkit_plugin.argument_parser import RedactingArgumentParser
 from linchkit_plugin.asgi import PluginApp
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
@@ -475,6 +476,7 @@ def serve(options: argparse.Namespace) -> None:
         version=options.plugin_version,
         stop_caps=options.stop_caps,
     )
+    _check_tls_files(options)
     try:
         uvicorn_config = server_config(
             app,
@@ -657,6 +659,24 @@ _PLAIN_WS = (
     "listens on --host/--port and serves plain ws:// only (put a TLS terminator in front"
     " of it for wss://)"
 )
+
+
+def _check_tls_files(options: argparse.Namespace) -> None:
+    """Refuse a TLS file of the HTTP server that is not a regular file or is too large to
+    be one, in one line naming the flag or variable it came by. OpenSSL reads them by
+    their paths, whole: a FIFO blocked the start for ever, /dev/zero grew it without end."""
+    for flag, variable, field in _HTTP_ONLY[:3]:
+        path = getattr(options, field)
+        if not path:
+            continue
+        try:
+            check_setting_file(path, limit=PEM_FILE_BYTES)
+        except OSError as error:
+            named = flag if field in options.given else variable
+            why = (error.strerror or type(error).__name__).lower()
+            # Never a value that is no path: PEM text pasted into the variable, a key.
+            shown = path if path.isprintable() and "-----BEGIN" not in path else "its file"
+            _fail(f"{named}: cannot read {shown}: {why}")
 
 
 def _http_only_variable_refusal(options: argparse.Namespace) -> str | None:

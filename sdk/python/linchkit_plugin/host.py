@@ -20,13 +20,13 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Cor
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from linchkit_plugin._method_failures import failure_of_method, plugin_error
 from linchkit_plugin._method_threads import method_threads
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     InvalidParams,
     MethodNotFound,
-    PluginError,
     ProviderError,
 )
 from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
@@ -88,6 +88,7 @@ def load_plugin_class(entrypoint: str, path: str | Path | None = None) -> type[A
         raise ProviderError(f"cannot load plugin {entrypoint!r}: {error}") from error
     if not isinstance(plugin_class, type):
         raise ProviderError(f"plugin entrypoint {entrypoint!r} is not a class")
+    _declared_methods(plugin_class)
     return plugin_class
 
 
@@ -105,8 +106,8 @@ def _exposed_methods(
 
 
 def _method_names(cls: type[Any], wanted: Collection[str] | None) -> list[str]:
-    declared = getattr(cls, "methods", None)
-    if isinstance(declared, tuple | list):
+    declared = _declared_methods(cls)
+    if declared is not None:
         return list(declared) if wanted is None else [name for name in declared if name in wanted]
     candidates = dir(cls) if wanted is None else [name for name in wanted if hasattr(cls, name)]
     return [
@@ -117,6 +118,27 @@ def _method_names(cls: type[Any], wanted: Collection[str] | None) -> list[str]:
         and name != "methods"
         and inspect.isfunction(getattr(cls, name))
     ]
+
+
+def _declared_methods(cls: type[Any]) -> list[str] | tuple[str, ...] | None:
+    """The class's ``methods``: None (every public method) or a list or tuple of names.
+
+    Anything else is refused (``ProviderError``): ``methods = ("drop")``, the 1-tuple
+    missing its comma, is a str, and a set or a str used to be taken for none declared,
+    exposing every public method of the class, those the author meant to keep in."""
+    declared = getattr(cls, "methods", None)
+    if declared is None:
+        return None
+    if isinstance(declared, tuple | list) and all(type(name) is str for name in declared):
+        return declared
+    given = type(declared).__name__
+    shown = repr(declared)
+    shown = shown if len(shown) <= 80 else shown[:80] + "…"
+    hint = f" (one method: methods = ({shown},))" if given == "str" else ""
+    raise ProviderError(
+        f"plugin class {cls.__module__}.{cls.__qualname__}: `methods` must be a list or tuple"
+        f" of method names, not a {given}: {shown}{hint}"
+    )
 
 
 class PluginHost:
@@ -285,6 +307,11 @@ class PluginHost:
                         chunk = await anext(chunks)
                     except StopAsyncIteration:
                         return
+                    except BaseException as error:  # sys.exit() too: this call's failure
+                        failure = failure_of_method(error)
+                        if failure is error:
+                            raise
+                        raise failure from error
                     finally:
                         if span is not None and current is not None:
                             span.leave(current)
@@ -293,7 +320,7 @@ class PluginHost:
             except DispatchError:
                 raise
             except Exception as error:
-                raise _plugin_error(error) from error
+                raise plugin_error(error) from error
             finally:
                 token = _current_context.set(context)
                 try:
@@ -460,12 +487,13 @@ class PluginHost:
             if self._is_async[method]:
                 return await function(*args, **kwargs)
             return await method_threads(function, *args, **kwargs)
-        except DispatchError:
-            raise
         except TypeError as error:
             raise _binding_error(function, args, kwargs, error) from error
-        except Exception as error:
-            raise _plugin_error(error) from error
+        except BaseException as error:  # sys.exit() too: this call's failure, not the server's
+            failure = failure_of_method(error)
+            if failure is error:
+                raise
+            raise failure from error
         finally:
             _current_context.reset(token)
 
@@ -658,33 +686,44 @@ def _binding_error(
     except TypeError as binding:
         return InvalidParams(_mismatch(function, binding, kwargs))
     except ValueError:  # no signature to compare with (a builtin): the plugin's own error
-        return _plugin_error(error)
-    return _plugin_error(error)
+        return plugin_error(error)
+    return plugin_error(error)
+
+
+#: How many of the caller's unknown parameter names an ``invalid_params`` quotes, and
+#: how much of each: the names are the caller's, and one 4 MB name, or 300,000 of them,
+#: came back whole in the answer (and the log).
+_SHOWN_NAMES = 5
+_SHOWN_NAME_CHARS = 64
+#: How much of Python's own binding message it quotes (which names a caller's keyword).
+_SHOWN_BINDING_CHARS = 200
 
 
 def _mismatch(function: Callable[..., Any], binding: TypeError, kwargs: dict[str, Any]) -> str:
     name = getattr(function, "__name__", "method")
+    said = _cut(str(binding), _SHOWN_BINDING_CHARS)
     try:
         signature = inspect.signature(function)
     except ValueError:
-        return f"params do not match {name}: {binding}"
-    message = f"params do not match {name}{signature}: {binding}"
+        return f"params do not match {name}: {said}"
+    message = f"params do not match {name}{signature}: {said}"
     # Python names only the first thing wrong: with ``{"amnt": 5}`` the missing
     # ``amount``, never the misspelt name the caller sent, which is the one to fix.
     takes = signature.parameters
     if not any(each.kind is inspect.Parameter.VAR_KEYWORD for each in takes.values()):
-        unknown = [repr(key) for key in kwargs if key not in takes]
+        unknown = [key for key in kwargs if key not in takes]
         if unknown and "unexpected keyword" not in str(binding):
-            message += f"; it takes no {', '.join(unknown)}"
+            message += f"; it takes no {_names(unknown)}"
     return message
 
 
-def _plugin_error(error: Exception) -> PluginError:
-    log.debug("plugin raised", exc_info=error)
-    details = getattr(error, "details", None)
-    return PluginError(
-        str(error) or type(error).__name__,
-        remote_type=type(error).__name__,
-        retryable=bool(getattr(error, "retryable", False)),
-        details=details if isinstance(details, dict) else None,
-    )
+def _names(unknown: list[str]) -> str:
+    """The first few of the caller's ``unknown`` names, each quoted and cut short, and how
+    many there are when that is more."""
+    shown = ", ".join(repr(_cut(key, _SHOWN_NAME_CHARS)) for key in unknown[:_SHOWN_NAMES])
+    more = len(unknown) - _SHOWN_NAMES
+    return shown if more <= 0 else f"{shown} and {more} more ({len(unknown)} in all)"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -3,12 +3,15 @@
 A plugin is a class with lifecycle hooks and methods. Subclassing ``Plugin`` is optional
 (any class with the same hooks works, as with the older local plugin system); it gives
 no-op hooks and ``emit``. Every public function defined on the class, other than the
-hooks, is a callable method; set ``methods = ("a", "b")`` on the class to expose fewer.
+hooks, is a callable method; set ``methods = ("a", "b")`` on the class to expose fewer
+(a list or tuple of names: anything else, ``("a")`` without its comma or a set, is refused
+when the plugin loads, since it once exposed every public method).
 Methods may be ``async def`` or plain ``def`` (run in a worker thread so they never block
 the host's event loop). Params arrive as keyword arguments.
 
 Raise anything to fail a call: the caller sees ``PluginError`` with the exception's class
-name as its type and its text as the message. Set ``retryable = True`` on an exception
+name as its type and its text as the message; ``sys.exit()``, ``KeyboardInterrupt`` and a
+``CancelledError`` of the method's own too fail only that call, never the server. Set ``retryable = True`` on an exception
 class whose failures are transient.
 """
 
