@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from linchkit_plugin._setting_files import file_kind
+
 __all__ = [
     "MASK",
     "Argv",
@@ -158,15 +160,7 @@ def _refuse_special(path: Path) -> None:
     except (OSError, ValueError):
         return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise ValueError(f"{path} is {_special_kind(mode)}, not a file or a folder")
-
-
-def _special_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device"
+        raise ValueError(f"{path} is {file_kind(mode)}, not a file or a folder")
 
 
 #: A path in a manifest: relative paths are taken from the manifest's folder; one naming a

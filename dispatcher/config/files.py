@@ -20,6 +20,8 @@ import select
 import stat
 import time
 
+from linchkit_plugin._setting_files import file_kind
+
 __all__ = ["read_capped", "wait_for_writer"]
 
 
@@ -39,7 +41,7 @@ def read_capped(path: str | os.PathLike[str], most: int, *, pipe_wait: float | N
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory")
         if pipe_wait is None or not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-            raise OSError(errno.EINVAL, f"not a regular file ({_kind(mode)})")
+            raise OSError(errno.EINVAL, f"not a regular file ({file_kind(mode)})")
         return _read_pipe(descriptor, most + 1, pipe_wait)
     finally:
         os.close(descriptor)
@@ -94,15 +96,3 @@ def wait_for_writer(descriptor: int, wait: float) -> None:
         raise TimeoutError(
             errno.ETIMEDOUT, f"a pipe nobody wrote to within {wait:g} s (a FIFO without a writer?)"
         )
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    return "not a file"

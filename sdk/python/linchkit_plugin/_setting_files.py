@@ -20,6 +20,7 @@ __all__ = [
     "TOKEN_FILE_BYTES",
     "SettingFileRefused",
     "check_setting_file",
+    "file_kind",
     "read_setting_file",
 ]
 
@@ -40,7 +41,7 @@ def read_setting_file(path: str | Path, *, limit: int) -> bytes:
     with open(descriptor, "rb", buffering=0, closefd=True) as file:
         mode = os.fstat(descriptor).st_mode
         if not stat.S_ISREG(mode):
-            raise SettingFileRefused(0, f"not a regular file ({_kind(mode)})")
+            raise SettingFileRefused(0, f"not a regular file ({file_kind(mode)})")
         blob = file.read(limit + 1)  # a regular file: O_NONBLOCK changes nothing here
     if blob is None or len(blob) > limit:
         raise SettingFileRefused(0, f"larger than {limit} bytes")
@@ -53,9 +54,10 @@ def check_setting_file(path: str | Path, *, limit: int) -> None:
     read_setting_file(path, limit=limit)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message: ``st_mode`` in words."""
     if stat.S_ISFIFO(mode):
-        return "a named pipe"
+        return "a FIFO"
     if stat.S_ISCHR(mode):
         return "a character device"
     if stat.S_ISBLK(mode):
