@@ -364,5 +364,7 @@ def test_a_command_imports_its_own_module_and_not_the_others() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     *_, modules, web = shown.stdout.splitlines()
-    assert modules == "['dispatcher.cli._app', 'dispatcher.cli.manifest']", shown.stdout
+    # The group's own modules (``_app``, ``_output``) and the command's.
+    expected = "['dispatcher.cli._app', 'dispatcher.cli._output', 'dispatcher.cli.manifest']"
+    assert modules == expected, shown.stdout
     assert web == "False", shown.stdout

@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import errno
 import importlib
-import io
 import logging
 import math
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import Any, TypeVar
 
 import click
 import orjson
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.audit import AuditLogError
+from dispatcher.cli._output import Output, OutputError, output_lost
 from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
 from dispatcher.telemetry import CallContextFilter, formatter_for
@@ -219,11 +217,11 @@ class _Commands(_Group):
         A result written to a full disk (``> result.json``) or to a closed standard output
         (``>&-``) was a traceback, or nothing at all and exit 0: the result lost, silently.
         (A reader that went away, ``| head``, is click's: it exits quietly.)"""
-        sys.stdout = _Output.around(sys.stdout)
+        sys.stdout = Output.around(sys.stdout)
         try:
             return super().main(*args, **kwargs)
-        except _OutputError as error:
-            _output_lost(error)
+        except OutputError as error:
+            output_lost(error, EXIT_FAILED)
 
     def list_commands(self, context: click.Context) -> list[str]:
         return sorted({*COMMAND_MODULES, *self.commands})
@@ -233,70 +231,6 @@ class _Commands(_Group):
         if name not in self.commands and module is not None:
             importlib.import_module(f"dispatcher.cli.{module}")  # registers it on ``main``
         return super().get_command(context, name)
-
-
-class _OutputError(OSError):
-    """Standard output did not take what a command wrote."""
-
-
-class _Output(io.TextIOWrapper):
-    """Standard output, whose failures are ``_OutputError``: told apart from any other
-    ``OSError`` a command meets, they are the one kind ``main`` reports itself."""
-
-    @classmethod
-    def around(cls, stdout: TextIO | None) -> TextIO:
-        """``stdout``'s bytes written through this (``stdout`` itself where it has none:
-        a host's own stream, a test's)."""
-        if stdout is None:  # started without one: each write fails
-            return cls(io.BufferedWriter(_Closed()), encoding="utf-8")
-        buffer = getattr(stdout, "buffer", None)
-        if isinstance(stdout, _Output) or not isinstance(buffer, io.BufferedIOBase | io.RawIOBase):
-            return stdout
-        return cls(
-            buffer,  # type: ignore[arg-type]  # raw where PYTHONUNBUFFERED is set
-            encoding=stdout.encoding,
-            errors=stdout.errors,
-            line_buffering=bool(stdout.line_buffering),
-            write_through=bool(getattr(stdout, "write_through", False)),
-        )
-
-    def write(self, text: str) -> int:
-        try:
-            return super().write(text)
-        except BrokenPipeError:
-            raise  # click's: a reader that went away
-        except OSError as error:
-            raise _OutputError(error.errno, error.strerror) from None
-
-    def flush(self) -> None:
-        try:
-            super().flush()
-        except BrokenPipeError:
-            raise
-        except OSError as error:
-            raise _OutputError(error.errno, error.strerror) from None
-
-
-class _Closed(io.RawIOBase):
-    """Where a process started without a standard output writes."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        raise OSError(errno.EBADF, "standard output is closed")
-
-
-def _output_lost(error: OSError) -> NoReturn:
-    """Say the output could not be written and exit 1; what is left unwritten goes to
-    /dev/null, so the interpreter's last flush does not fail again."""
-    click.echo(f"error: cannot write the output: {error.strerror or error}", err=True)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    if devnull != 1:  # 1 when the process had none: it is its standard output now
-        os.dup2(devnull, 1)
-        os.close(devnull)
-    sys.stdout = _Output(open(1, "wb", closefd=False), encoding="utf-8")  # noqa: SIM115
-    sys.exit(EXIT_FAILED)
 
 
 #: Each command's module (``dispatcher.cli.<module>``), where it registers itself on
