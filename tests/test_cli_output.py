@@ -122,3 +122,26 @@ def _answers(url: str, *, within: float) -> bool:
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def test_ctrl_c_ends_a_call_as_a_shell_expects(plugins: Path) -> None:
+    # It was click's "Aborted!" and exit 1, a failed call's code.
+    command = [sys.executable, "-m", "dispatcher.cli", "-m", str(plugins), "call", "echo.sleep"]
+    with subprocess.Popen(
+        [*command, "-p", '{"seconds": 60}', "--timeout", "120", "-vv"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as call:
+        assert call.stderr is not None
+        # -vv: asyncio's first line says the loop runs, the call about to start.
+        first = call.stderr.readline()
+        assert "Using selector" in first, first
+        time.sleep(0.5)
+        call.send_signal(signal.SIGINT)
+        stdout, stderr = call.communicate(timeout=60)
+    assert call.returncode == 130, stderr
+    assert stderr.strip().endswith("interrupted") and "Traceback" not in stderr, stderr
+    assert stdout == ""

@@ -45,6 +45,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: What a shell reports for a command ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 MANIFEST_HELP = "Manifest file (YAML or TOML)."
@@ -222,6 +224,15 @@ class _Commands(_Group):
             return super().main(*args, **kwargs)
         except OutputError as error:
             output_lost(error, EXIT_FAILED)
+
+    def invoke(self, context: click.Context) -> Any:
+        """The command; Ctrl-C that it does not take itself ends it as a shell expects:
+        exit 130 (click's own said "Aborted!" and exit 1, a failure's code)."""
+        try:
+            return super().invoke(context)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
     def list_commands(self, context: click.Context) -> list[str]:
         return sorted({*COMMAND_MODULES, *self.commands})

@@ -27,6 +27,7 @@ from dispatcher._dispatcher import Dispatcher
 from dispatcher.audit import AuditLogError
 from dispatcher.cli._app import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_USAGE,
     Seconds,
     credential_options,
@@ -44,9 +45,6 @@ from dispatcher.config.files import read_capped
 from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
 from providers._log_lines import printable
-
-#: What a shell reports for a command ended by Ctrl-C (128 + SIGINT).
-EXIT_INTERRUPTED = 130
 
 #: Most callers one run may have: each is a task with its call in flight.
 MOST_CONCURRENCY = 10_000
