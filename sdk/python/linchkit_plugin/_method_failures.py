@@ -29,6 +29,7 @@ from linchkit_plugin.errors import DispatchError, PluginError, ProviderError
 
 __all__ = [
     "cancelled_from_outside",
+    "described",
     "failure_of_method",
     "plugin_error",
     "unanswerable",
@@ -78,6 +79,25 @@ def _text_of(error: BaseException) -> str:
     if text is None:
         return f"<{type(error).__name__}: its text could not be read>"
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+#: The most of an exception's text ``described`` keeps.
+_DESCRIBED_CHARS = 500
+
+
+def described(error: BaseException) -> str:
+    """``error`` for one line of a refusal to start: ``RuntimeError: boom``, its class
+    alone when it has no text, its text on one line and cut short. Read guarded, as a
+    failure is: an exception whose ``__repr__`` raised was a traceback at the start, in
+    place of the line saying why the plugin could not be made."""
+    kind = _guarded(lambda: type(error).__name__, "an exception")
+    text = _guarded(lambda: str(error), None)
+    if text is None:
+        return f"{kind} (its text could not be read)"
+    text = " ".join(text.split())
+    if len(text) > _DESCRIBED_CHARS:
+        text = text[:_DESCRIBED_CHARS] + "…"
+    return f"{kind}: {text}" if text else kind
 
 
 def _guarded(read: Callable[[], _T], fallback: _T) -> _T:

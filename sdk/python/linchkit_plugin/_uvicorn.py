@@ -45,13 +45,16 @@ import ssl
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import orjson
 import uvicorn
+from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from linchkit_plugin._starting import StartFailed, end_the_start
 from linchkit_plugin.errors import InvalidParams
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.stopping import STOP_GRACE_SECONDS
@@ -315,6 +318,35 @@ def listening_address(sockets: Sequence[socket.socket], *, tls: bool = False) ->
     return " and ".join(addresses)
 
 
+class _PluginLifespan(LifespanOn):
+    """uvicorn's lifespan, less its log lines when the app's startup failed: ``run``
+    raises ``StartFailed`` with the app's message instead, which ``serve`` says in one
+    line and exit 1 (uvicorn logged the message, then "Application startup failed.
+    Exiting.", and exited 3). Anything else goes as uvicorn has it."""
+
+    failure: str | None = None
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            self.failure = str(message.get("message") or "the plugin's init/start failed")
+            message = {**message, "message": ""}  # said by ``run``'s caller, not logged
+        await super().send(message)
+
+    async def startup(self) -> None:
+        """uvicorn's (0.54), less the line when ``failure`` says why (lifespan "on")."""
+        self.logger.info("Waiting for application startup.")
+        self._main = asyncio.get_running_loop().create_task(self.main())  # held: not collected
+        await self.receive_queue.put({"type": "lifespan.startup"})
+        await self.startup_event.wait()
+        if self.failure is not None:
+            self.should_exit = True
+        elif self.startup_failed or self.error_occurred:
+            self.logger.error("Application startup failed. Exiting.")
+            self.should_exit = True
+        else:
+            self.logger.info("Application startup complete.")
+
+
 class _AnnouncingServer(uvicorn.Server):
     """A uvicorn server that says where it listens once it does (the port of ``--port 0``),
     and lets its owner act first when it is told to stop (leave a registry before the
@@ -331,9 +363,24 @@ class _AnnouncingServer(uvicorn.Server):
         self._on_stopping = on_stopping
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        lifespan = self.lifespan = _PluginLifespan(self.config)  # in place of uvicorn's
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            if lifespan.failure is not None:
+                raise StartFailed(lifespan.failure) from None
+            raise
         if self.started and self._on_listening is not None:
             self._on_listening([sock for server in self.servers for sock in server.sockets])
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's, but while the lifespan runs the plugin's init/start hooks: then the
+        signal ends the process (``end_the_start``). uvicorn only noted it, and went on
+        waiting for hooks that may never finish."""
+        lifespan = getattr(self, "lifespan", None)
+        if not self.started and lifespan is not None and not lifespan.startup_event.is_set():
+            end_the_start(sig)
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._on_stopping is not None:
@@ -368,7 +415,7 @@ def run(
 
     ``on_listening`` gets the address once the server accepts connections, ``on_sockets``
     the listening sockets; ``on_stopping`` is awaited once it is told to stop, before the
-    connections are drained.
+    connections are drained. ``StartFailed`` when the plugin's init/start failed.
     """
 
     def listening(sockets: Sequence[socket.socket]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from linchkit_plugin._connect_tls import ConnectTls
 from linchkit_plugin._masked_url import masked_url
+from linchkit_plugin._starting import StartFailed, signals_end_the_start
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_server import (
@@ -34,7 +35,7 @@ def serve_websocket(
     token: BearerToken | None,
     identity: tuple[str, str],
 ) -> None:
-    async def main() -> None:
+    async def main() -> int:
         # Watched before the line that says it serves: a SIGTERM right after that line
         # ended it by the default action, its stop hooks never run.
         stop = asyncio.Event()
@@ -49,7 +50,13 @@ def serve_websocket(
             header_timeout=options.header_timeout,
             stop_caps=options.stop_caps,
         )
-        url = await server.start(options.host, options.port)
+        # The plugin's init/start run in it: a signal before they finish ends the process.
+        try:
+            with signals_end_the_start():
+                url = await server.start(options.host, options.port)
+        except StartFailed as failed:  # nothing listens yet, and no hook is owed a stop
+            print(f"serve: {failed}", file=sys.stderr, flush=True)
+            return 1
         methods = ", ".join(sorted(host.methods)) or "no methods"
         print(
             f"dispatcher-plugin: serving {options.entrypoint} ({methods}) over WebSocket,"
@@ -68,8 +75,10 @@ def serve_websocket(
             await stop.wait()
         finally:
             await server.aclose()
+        return 0
 
-    asyncio.run(main())
+    if code := asyncio.run(main()):
+        raise SystemExit(code)
 
 
 def connect(

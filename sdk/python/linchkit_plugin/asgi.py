@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import orjson
 
 from linchkit_plugin._method_failures import cancelled_from_outside, unanswerable
+from linchkit_plugin._starting import StartFailed, open_plugin
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.encodings import (
     ACCEPT_ENCODING,
@@ -159,9 +160,9 @@ class PluginApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self.host.open(self.config)
-                except Exception as error:
-                    await send({"type": "lifespan.startup.failed", "message": repr(error)})
+                    await open_plugin(self.host, self.config)
+                except StartFailed as failed:
+                    await send({"type": "lifespan.startup.failed", "message": str(failed)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -19,7 +19,10 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import socket
+import ssl
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -40,6 +43,7 @@ from linchkit_plugin._registry_options import (
     websocket_refusal,
 )
 from linchkit_plugin._setting_files import PEM_FILE_BYTES, check_setting_file
+from linchkit_plugin._starting import StartFailed
 from linchkit_plugin.argument_parser import RedactingArgumentParser
 from linchkit_plugin.asgi import PluginApp
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
@@ -53,6 +57,10 @@ from linchkit_plugin.tracing import exporting
 _ENV = "LINCHKIT_PLUGIN_"
 #: What puts ``serve`` in WebSocket mode without ``--websocket``: "1" or "true".
 _WEBSOCKET_ENV = _ENV + "WEBSOCKET"
+#: The spellings of ``LINCHKIT_PLUGIN_WEBSOCKET``, and whether each serves over WebSocket;
+#: unset or empty: HTTP. Any other is refused (``_websocket_from``): ``True``, ``yes`` or
+#: ``on`` served HTTP unsaid, to a dispatcher dialling a WebSocket.
+_WEBSOCKET_SPELLINGS = {"1": True, "true": True, "0": False, "false": False, "": False}
 _DEFAULTS = ServerLimits()
 
 #: The levels ``--log-level`` takes, uvicorn's (``trace``: below debug, uvicorn's own). Any
@@ -153,11 +161,62 @@ def _number_from(
     if text is None:
         return kind(default)
     try:
-        return kind(text)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        malformed[variable] = f"{variable} must be {what}, not {text!r}"
+        return _strict_number(kind, text)
+    except ValueError as error:
+        malformed[variable] = f"{variable} {error}"
         return kind(default)
+
+
+#: How a number given to ``serve`` is spelled: ASCII digits, a minus sign (refused by the
+#: range each is checked against, with its own words), a decimal point for seconds.
+#: ``int`` and ``float`` took more, each unsaid: ``٣٣٣٣`` (Arabic-Indic digits), ``1_000``,
+#: `` 1``, ``inf``, ``nan``, ``1e308``; ``STOP_GRACE_MS`` refused them already.
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+#: How much of a refused value its message quotes: the operator's own text, cut short.
+_SHOWN_CHARACTERS = 40
+
+
+def _strict_number(kind: type[int] | type[float], text: str) -> Any:
+    """``text`` as ``kind`` when spelled as ``_WHOLE`` (``int``) or ``_DECIMAL`` says;
+    ``ValueError`` saying what it must be, quoting it cut short, otherwise. ``serve``'s
+    flags are read by it too, as their variables."""
+    pattern = _WHOLE if kind is int else _DECIMAL
+    if not pattern.fullmatch(text):
+        what = "a whole number" if kind is int else "a number"
+        shown = repr(text[:_SHOWN_CHARACTERS]) + ("…" if len(text) > _SHOWN_CHARACTERS else "")
+        raise ValueError(f"must be {what}, not {shown} (ASCII digits only)")
+    return kind(text)
+
+
+def _whole_number(text: str) -> int:
+    """``type=`` of an ``int`` flag: ``_strict_number``, a usage error otherwise."""
+    try:
+        return int(_strict_number(int, text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _decimal_number(text: str) -> float:
+    """``type=`` of a ``float`` flag (seconds): ``_strict_number``, a usage error otherwise."""
+    try:
+        return float(_strict_number(float, text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _websocket_from(malformed: dict[str, str]) -> bool:
+    """Whether ``LINCHKIT_PLUGIN_WEBSOCKET`` asks for WebSocket (``_WEBSOCKET_SPELLINGS``);
+    a spelling not there is kept in ``malformed`` for ``serve`` to refuse, as a number
+    variable that is none is, unless ``--websocket`` was typed."""
+    text = os.environ.get(_WEBSOCKET_ENV, "")
+    if text in _WEBSOCKET_SPELLINGS:
+        return _WEBSOCKET_SPELLINGS[text]
+    shown = repr(text[:_SHOWN_CHARACTERS]) + ("…" if len(text) > _SHOWN_CHARACTERS else "")
+    malformed[_WEBSOCKET_ENV] = (
+        f"{_WEBSOCKET_ENV} must be 1 or true (WebSocket), or 0, false or empty (HTTP), not {shown}"
+    )
+    return False
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -200,7 +259,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument(
         "--port",
         action=_Given,
-        type=int,
+        type=_whole_number,
         default=_number_from(_ENV + "PORT", int, 8081, malformed),
         help=f"port, 0 for any (default: %(default)s) [{_ENV}PORT]",
     )
@@ -273,9 +332,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument(
         "--websocket",
         action=_GivenSwitch,
-        default=env(_WEBSOCKET_ENV, "") in ("1", "true"),
+        default=_websocket_from(malformed),
         help="serve over WebSocket instead of HTTP: the dispatcher dials ws://HOST:PORT/"
-        f" (provider: websocket; needs the websocket extra) [{_WEBSOCKET_ENV}: 1 or true]",
+        f" (provider: websocket; needs the websocket extra) [{_WEBSOCKET_ENV}: 1 or true;"
+        " 0, false or empty: HTTP]",
     )
     serve.add_argument(
         "--id",
@@ -339,7 +399,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             option,
             action=_Given,
             dest=field,
-            type=kind,
+            type=_whole_number if kind is int else _decimal_number,
             default=_number_from(variable, kind, getattr(_DEFAULTS, field), malformed),
             help=f"{what} [{variable}] (default: %(default)s)",
         )
@@ -537,7 +597,10 @@ def serve(options: argparse.Namespace) -> None:
         plugin_id=plugin_host.identity(app.plugin_id)[0],
         version=app.version,
     ):
-        run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+        try:
+            run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+        except StartFailed as failed:  # nothing listened, nothing registered
+            _fail(str(failed))
 
 
 def _unused_flag(options: argparse.Namespace) -> str | None:
@@ -677,6 +740,41 @@ def _check_tls_files(options: argparse.Namespace) -> None:
             # Never a value that is no path: PEM text pasted into the variable, a key.
             shown = path if path.isprintable() and "-----BEGIN" not in path else "its file"
             _fail(f"{named}: cannot read {shown}: {why}")
+    if options.tls_cert and options.tls_key:
+        _check_tls_contents(options)
+
+
+def _check_tls_contents(options: argparse.Namespace) -> None:
+    """Load the TLS files as uvicorn will, and refuse them in one line naming them when
+    OpenSSL cannot use them (a file that is no PEM, a key that is not the certificate's):
+    uvicorn's own failure was ``ssl.SSLError``'s traceback. A key needing a password is
+    refused too, rather than asked for on a terminal nobody watches."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert, key = (
+        "--tls-cert" if "tls_cert" in options.given else _ENV + "TLS_CERT",
+        "--tls-key" if "tls_key" in options.given else _ENV + "TLS_KEY",
+    )
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as error:
+        _fail(f"{cert}, {key}: cannot use them as a PEM certificate and its key: {_ssl_why(error)}")
+    if options.client_ca:
+        ca = "--client-ca" if "client_ca" in options.given else _ENV + "CLIENT_CA"
+        try:
+            context.load_verify_locations(options.client_ca)
+        except (ssl.SSLError, OSError) as error:
+            _fail(f"{ca}: cannot use it as PEM CA certificates: {_ssl_why(error)}")
+
+
+def _ssl_why(error: Exception) -> str:
+    """OpenSSL's reason (``no certificate or crl found``; ``not PEM`` for its ``PEM lib``,
+    which says no more), without its library and source line."""
+    reason = getattr(error, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    text = str(getattr(error, "strerror", None) or type(error).__name__)
+    text = re.sub(r"^\[[^]]*\] *| *\(_ssl\.c:\d+\)$", "", text)
+    return "not PEM, or the key is not the certificate's" if text == "PEM lib" else text
 
 
 def _http_only_variable_refusal(options: argparse.Namespace) -> str | None:
@@ -770,6 +868,17 @@ def _try_unix_socket(path: str) -> None:
     there), and a probe it found there, then removed, read as the plugin tampering with
     its socket: the container refused every call and was replaced."""
     if os.path.lexists(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # a dangling link: binding fails as it says
+            mode = None
+        if mode is not None and not stat.S_ISSOCK(mode):
+            # The event loop replaces a socket there, and fails on anything else with a
+            # traceback ("Address already in use"): a file is no earlier run's socket.
+            _fail(
+                f"cannot listen on the Unix socket {path}: something that is no socket is"
+                " there; remove it, or listen on another path"
+            )
         return
     folder, name = os.path.split(path)
     # No longer than the served name, so a path the server can bind the probe can too.

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Cor
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from linchkit_plugin._method_failures import failure_of_method, plugin_error
+from linchkit_plugin._method_failures import described, failure_of_method, plugin_error
 from linchkit_plugin._method_threads import method_threads
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -86,6 +86,10 @@ def load_plugin_class(entrypoint: str, path: str | Path | None = None) -> type[A
         plugin_class = getattr(module, attribute)
     except (ImportError, AttributeError) as error:
         raise ProviderError(f"cannot load plugin {entrypoint!r}: {error}") from error
+    except Exception as error:  # raised by the module's code, or a name import refuses
+        # A syntax error, a module that raises as it is imported, a relative name
+        # (``../etc``: TypeError): each was a traceback at the start, not this one line.
+        raise ProviderError(f"cannot load plugin {entrypoint!r}: {described(error)}") from error
     if not isinstance(plugin_class, type):
         raise ProviderError(f"plugin entrypoint {entrypoint!r} is not a class")
     _declared_methods(plugin_class)
@@ -204,7 +208,9 @@ class PluginHost:
                 new_traces=new_traces,
             )
         except Exception as error:
-            raise ProviderError(f"cannot instantiate plugin {entrypoint!r}: {error!r}") from error
+            raise ProviderError(
+                f"cannot instantiate plugin {entrypoint!r}: {described(error)}"
+            ) from error
 
     def expose(self, methods: Collection[str] | None = None) -> None:
         """Expose these of the plugin's methods from now on (default: all of them), in

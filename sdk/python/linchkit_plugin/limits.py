@@ -22,13 +22,15 @@ Each limit guards one resource against one kind of client, broken or hostile:
 
 ``dispatcher-plugin serve`` sets every one from a CLI option or a ``LINCHKIT_PLUGIN_*``
 variable; ``PluginApp`` enforces the first three, the uvicorn glue (``_uvicorn``) the rest.
+Each has a most it may be set to (a day for a timeout; ``ValueError`` past it): ``inf``
+for a timeout turned its guard off without a word.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ServerLimits"]
+__all__ = ["MAX_TIMEOUT_SECONDS", "ServerLimits"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,9 +49,30 @@ class ServerLimits:
     compress_min_bytes: int = 32 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_batch_items", "max_header_bytes", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name, most in _MOST.items():
+            value = getattr(self, name)
+            if name != "compress_min_bytes" and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+            if value > most:
+                raise ValueError(f"{name} must be at most {most}, not {value}")
         for name in ("body_timeout", "header_timeout", "keep_alive_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number of seconds")
+            # NaN fails too; inf (or 1e308) turned a guard off unsaid.
+            if not 0 < getattr(self, name) <= MAX_TIMEOUT_SECONDS:
+                raise ValueError(
+                    f"{name} must be a positive number of seconds, at most"
+                    f" {MAX_TIMEOUT_SECONDS} (a day), not {getattr(self, name)!r}"
+                )
+
+
+#: The longest any of the timeouts may be: a day. More is a mistake in the unit, or a
+#: guard turned off (``inf``) without saying so.
+MAX_TIMEOUT_SECONDS = 86_400
+#: The most each count may be: past it a limit is a mistake, not a limit (a gigabyte body,
+#: 16 MB of headers, a million connections or batch items).
+_MOST = {
+    "max_body_bytes": 1 << 30,
+    "max_batch_items": 1_000_000,
+    "max_header_bytes": 16 << 20,
+    "max_connections": 1_000_000,
+    "compress_min_bytes": 1 << 30,
+}

@@ -44,6 +44,7 @@ from aiohttp import web
 from linchkit_plugin._connect_tls import ConnectTls, ConnectTlsError
 from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import websocket_refusal
+from linchkit_plugin._starting import open_plugin
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_send_cap import cap_of_header
@@ -97,8 +98,8 @@ log = logging.getLogger("linchkit_plugin.websocket")
 class WebSocketPluginServer:
     """The plugin served at ``/`` (any path) as a WebSocket: the dispatcher dials in.
 
-    The plugin's ``init``/``start`` run when the server starts, ``stop``/``destroy``
-    when it stops, as the HTTP server does. With a token, the upgrade needs
+    The plugin's ``init``/``start`` run when the server starts (one that fails: ``start``
+    raises ``StartFailed``), ``stop``/``destroy`` when it stops, as the HTTP server does. With a token, the upgrade needs
     ``Authorization: Bearer <token>``, once, and is otherwise answered 401 before it upgrades.
     ``max_connections``: connections served at once (1000, as ``dispatcher-plugin serve``
     holds its HTTP ones); past them an upgrade is refused 503 (``overloaded``,
@@ -204,7 +205,7 @@ class WebSocketPluginServer:
         await runner.cleanup()
 
     async def _open(self, app: web.Application) -> None:
-        await self.host.open(self.config)
+        await open_plugin(self.host, self.config)  # a failure: StartFailed, out of start()
 
     async def _close(self, app: web.Application) -> None:
         await self.host.close_within(self.stop_caps.hooks)
