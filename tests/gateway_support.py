@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import hmac
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,23 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float = 10.0) -> tu
         if length is not None:
             rest = await reader.readexactly(length)
         return status, head + rest
+
+
+@contextlib.asynccontextmanager
+async def answering_every_request(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An aiohttp server on loopback that answers every request, any method and path, with
+    ``handler`` (a gateway that lies, in the CLI's tests); yields its URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

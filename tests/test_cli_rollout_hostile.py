@@ -28,6 +28,7 @@ from click.testing import CliRunner, Result
 from dispatcher.cli import main
 from dispatcher.cli.rollout import MAX_ANSWER_BYTES
 from tests.conftest import ROOT
+from tests.gateway_support import answering_every_request
 
 
 @dataclass
@@ -83,17 +84,12 @@ class LyingGateway:
 @pytest.fixture
 async def gateway() -> AsyncIterator[LyingGateway]:
     lying = LyingGateway()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", lying.handle)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    lying.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        yield lying
-    finally:
-        lying.closing.set()
-        await runner.cleanup()
+    async with answering_every_request(lying.handle) as url:
+        lying.url = url
+        try:
+            yield lying
+        finally:
+            lying.closing.set()
 
 
 async def rollout(*arguments: str, env: dict[str, str] | None = None) -> Result:

@@ -26,6 +26,7 @@ from click.testing import CliRunner, Result
 from dispatcher.cli import main
 from dispatcher.cli.top import MAX_SCRAPE_BYTES
 from tests.conftest import ROOT
+from tests.gateway_support import answering_every_request
 
 CALLS = "# TYPE dispatcher_calls_total counter\ndispatcher_calls_total{{{labels}}} 5\n"
 BREAKERS = "# TYPE dispatcher_breaker_state gauge\ndispatcher_breaker_state{{{labels}}} 1\n"
@@ -65,16 +66,9 @@ class LyingGateway:
 @pytest.fixture
 async def gateway() -> AsyncIterator[LyingGateway]:
     lying = LyingGateway()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", lying.handle)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    lying.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with answering_every_request(lying.handle) as url:
+        lying.url = url
         yield lying
-    finally:
-        await runner.cleanup()
 
 
 async def top(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
