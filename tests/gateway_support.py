@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from click.testing import Result
 
 from dispatcher import Dispatcher, Forbidden, Unauthorized
 from dispatcher.gateway import GatewayServer, GatewaySettings
@@ -168,6 +169,21 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float = 10.0) -> tu
         if length is not None:
             rest = await reader.readexactly(length)
         return status, head + rest
+
+
+def failed_in_one_line(result: Result, code: int = 1) -> str:
+    """stderr of a run that ended with ``code`` and a message, not an exception."""
+    assert result.exit_code == code, (result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    if code == 1:
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    return result.stderr
+
+
+def no_control_characters(text: str) -> bool:
+    return all(character.isprintable() or character == "\n" for character in text)
 
 
 @contextlib.asynccontextmanager

@@ -28,7 +28,11 @@ from click.testing import CliRunner, Result
 from dispatcher.cli import main
 from dispatcher.cli.rollout import MAX_ANSWER_BYTES
 from tests.conftest import ROOT
-from tests.gateway_support import answering_every_request
+from tests.gateway_support import (
+    answering_every_request,
+    failed_in_one_line,
+    no_control_characters,
+)
 
 
 @dataclass
@@ -98,21 +102,6 @@ async def rollout(*arguments: str, env: dict[str, str] | None = None) -> Result:
     return await asyncio.to_thread(
         CliRunner().invoke, main, ["rollout", *arguments], env=environment
     )
-
-
-def failed_in_one_line(result: Result, code: int = 1) -> str:
-    """stderr of a run that ended with ``code`` and a message, not an exception."""
-    assert result.exit_code == code, (result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    if code == 1:
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    return result.stderr
-
-
-def no_control_characters(text: str) -> bool:
-    return all(character.isprintable() or character == "\n" for character in text)
 
 
 SHADOW = {

@@ -26,7 +26,11 @@ from click.testing import CliRunner, Result
 from dispatcher.cli import main
 from dispatcher.cli.top import MAX_SCRAPE_BYTES
 from tests.conftest import ROOT
-from tests.gateway_support import answering_every_request
+from tests.gateway_support import (
+    answering_every_request,
+    failed_in_one_line,
+    no_control_characters,
+)
 
 CALLS = "# TYPE dispatcher_calls_total counter\ndispatcher_calls_total{{{labels}}} 5\n"
 BREAKERS = "# TYPE dispatcher_breaker_state gauge\ndispatcher_breaker_state{{{labels}}} 1\n"
@@ -77,21 +81,6 @@ async def top(*arguments: str, env: dict[str, str | None] | None = None) -> Resu
     return await asyncio.to_thread(
         CliRunner().invoke, main, ["top", "--once", "--interval", "0.2", *arguments], env=env
     )
-
-
-def failed_in_one_line(result: Result, code: int = 1) -> str:
-    """stderr of a run that ended with ``code`` and a message, not an exception."""
-    assert result.exit_code == code, (result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    if code == 1:
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    return result.stderr
-
-
-def no_control_characters(text: str) -> bool:
-    return all(character.isprintable() or character == "\n" for character in text)
 
 
 async def test_a_scrape_that_is_not_utf8_is_said_in_one_line(gateway: LyingGateway) -> None:
