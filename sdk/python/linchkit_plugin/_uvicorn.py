@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import struct
@@ -322,9 +323,18 @@ class _PluginLifespan(LifespanOn):
     """uvicorn's lifespan, less its log lines when the app's startup failed: ``run``
     raises ``StartFailed`` with the app's message instead, which ``serve`` says in one
     line and exit 1 (uvicorn logged the message, then "Application startup failed.
-    Exiting.", and exited 3). Anything else goes as uvicorn has it."""
+    Exiting.", and exited 3). Anything else goes as uvicorn has it: its own ``startup`` is
+    not rewritten here, its closing line only filtered out (uvicorn's code changes between
+    releases, its words have not)."""
 
     failure: str | None = None
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.logger.addFilter(self._unless_said_by_run)
+
+    def _unless_said_by_run(self, record: logging.LogRecord) -> bool:
+        return self.failure is None or record.getMessage() != _STARTUP_FAILED
 
     async def send(self, message: Any) -> None:
         if message["type"] == "lifespan.startup.failed":
@@ -332,19 +342,9 @@ class _PluginLifespan(LifespanOn):
             message = {**message, "message": ""}  # said by ``run``'s caller, not logged
         await super().send(message)
 
-    async def startup(self) -> None:
-        """uvicorn's (0.54), less the line when ``failure`` says why (lifespan "on")."""
-        self.logger.info("Waiting for application startup.")
-        self._main = asyncio.get_running_loop().create_task(self.main())  # held: not collected
-        await self.receive_queue.put({"type": "lifespan.startup"})
-        await self.startup_event.wait()
-        if self.failure is not None:
-            self.should_exit = True
-        elif self.startup_failed or self.error_occurred:
-            self.logger.error("Application startup failed. Exiting.")
-            self.should_exit = True
-        else:
-            self.logger.info("Application startup complete.")
+
+#: uvicorn's line for a failed startup, which ``_PluginLifespan`` leaves to ``serve``.
+_STARTUP_FAILED = "Application startup failed. Exiting."
 
 
 class _AnnouncingServer(uvicorn.Server):
