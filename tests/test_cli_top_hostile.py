@@ -173,6 +173,18 @@ async def test_a_token_no_header_can_carry_is_a_usage_error_that_does_not_show_i
     assert gateway.authorizations == []
 
 
+async def test_a_token_file_that_is_a_fifo_is_refused_not_waited_on(
+    gateway: LyingGateway, tmp_path: Path
+) -> None:
+    # It was opened as a file: a FIFO nobody writes to held `top` for ever.
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    result = await asyncio.wait_for(top("--url", gateway.url, "--token-file", str(fifo)), 30)
+    stderr = failed_in_one_line(result, code=2)
+    assert "not a regular file (a FIFO)" in stderr, stderr
+    assert gateway.authorizations == []
+
+
 async def test_the_command_itself_says_a_lie_in_one_line(gateway: LyingGateway) -> None:
     """The real executable, in its own process: no traceback."""
     gateway.body = BREAKERS.format(labels='state="open"').encode()

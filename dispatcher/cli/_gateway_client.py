@@ -25,7 +25,7 @@ from linchkit_plugin.errors import (
 )
 from providers.base import CONNECT_STAGE
 
-__all__ = ["AnswerTooLarge", "GatewayCaller", "check_gateway_url", "read_capped"]
+__all__ = ["AnswerTooLarge", "GatewayCaller", "capped_body", "check_gateway_url"]
 
 #: Largest answer read: a gateway (or what stands in front of it) sending more is not
 #: answering a call.
@@ -134,7 +134,7 @@ class AnswerTooLarge(Exception):
     """An answer declared or sent more than a reader takes."""
 
 
-async def read_capped(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+async def capped_body(answer: aiohttp.ClientResponse, limit: int) -> bytes:
     """``answer``'s body, ``AnswerTooLarge`` past ``limit`` bytes: refused on its declared
     length before anything is read, or as soon as what came passes it (no length, a lie)."""
     if (answer.content_length or 0) > limit:
@@ -149,7 +149,7 @@ async def read_capped(answer: aiohttp.ClientResponse, limit: int) -> bytes:
 
 async def _read_capped(answer: aiohttp.ClientResponse) -> bytes:
     try:
-        return await read_capped(answer, MAX_ANSWER_BYTES)
+        return await capped_body(answer, MAX_ANSWER_BYTES)
     except AnswerTooLarge:
         raise ProviderError(f"the gateway's answer is over {MAX_ANSWER_BYTES:,} bytes") from None
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import click
 
 from dispatcher.cli._app import EXIT_FAILED, credential, main
-from dispatcher.cli._gateway_client import AnswerTooLarge, check_gateway_url, read_capped
+from dispatcher.cli._gateway_client import AnswerTooLarge, capped_body, check_gateway_url
 from dispatcher.config.manifest import IDENTIFIER
 from providers._log_lines import printable
 
@@ -201,7 +201,7 @@ async def _request(method: str, url: str, headers: dict[str, str]) -> Any:
 
 async def _read_capped(answer: aiohttp.ClientResponse, url: str) -> bytes:
     try:
-        return await read_capped(answer, MAX_ANSWER_BYTES)
+        return await capped_body(answer, MAX_ANSWER_BYTES)
     except AnswerTooLarge:
         most = MAX_ANSWER_BYTES >> 20
         raise GatewayFailed(

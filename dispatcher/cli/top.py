@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dispatcher.cli._app import EXIT_FAILED, EXIT_USAGE, Seconds, main
-from dispatcher.cli._gateway_client import AnswerTooLarge, check_gateway_url, read_capped
+from dispatcher.cli._gateway_client import AnswerTooLarge, capped_body, check_gateway_url
+from dispatcher.config.files import read_capped
 from dispatcher.telemetry.snapshot import MethodRow, Sample, method_rows
 from providers._log_lines import printable
 
@@ -140,9 +141,8 @@ class _FileToken:
         self._token = self._read()
 
     def _read(self) -> str:
-        try:
-            with self._path.open("rb") as file:
-                content = file.read(_MOST_TOKEN_BYTES + 1)
+        try:  # a file only: a FIFO there waited for a writer for ever
+            content = read_capped(self._path, _MOST_TOKEN_BYTES, pipe_wait=None)
         except OSError as error:
             raise ValueError(f"the file cannot be read ({error.strerror or error})") from None
         if len(content) > _MOST_TOKEN_BYTES:
@@ -224,7 +224,7 @@ async def _scrape(session: Any, url: str, headers: dict[str, str]) -> Sample:
 
 async def _read_capped(answer: aiohttp.ClientResponse, url: str) -> bytes:
     try:
-        return await read_capped(answer, MAX_SCRAPE_BYTES)
+        return await capped_body(answer, MAX_SCRAPE_BYTES)
     except AnswerTooLarge:
         most = MAX_SCRAPE_BYTES >> 20
         raise ScrapeFailed(
