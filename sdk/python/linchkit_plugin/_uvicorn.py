@@ -370,6 +370,8 @@ class _AnnouncingServer(uvicorn.Server):
             if lifespan.failure is not None:
                 raise StartFailed(lifespan.failure) from None
             raise
+        finally:  # uvicorn's logger is the process's: a filter left on it outlives us
+            lifespan.logger.removeFilter(lifespan._unless_said_by_run)
         if self.started and self._on_listening is not None:
             self._on_listening([sock for server in self.servers for sock in server.sockets])
 
