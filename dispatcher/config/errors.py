@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from providers._log_lines import printable
 
-__all__ = ["ENVIRONMENT", "ManifestError", "ManifestProblem"]
+__all__ = ["ENVIRONMENT", "ManifestError", "ManifestProblem", "render_path"]
 
 #: The ``source`` of a problem in an environment variable the manifest leaves a setting
 #: to (``OTEL_*``): its ``path`` is the variable's name.
@@ -52,3 +52,13 @@ class ManifestError(Exception):
             count += "; more checks run once these are fixed"
         shown = printable(source)
         super().__init__(f"invalid manifest {shown} ({count}):\n  " + "\n  ".join(lines))
+
+
+def render_path(location: tuple[str | int, ...]) -> str:
+    """Where in a document, as a problem names it: ``plugins[0].methods.say.target``."""
+    rendered = ""
+    for part in location:
+        rendered += (
+            f"[{part}]" if isinstance(part, int) else (f".{part}" if rendered else str(part))
+        )
+    return rendered

@@ -22,28 +22,22 @@ import gc
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
-from dispatcher.config.errors import ENVIRONMENT, ManifestError, ManifestProblem
+from dispatcher.config.errors import ENVIRONMENT, ManifestError, ManifestProblem, render_path
 from dispatcher.config.fallbacks import fallback_problems
 from dispatcher.config.includes import INCLUDED_KEYS, Document, expand_includes, read_document
 from dispatcher.config.manifest import Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import Policies
 from dispatcher.config.quoting import is_secret, shown_input
 from dispatcher.config.shared_targets import shared_target_problems
+from dispatcher.config.target_union import manifest_model, model_for, unloadable
 from dispatcher.config.telemetry import TelemetryEnvironmentError
-from providers import (
-    ProviderNotLoadable,
-    is_provider,
-    loadable_provider_names,
-    provider_class,
-    provider_names,
-)
+from providers import provider_names
 from providers.target import MASK, Destination, TargetConfig
 
 __all__ = [
@@ -58,65 +52,6 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 #: Where ``${NAME}`` was replaced in a document, and by what: those values are not shown.
 Substitutions = dict[tuple[str | int, ...], list[str]]
-
-
-@cache
-def manifest_model(providers: frozenset[str] | None = None) -> type[Manifest[Any]]:
-    """``Manifest`` specialised to the union of the target models of ``providers`` (every
-    registered provider's by default)."""
-    names = sorted(providers) if providers is not None else loadable_provider_names()
-    models = tuple(provider_class(name).target_model for name in names)
-    target_union = Annotated[Union[models], Field(discriminator="provider")]  # type: ignore[valid-type]  # noqa: UP007
-    return Manifest[target_union]
-
-
-def _model_for(data: Any) -> type[Manifest[Any]]:
-    """The manifest model for a document: the union of the providers its targets name,
-    when each names a known one; otherwise every provider's, so that a target without a
-    provider, or with one nobody registered, gets the same problem whatever else is there.
-    (A provider that is registered but cannot be loaded was reported before: ``_unloadable``.)"""
-    named: set[str] = set()
-    for _, target in _targets(data):
-        provider = target.get("provider") if isinstance(target, dict) else None
-        if not (isinstance(provider, str) and is_provider(provider)):
-            return manifest_model()
-        named.add(provider)
-    # Without a target (plugins from a registry only), any union validates the document
-    # alike: the local provider's model is the cheapest to build.
-    return manifest_model(frozenset(named or {"local"}))
-
-
-def _unloadable(data: Any) -> list[ManifestProblem]:
-    """A problem for each target naming a provider that is registered but whose class
-    cannot be loaded (its package is broken): said as such, not as a traceback."""
-    problems = []
-    for location, target in _targets(data):
-        provider = target.get("provider") if isinstance(target, dict) else None
-        if isinstance(provider, str) and is_provider(provider):
-            try:
-                provider_class(provider)
-            except ProviderNotLoadable as error:
-                fix = "reinstall the package that provides it, or name another provider"
-                problems.append(
-                    ManifestProblem(_render_path((*location, "provider")), f"{error}: {fix}")
-                )
-    return problems
-
-
-def _targets(data: Any) -> Iterator[tuple[tuple[str | int, ...], Any]]:
-    """Each ``target`` a document's plugins write (a plugin's, then its methods'), where."""
-    plugins = data.get("plugins") if isinstance(data, dict) else None
-    for index, plugin in enumerate(plugins if isinstance(plugins, list) else ()):
-        if not isinstance(plugin, dict):
-            continue
-        owners: list[tuple[tuple[str | int, ...], Any]] = [(("plugins", index), plugin)]
-        methods = plugin.get("methods")
-        if isinstance(methods, dict):
-            owners += [(("plugins", index, "methods", name), m) for name, m in methods.items()]
-        for location, owner in owners:
-            target = owner.get("target") if isinstance(owner, dict) else None
-            if target is not None:
-                yield (*location, "target"), target
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest[Any]:
@@ -260,11 +195,11 @@ def _validate_document(
         what = "empty" if data is None else f"{kind}, not a mapping"
         found.append(ManifestProblem("", f"the file is {what}: {_A_MANIFEST}"))
     if not found:
-        found.extend(_unloadable(data))
+        found.extend(unloadable(data))
     if not found:
         context = {"base_dir": document.base_dir.resolve()}
         try:
-            part = _model_for(data).model_validate(data, context=context)
+            part = model_for(data).model_validate(data, context=context)
         except ValidationError as error:
             found.extend(_problems_from(error, substituted, quote=quote))
     source = None if own else document.source
@@ -338,7 +273,7 @@ def _substituted(
             replacement = os.environ.get(name, default)
             if replacement is None:
                 problems.append(
-                    ManifestProblem(_render_path(where), f"environment variable {name} is not set")
+                    ManifestProblem(render_path(where), f"environment variable {name} is not set")
                 )
                 return ""
             found.setdefault(where, []).append(replacement)
@@ -389,7 +324,7 @@ def _problems_from(
         for secret in sorted(secrets, key=len, reverse=True):
             if secret:
                 message = message.replace(secret, MASK)
-        yield ManifestProblem(_render_path(location), message)
+        yield ManifestProblem(render_path(location), message)
 
 
 def _without_discriminator_tags(
@@ -580,15 +515,6 @@ def _unsafe_policy_problems(
             "hedging and 'batch' do not combine: a batch goes to one instance as one"
             " invocation; hedge the method or batch it",
         )
-
-
-def _render_path(location: tuple[str | int, ...]) -> str:
-    rendered = ""
-    for part in location:
-        rendered += (
-            f"[{part}]" if isinstance(part, int) else (f".{part}" if rendered else str(part))
-        )
-    return rendered
 
 
 _PATH_PART = re.compile(r"\[(\d+)\]|\.?([^.\[]+)")
