@@ -103,7 +103,7 @@ class ConnectTls:
             raise ConnectTlsError("--cert-file and --key-file go together")
         if self.ca_file is None and self.cert_file is None:
             return True
-        if urlsplit(url).scheme.lower() != "wss":
+        if urlsplit(url).scheme.lower() not in ("wss", "https"):  # https: dialled as wss
             raise ConnectTlsError("--ca-file, --cert-file and --key-file need a wss:// --url")
         for setting in ("ca_file", "cert_file", "key_file"):
             _check_path(self.names[setting], getattr(self, setting))

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from linchkit_plugin._masked_url import masked_url
+from linchkit_plugin._setting_files import PEM_FILE_BYTES, check_setting_file
 
 __all__ = [
     "ENVIRONMENT_NAMES",
@@ -162,11 +163,13 @@ class EtcdAccess:
                     " reach etcd over https://, or on a loopback address"
                 )
             return None
+        self._check_files()
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as error:
             raise ValueError(
-                f"{names['ca_file']}: cannot read {self.ca_file} as PEM roots ({_reason(error)})"
+                f"{names['ca_file']}: cannot read {_shown_path(self.ca_file or '')} as PEM"
+                f" roots ({_reason(error)})"
             ) from None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file and self.key_file:
@@ -176,10 +179,33 @@ class EtcdAccess:
             except (OSError, ssl.SSLError) as error:
                 raise ValueError(
                     f"{names['cert_file']} and {names['key_file']}: cannot read"
-                    f" {self.cert_file} and {self.key_file} as a PEM certificate and its"
+                    f" {_shown_path(self.cert_file)} and {_shown_path(self.key_file)} as a PEM"
+                    " certificate and its"
                     f" unencrypted key ({_reason(error)})"
                 ) from None
         return context
+
+    def _check_files(self) -> None:
+        """Refuse a TLS file that is not a regular file of PEM size (``_setting_files``),
+        naming its setting: OpenSSL reads them by their paths, whole, and a FIFO held the
+        start for ever, a device or a huge file read on and on."""
+        for setting in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, setting)
+            if not path:
+                continue
+            try:
+                check_setting_file(path, limit=PEM_FILE_BYTES)
+            except OSError as error:
+                raise ValueError(
+                    f"{self.names[setting]}: cannot read {_shown_path(path)}:"
+                    f" {_reason(error).lower()}"
+                ) from None
+
+
+def _shown_path(path: str) -> str:
+    """``path`` as a message may show it: never a value that is no path (a key's PEM text
+    pasted where its path goes), nor one that would write control characters."""
+    return path if path.isprintable() and "-----BEGIN" not in path else "its file"
 
 
 def _loopback(host: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import sys
 from typing import Any
 
@@ -25,7 +26,7 @@ from linchkit_plugin.ws_server import (
     stop_on_signals,
 )
 
-__all__ = ["connect", "serve_websocket"]
+__all__ = ["connect", "gateway_tls", "serve_websocket"]
 
 
 def serve_websocket(
@@ -54,7 +55,7 @@ def serve_websocket(
         try:
             with signals_end_the_start():
                 url = await server.start(options.host, options.port)
-        except StartFailed as failed:  # nothing listens yet, and no hook is owed a stop
+        except StartFailed as failed:  # nothing listens, and no hook is owed a stop (start())
             print(f"serve: {failed}", file=sys.stderr, flush=True)
             return 1
         methods = ", ".join(sorted(host.methods)) or "no methods"
@@ -81,22 +82,30 @@ def serve_websocket(
         raise SystemExit(code)
 
 
+def gateway_tls(options: argparse.Namespace) -> ssl.SSLContext | bool:
+    """What ``connect`` dials ``--url`` with (``ConnectTls.context``), ``--url`` and the TLS
+    files checked first: one that cannot be used ends ``connect`` in one line, exit 2. Called
+    before the plugin's module is imported, whose code would otherwise run (and may take
+    its time) for a command that was never going to dial."""
+    try:
+        checked_gateway_url(options.url)
+        return ConnectTls.configured(options.ca_file, options.cert_file, options.key_file).context(
+            options.url
+        )
+    except ValueError as error:  # ConnectTlsError's too: it names the file, not its bytes
+        print(f"connect: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def connect(
     options: argparse.Namespace,
     host: PluginHost,
     config: dict[str, Any],
     token: BearerToken | None,
+    context: ssl.SSLContext | bool,
 ) -> int:
-    """Dial the gateway until stopped; 1 when it refuses this plugin (not retried), 2
-    when ``--url`` cannot name a gateway or its TLS files cannot be used."""
-    try:
-        checked_gateway_url(options.url)
-        context = ConnectTls.configured(
-            options.ca_file, options.cert_file, options.key_file
-        ).context(options.url)
-    except ValueError as error:  # ConnectTlsError's too: it names the file, not its bytes
-        print(f"connect: {error}", file=sys.stderr)
-        return 2
+    """Dial the gateway (``context``: ``gateway_tls``'s) until stopped; 1 when it refuses
+    this plugin (not retried)."""
 
     async def main() -> int:
         # A signal does not cancel the dialling: it says goaway, the gateway finishes the

@@ -65,24 +65,27 @@ class Refused(Exception):
         self.reason = message
 
 
-#: The schemes a gateway's WebSocket URL may have (aiohttp dials http(s) as ws(s)).
+#: The schemes a gateway's WebSocket URL may have: aiohttp dials http(s) as ws(s), as
+#: every other SDK's ``connect`` does, so a URL copied from the gateway's HTTP address works.
 _GATEWAY_SCHEMES = frozenset({"ws", "wss", "http", "https"})
 
 
 def checked_gateway_url(url: str) -> str:
     """``url`` if it can name a gateway; else ``ValueError``: a URL that can never reach
-    one would otherwise be retried for ever, quietly."""
+    one would otherwise be retried for ever, quietly. The refusal shows it masked, a
+    token in its userinfo or query never said (``masked_url``), and escaped: a URL with a
+    character that does not print is refused too, or each dial's line would print it."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not one
     except ValueError:
         parts = urlsplit("")
-    if parts.scheme.lower() not in _GATEWAY_SCHEMES or not parts.hostname:
-        raise ValueError(
-            "--url must be a ws:// or wss:// URL"
-            f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {masked_url(url)!r}"
-        )
-    return url
+    if parts.scheme.lower() in _GATEWAY_SCHEMES and parts.hostname and url.isprintable():
+        return url
+    raise ValueError(
+        "--url must be a ws:// or wss:// URL"
+        f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {masked_url(url)!r}"
+    )
 
 
 async def dial(

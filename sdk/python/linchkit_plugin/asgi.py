@@ -93,6 +93,8 @@ _UNAUTHORIZED_HEADERS = [*_CLOSING_JSON_HEADERS, (b"www-authenticate", b"Bearer"
 _T = TypeVar("_T")
 
 #: The HTTP status of each reason a compressed body cannot be decoded.
+#: The paths the HTTP binding serves: another method on one is 405, another path 404.
+_ROUTES = frozenset({"/invoke", "/health", "/describe"})
 _UNDECODABLE_STATUS = {"unknown": 415, "too_large": 413, "corrupt": 400}
 #: Bodies above this are compressed or decoded in a worker thread, not on the event loop.
 _OFF_LOOP_BYTES = 256 * 1024
@@ -155,6 +157,38 @@ class PluginApp:
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
 
+        elif scope["type"] == "websocket":
+            await self._refuse_upgrade(scope, receive, send)
+
+    async def _refuse_upgrade(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse a WebSocket handshake, on any path, before accepting it.
+
+        The HTTP binding (docs/protocol.md) is three plain HTTP routes; WebSocket is a
+        binding of its own, another server (``serve --websocket``). So a handshake is
+        answered as a request no route takes, with the HTTP server's error envelope: 405
+        on a route's path, 404 elsewhere. Left unanswered (until 2026-12-07), uvicorn
+        answered a plain-text 500 and logged an error for each, which a peer could repeat
+        at will. An ASGI server that sends no such answer (no ``websocket.http.response``
+        extension) is told to close: uvicorn answers that 403."""
+        await receive()  # websocket.connect: the handshake has arrived whole
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path = scope["path"]
+        refusal = ProviderError(
+            f"this plugin is served over HTTP, and {path} takes no WebSocket upgrade: a"
+            " websocket target needs it served with `dispatcher-plugin serve --websocket`"
+        )
+        payload = orjson.dumps(error_response(refusal))
+        length = (b"content-length", str(len(payload)).encode())
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 405 if path in _ROUTES else 404,
+                "headers": [*_CLOSING_JSON_HEADERS, length],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": payload})
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -182,7 +216,7 @@ class PluginApp:
             elif path == "/describe" and method == "GET":
                 self._authorize(scope)
                 status, body = 200, self._describe()
-            elif path in {"/invoke", "/health", "/describe"}:
+            elif path in _ROUTES:
                 status = 405
                 body = error_response(ProviderError(f"{method} is not allowed on {path}"))
             else:

@@ -468,15 +468,16 @@ def connect(options: argparse.Namespace) -> int:
     refusal = websocket_refusal(options, dialling=True)
     if refusal is not None:
         _fail(refusal, command="connect")
-    plugin_host, config, token = _plugin_of(options)
     ws_cli = _websocket_cli("connect")
+    context = ws_cli.gateway_tls(options)  # --url and its TLS files, before the import
+    plugin_host, config, token = _plugin_of(options)
     log_to_stderr(info_from="linchkit_plugin.websocket")
     with exporting(
         lambda: plugin_host.hooks_left,
         plugin_id=options.plugin_id,
         version=options.plugin_version,
     ):
-        return int(ws_cli.connect(options, plugin_host, config, token))
+        return int(ws_cli.connect(options, plugin_host, config, token, context))
 
 
 #: What ``serve --websocket``'s ``--log-level`` sets, as over HTTP it sets uvicorn's loggers:

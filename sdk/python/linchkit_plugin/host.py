@@ -86,6 +86,13 @@ def load_plugin_class(entrypoint: str, path: str | Path | None = None) -> type[A
         plugin_class = getattr(module, attribute)
     except (ImportError, AttributeError) as error:
         raise ProviderError(f"cannot load plugin {entrypoint!r}: {error}") from error
+    except SystemExit as error:
+        # The module's code ended the process with its own status and words, none of the
+        # SDK's: a failed import like any other (the host embedding it lives on). Not
+        # KeyboardInterrupt: Ctrl-C during the import stays an interruption.
+        raise ProviderError(
+            f"cannot load plugin {entrypoint!r}: its module called {_exit_call(error)}"
+        ) from error
     except Exception as error:  # raised by the module's code, or a name import refuses
         # A syntax error, a module that raises as it is imported, a relative name
         # (``../etc``: TypeError): each was a traceback at the start, not this one line.
@@ -94,6 +101,24 @@ def load_plugin_class(entrypoint: str, path: str | Path | None = None) -> type[A
         raise ProviderError(f"plugin entrypoint {entrypoint!r} is not a class")
     _declared_methods(plugin_class)
     return plugin_class
+
+
+#: How much of the argument of a module's ``sys.exit`` its refusal shows.
+_EXIT_ARGUMENT_CHARS = 200
+
+
+def _exit_call(error: SystemExit) -> str:
+    """``sys.exit(…)`` as the module called it: its argument as ``repr`` shows it (a
+    control character escaped, so it cannot rewrite the operator's terminal), cut short."""
+    if error.code is None:
+        return "sys.exit()"
+    try:
+        shown = repr(error.code)
+    except Exception:  # the module's own object, whose __repr__ is its code too
+        shown = f"<{type(error.code).__name__}>"
+    if len(shown) > _EXIT_ARGUMENT_CHARS:
+        shown = shown[:_EXIT_ARGUMENT_CHARS] + "…"
+    return f"sys.exit({shown})"
 
 
 def _exposed_methods(

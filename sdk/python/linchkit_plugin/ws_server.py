@@ -35,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +46,7 @@ from aiohttp import web
 from linchkit_plugin._connect_tls import ConnectTls, ConnectTlsError
 from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import websocket_refusal
-from linchkit_plugin._starting import open_plugin
+from linchkit_plugin._starting import StartFailed, open_plugin
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_send_cap import cap_of_header
@@ -172,7 +174,13 @@ class WebSocketPluginServer:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen; return ``ws://host:port``."""
+        """Run the plugin's ``init``/``start`` and listen; return ``ws://host:port``.
+
+        ``StartFailed`` when a hook failed, or when it cannot listen at ``host:port`` (the
+        port taken, by the plugin's own hooks too, or not an address of this machine): the
+        hooks had run by then, so their ``stop``/``destroy`` run before it is raised, as
+        after serving. Until 2026-12-07 that was the event loop's ``OSError``, a traceback
+        under ``dispatcher-plugin serve --websocket``, and the hooks never stopped."""
         self._runner = web.AppRunner(
             self.app(),
             handle_signals=False,
@@ -186,7 +194,12 @@ class WebSocketPluginServer:
         assert self._runner.server is not None  # set up just above
         self.waiting.watch(self._runner.server)
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await self.aclose()  # nothing listens: the stop and destroy hooks run at once
+            where = _host_and_port(host, port)
+            raise StartFailed(f"cannot listen on {where}: {_why(error)}") from error
         bound = self._runner.addresses[0]
         host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # IPv6: host:port needs brackets
         return f"ws://{host}:{bound[1]}"
@@ -293,6 +306,19 @@ class WebSocketPluginServer:
         )
 
 
+def _host_and_port(host: str, port: int) -> str:
+    """``host:port`` as an operator writes it, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _why(error: OSError) -> str:
+    """Why the socket layer refused, in its words (``Address already in use``): the event
+    loop's own text wraps them in the address it could not bind, which the line says."""
+    if error.errno is not None and not isinstance(error, socket.gaierror):
+        return os.strerror(error.errno)
+    return str(error.strerror or error)  # a name that does not resolve: the resolver's words
+
+
 def stop_on_signals(stopping: asyncio.Event) -> None:
     """Set ``stopping`` on SIGTERM or SIGINT (where the loop can watch signals)."""
     loop = asyncio.get_running_loop()
@@ -322,7 +348,6 @@ def main(
     long a stop waits comes from ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``
     (``linchkit_plugin.stopping``).
     """
-    import os
     import sys
 
     import orjson
@@ -441,10 +466,8 @@ def main(
         )
         try:
             url = await server.start(*where)
-        except OSError as error:
-            await server.aclose()
-            reason = error.strerror or error
-            sys.stderr.write(f"serve: cannot listen on {options.address}: {reason}\n")
+        except StartFailed as failed:  # a hook's failure, or the address: stopped already
+            sys.stderr.write(f"serve: {failed}\n")
             return 1
         if token is None:  # as the gRPC service mode and `dispatcher-plugin serve` say it
             sys.stderr.write(
