@@ -38,7 +38,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
@@ -69,6 +68,7 @@ from linchkit_plugin.errors import (
     ShuttingDown,
     Unauthorized,
 )
+from linchkit_plugin.wire import encode_result
 from providers.invocation import new_request_id
 
 __all__ = ["GATEWAY_KEY", "HANDLER_ARGS", "HUB_KEY", "Gateway", "create_app"]
@@ -200,10 +200,10 @@ class Gateway:
             told = self.disclosure.public(error, plugin, method, request_id)
             answer = answer_of(told, close=unread or isinstance(error, ShuttingDown))
         else:
-            try:
-                body = orjson.dumps({"ok": True, "result": result})
-            except TypeError as error:
-                answer = answer_of(ProviderError(f"the plugin's result is not JSON: {error}"))
+            try:  # an in-process plugin's NaN is refused here, not sent as null
+                body = encode_result({"ok": True, "result": result})
+            except ProviderError as error:
+                answer = answer_of(error)
             else:
                 return Answer(200, {"Content-Type": _JSON, "X-Request-Id": request_id}, body)
         answer.headers["X-Request-Id"] = request_id

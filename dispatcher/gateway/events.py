@@ -54,7 +54,8 @@ from dispatcher._dispatcher import Dispatcher
 from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.gateway.rechecks import CREDENTIALS_ENDED
 from dispatcher.identity import Principal
-from linchkit_plugin.errors import DispatchError, InvalidParams
+from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError
+from linchkit_plugin.wire import encode_result
 
 __all__ = [
     "PATIENCE",
@@ -216,21 +217,18 @@ class EventHub:
     def record(self, plugin: str, version: str, event: str, data: Any) -> None:
         """Give the event the next id, keep it for resumes, queue it for its subscribers."""
         event_id = self._last_id + 1
-        try:
-            frame = orjson.dumps(
-                {
-                    "type": "event",
-                    "id": event_id,
-                    "plugin": plugin,
-                    "version": version,
-                    "event": event,
-                    "data": data,
-                }
-            ).decode()
-        except TypeError as error:
-            log.warning(
-                "event %s@%s/%s dropped: its data is not JSON (%s)", plugin, version, event, error
-            )
+        document = {
+            "type": "event",
+            "id": event_id,
+            "plugin": plugin,
+            "version": version,
+            "event": event,
+            "data": data,
+        }
+        try:  # an in-process plugin's NaN is dropped here, not sent as null
+            frame = encode_result(document, "its data").decode()
+        except ProviderError as error:
+            log.warning("event %s@%s/%s dropped: %s", plugin, version, event, error.message)
             return
         self._last_id = event_id
         recorded = _Event(event_id, plugin, version, event, frame)

@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import orjson
 from google.protobuf.message import DecodeError
 
 from dispatcher._dispatcher import Dispatcher
@@ -50,9 +49,11 @@ from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
     PluginError,
+    ProviderError,
     ShuttingDown,
     Unauthorized,
 )
+from linchkit_plugin.wire import encode_result
 from providers.invocation import new_request_id
 
 __all__ = [
@@ -75,6 +76,17 @@ SETTLE_MOST_SECONDS = 1.0
 HELD_DEADLINE_MARGIN_SECONDS = 0.05
 #: The service's full name, which grpc routes its calls by.
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+async def _abort_not_json(context: grpc.aio.ServicerContext, error: ProviderError) -> None:
+    """End the call: the plugin answered a result (or a chunk) JSON cannot carry, an object
+    it has no form for, a NaN or an infinity (an in-process plugin's, which no wire came
+    between). Said as written: the plugin's fault, and nothing of the network behind."""
+    await context.abort(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        status_message(error.message),
+        trailing_metadata=(("error-type", "provider_error"), ("retryable", "false")),
+    )
 
 
 def _certificate_credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, Sequence[str]]:
@@ -178,19 +190,16 @@ class GatewayServicer:
             result = await self.dispatcher.call(
                 request.plugin, request.method, self._params(request), **options
             )
-            result_json = orjson.dumps(result)
         except PluginError as error:
             return gateway_pb2.GatewayReply(
                 ok=False, error=error_message(error), request_id=request_id
             )
         except DispatchError as error:
             await self._abort(context, error, request, request_id)
-        except TypeError as error:  # a result JSON cannot carry
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                status_message(f"the plugin's result is not JSON: {error}"),
-                trailing_metadata=(("error-type", "provider_error"), ("retryable", "false")),
-            )
+        try:
+            result_json = encode_result(result)
+        except ProviderError as error:
+            await _abort_not_json(context, error)
         return gateway_pb2.GatewayReply(ok=True, result_json=result_json, request_id=request_id)
 
     async def stream(
@@ -211,7 +220,11 @@ class GatewayServicer:
                 request.plugin, request.method, self._params(request), **options
             )
             async for chunk in chunks:
-                yield gateway_pb2.GatewayStreamItem(chunk_json=orjson.dumps(chunk))
+                try:
+                    chunk_json = encode_result(chunk)
+                except ProviderError as error:
+                    await _abort_not_json(context, error)
+                yield gateway_pb2.GatewayStreamItem(chunk_json=chunk_json)
         except PluginError as error:
             yield gateway_pb2.GatewayStreamItem(error=error_message(error))
         except DispatchError as error:

@@ -1,6 +1,6 @@
 """The gRPC envelope of one call, read and written by a plugin's server
-(``linchkit_plugin.grpc_server``): a ``CallRequest``'s params, context and deadline in;
-a result as JSON out (docs/protocol.md, "The gRPC binding").
+(``linchkit_plugin.grpc_server``): a ``CallRequest``'s params, context and deadline in
+(docs/protocol.md, "The gRPC binding"); a result goes out as ``wire.encode_result`` writes it.
 
 What a host sends is not trusted: params that are not JSON, or nested deeper than
 ``MAX_PARAMS_DEPTH``, are that call's own ``InvalidParams`` (in a batch too), whose message
@@ -14,18 +14,10 @@ from typing import Any
 
 import orjson
 
-from linchkit_plugin.errors import InvalidParams, ProviderError
+from linchkit_plugin.errors import InvalidParams
 from linchkit_plugin.wire import MAX_PARAMS_DEPTH, nested_deeper_than
 
-__all__ = ["decode_params", "parse_call", "result_json"]
-
-
-def result_json(value: Any) -> bytes:
-    """``value`` (a result, a chunk, an event's data) as JSON, or ``ProviderError``."""
-    try:
-        return orjson.dumps(value)
-    except TypeError as error:
-        raise ProviderError(f"the plugin returned a value that is not JSON: {error}") from None
+__all__ = ["decode_params", "parse_call"]
 
 
 def decode_params(raw: bytes) -> Any:

@@ -17,8 +17,9 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from linchkit_plugin._grpc_envelope import result_json
+from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.wire import encode_result
 
 log = logging.getLogger("linchkit_plugin")
 
@@ -46,11 +47,17 @@ class EventStreams:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, event: str, data: Any = None) -> None:
-        """Send a plugin event to every open Events stream; callable from any thread."""
+        """Send a plugin event to every open Events stream; callable from any thread. An
+        event JSON cannot carry is logged and dropped, as over WebSocket (until 2026-12-07
+        ``emit`` raised here, and sent a NaN as ``null``)."""
         loop = self.loop
         if loop is None:
             return
-        payload = (event, result_json(data))
+        try:
+            payload = (event, encode_result(data, f"the data of event {event!r:.80}"))
+        except ProviderError as error:
+            log.warning("event %r not sent: %s", event, error.message)
+            return
         for queue in list(self._queues):
             loop.call_soon_threadsafe(_offer, queue, payload)
 

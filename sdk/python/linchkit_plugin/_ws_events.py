@@ -12,7 +12,8 @@ import logging
 from collections import deque
 from typing import Any, Protocol
 
-from linchkit_plugin.errors import DispatchError
+from linchkit_plugin.errors import ProviderError
+from linchkit_plugin.wire import encode_result
 from linchkit_plugin.ws_protocol import encode_frame
 
 __all__ = ["EventOutbox", "EventReceiver"]
@@ -46,9 +47,11 @@ class EventOutbox:
         """The plugin's ``emit``: synchronous, never blocks; an event JSON cannot carry is
         logged and dropped."""
         try:
-            frame = encode_frame({"type": "event", "event": event, "data": data})
-        except DispatchError as error:
-            log.warning("event %r not sent: %s", event, error)
+            frame = encode_result(
+                {"type": "event", "event": event, "data": data}, f"the data of event {event!r:.80}"
+            )
+        except ProviderError as error:
+            log.warning("event %r not sent: %s", event, error.message)
             return
         if not self._sessions:
             if len(self._waiting) == self._waiting.maxlen:

@@ -51,9 +51,9 @@ from aiohttp import WSMsgType, web
 from linchkit_plugin._method_failures import cancelled_from_outside, unanswerable
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_send_cap import bare_name, too_large
-from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.wire import error_response, ok_response, parse_request
+from linchkit_plugin.wire import encode_result, error_response, ok_response, parse_request
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
     DEFAULT_HEARTBEAT,
@@ -371,11 +371,10 @@ class PluginSession:
                     raise
                 response = error_response(unanswerable(method, error))
             try:
-                data = encode_frame({"type": "response", "id": call_id, "response": response})
-            except InvalidParams as error:
-                failure = ProviderError(f"the plugin's result is not JSON: {error.message}")
+                data = encode_result({"type": "response", "id": call_id, "response": response})
+            except ProviderError as not_json:
                 data = encode_frame(
-                    {"type": "response", "id": call_id, "response": error_response(failure)}
+                    {"type": "response", "id": call_id, "response": error_response(not_json)}
                 )
             if len(data) > self.send_cap:
                 answer = "result" if response["ok"] else "error"
@@ -405,7 +404,7 @@ class PluginSession:
                 contextlib.aclosing(self.host.stream(method, params, context)) as chunks,
             ):
                 async for chunk in chunks:
-                    data = encode_frame({"type": "chunk", "id": call_id, "data": chunk})
+                    data = encode_result({"type": "chunk", "id": call_id, "data": chunk})
                     if len(data) > self.send_cap:
                         # Out of the loop: aclosing stops the producer, as a cancel does.
                         raise too_large(f"a chunk of {bare_name(method)}", len(data), self.send_cap)

@@ -70,6 +70,7 @@ from linchkit_plugin.wire import (
     MAX_PARAMS_DEPTH,
     PROTOCOL_VERSION,
     RequestEnvelope,
+    encode_result,
     error_response,
     nested_deeper_than,
     ok_response,
@@ -92,9 +93,9 @@ _UNAUTHORIZED_HEADERS = [*_CLOSING_JSON_HEADERS, (b"www-authenticate", b"Bearer"
 
 _T = TypeVar("_T")
 
-#: The HTTP status of each reason a compressed body cannot be decoded.
 #: The paths the HTTP binding serves: another method on one is 405, another path 404.
 _ROUTES = frozenset({"/invoke", "/health", "/describe"})
+#: The HTTP status of each reason a compressed body cannot be decoded.
 _UNDECODABLE_STATUS = {"unknown": 415, "too_large": 413, "corrupt": 400}
 #: Bodies above this are compressed or decoded in a worker thread, not on the event loop.
 _OFF_LOOP_BYTES = 256 * 1024
@@ -156,7 +157,6 @@ class PluginApp:
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
-
         elif scope["type"] == "websocket":
             await self._refuse_upgrade(scope, receive, send)
 
@@ -189,6 +189,7 @@ class PluginApp:
             }
         )
         await send({"type": "websocket.http.response.body", "body": payload})
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -493,10 +494,11 @@ def _check_depth(params: Any) -> None:
 
 
 def _encode_answer(body: dict[str, Any]) -> bytes:
-    """``body`` as JSON; a result JSON cannot carry becomes that call's error, not a 500."""
+    """``body`` as JSON; a result JSON cannot carry (an object it has no form for, a NaN
+    or an infinity) becomes that call's error, in a batch that item's, not a 500."""
     try:
-        return orjson.dumps(body)
-    except TypeError:
+        return encode_result(body)
+    except ProviderError:
         pass
     if "results" in body:
         return orjson.dumps({"results": [_encodable(answer) for answer in body["results"]]})
@@ -505,7 +507,7 @@ def _encode_answer(body: dict[str, Any]) -> bytes:
 
 def _encodable(answer: dict[str, Any]) -> dict[str, Any]:
     try:
-        orjson.dumps(answer)
-    except TypeError as error:
-        return error_response(ProviderError(f"the plugin's result is not JSON: {error}"))
+        encode_result(answer)
+    except ProviderError as error:
+        return error_response(error)
     return answer

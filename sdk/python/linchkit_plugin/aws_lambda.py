@@ -36,7 +36,7 @@ import orjson
 
 from linchkit_plugin.errors import DispatchError, ProviderError
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.wire import error_response, ok_response, parse_request
+from linchkit_plugin.wire import checked_ok_response, error_response, parse_request
 
 __all__ = ["CONFIG_ENVIRONMENT_VARIABLE", "LambdaPlugin", "lambda_handler"]
 
@@ -99,7 +99,7 @@ class LambdaPlugin:
             )
         except DispatchError as error:
             return error_response(error)
-        return ok_response(result)
+        return checked_ok_response(result)
 
 
 def lambda_handler(

@@ -51,7 +51,7 @@ import orjson
 from linchkit_plugin._grpc_auth import token_interceptor
 from linchkit_plugin._grpc_cli import read_command_line
 from linchkit_plugin._grpc_drain import StopGate, refuse_as_not_run
-from linchkit_plugin._grpc_envelope import parse_call, result_json
+from linchkit_plugin._grpc_envelope import parse_call
 from linchkit_plugin._grpc_events import EventStreams, deliver_host_events
 from linchkit_plugin._grpc_executable import run
 from linchkit_plugin._grpc_hosts import MAX_HOSTS, AttachedHosts, host_of
@@ -68,7 +68,7 @@ from linchkit_plugin.handshake import (
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.tracing import exporting
-from linchkit_plugin.wire import PROTOCOL_VERSION
+from linchkit_plugin.wire import PROTOCOL_VERSION, encode_result
 
 # isort: split
 # Importable from here as before: names this module defined or used before its parts
@@ -282,7 +282,7 @@ class PluginServer:
             params, call_context, timeout = await self._parse(request, context)
             async with asyncio.timeout(timeout):
                 async for chunk in self.host.stream(request.method, params, call_context):
-                    yield pb.StreamItem(chunk_json=result_json(chunk))
+                    yield pb.StreamItem(chunk_json=encode_result(chunk))
         except TimeoutError:
             error = DeadlineExceeded(f"{request.method!r} did not finish before its deadline")
             yield pb.StreamItem(error=self._error(error))
@@ -322,7 +322,7 @@ class PluginServer:
             result = await self.host.call_with_deadline(
                 request.method, params, call_context, timeout
             )
-            return pb.CallReply(ok=True, result_json=result_json(result))
+            return pb.CallReply(ok=True, result_json=encode_result(result))
         except DispatchError as error:
             return pb.CallReply(ok=False, error=self._error(error))
 

@@ -32,7 +32,7 @@ import orjson
 from linchkit_plugin.argument_parser import RedactingArgumentParser
 from linchkit_plugin.errors import DispatchError, ProviderError
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.wire import error_response, ok_response, parse_request
+from linchkit_plugin.wire import checked_ok_response, error_response, parse_request
 
 __all__ = [
     "CALL_EVENT_TYPE",
@@ -128,7 +128,7 @@ class KnativeFunction:
             )
         except DispatchError as error:
             return 200, error_response(error)
-        return 200, ok_response(result)
+        return 200, checked_ok_response(result)
 
 
 def serve(function: KnativeFunction) -> None:

@@ -19,8 +19,10 @@ __all__ = [
     "MAX_PARAMS_DEPTH",
     "PROTOCOL_VERSION",
     "RequestEnvelope",
+    "checked_ok_response",
     "decode_response",
     "encode_json",
+    "encode_result",
     "error_response",
     "json_fragment",
     "nested_deeper_than",
@@ -49,8 +51,8 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
         raise InvalidParams(f"params must be JSON-serializable: {error}") from None
     # Where NaN or infinity went, if there were any: look only then. ``find``, not ``in``:
     # ``in`` first tries the needle as an integer and clears the TypeError (+50 ns a call).
-    if data.find(b"null") >= 0:
-        _refuse_non_finite(value)
+    if data.find(b"null") >= 0 and (number := _first_non_finite(value)) is not None:
+        raise InvalidParams(f"params must be JSON: {number!r} is not a JSON number")
     # orjson 3.13 hands back its whole working buffer: a 150-byte envelope holds 4 KB, a
     # 100 KB one 0.9 MB, for as long as the bytes live (a call in flight, a cache key). A
     # copy of exactly the document's size costs 30-40 ns (bench/bench_http_inflight.py).
@@ -64,9 +66,28 @@ def json_fragment(value: Any) -> bytes:
         data = orjson.dumps(value)
     except TypeError as error:
         raise InvalidParams(f"params must be JSON-serializable: {error}") from None
-    if data.find(b"null") >= 0:
-        _refuse_non_finite(value)
+    if data.find(b"null") >= 0 and (number := _first_non_finite(value)) is not None:
+        raise InvalidParams(f"params must be JSON: {number!r} is not a JSON number")
     return data
+
+
+def encode_result(value: Any, what: str = "the plugin's result") -> bytes:
+    """``value``, an answer or a frame holding what a plugin's method returned, as JSON;
+    what JSON cannot carry is ``ProviderError`` (saying ``what`` is not JSON): that call's
+    answer, on every transport.
+
+    A NaN or an infinity is refused, not written as ``null`` as orjson would: a result of
+    ``{"score": nan}`` must not reach the host as ``{"score": null}``, a different answer
+    (until 2026-12-07 the HTTP and gRPC bindings sent it so, and the WebSocket binding
+    refused it in words about params).
+    """
+    try:
+        data = orjson.dumps(value)
+    except TypeError as error:
+        raise ProviderError(f"{what} is not JSON: {error}") from None
+    if data.find(b"null") >= 0 and (number := _first_non_finite(value)) is not None:
+        raise ProviderError(f"{what} is not JSON: {number!r} is not a JSON number")
+    return b"%b" % data  # not orjson's whole buffer: a frame may wait in a queue (encode_json)
 
 
 def nested_deeper_than(value: Any, max_depth: int) -> bool:
@@ -88,8 +109,8 @@ def nested_deeper_than(value: Any, max_depth: int) -> bool:
     return True
 
 
-def _refuse_non_finite(value: Any) -> None:
-    """Raise ``InvalidParams`` if a float in ``value`` is NaN or infinite.
+def _first_non_finite(value: Any) -> float | None:
+    """A float in ``value`` that is NaN or infinite, if there is one.
 
     Runs whenever the JSON holds a ``null`` (orjson writes non-finite floats so), which
     optional fields make common. A loop over a stack, the exact types first: with the
@@ -109,11 +130,12 @@ def _refuse_non_finite(value: Any) -> None:
             continue
         elif isinstance(item, float):  # float and its subclasses
             if not math.isfinite(item):
-                raise InvalidParams(f"params must be JSON: {item!r} is not a JSON number")
+                return float(item)
         elif isinstance(item, dict):
             push(item.values())
         elif isinstance(item, list | tuple):
             push(item)
+    return None
 
 
 def decode_response(payload: Any) -> Any:
@@ -144,6 +166,20 @@ def ok_response(result: Any) -> dict[str, Any]:
 
 def error_response(error: DispatchError) -> dict[str, Any]:
     return {"ok": False, "error": error.to_wire()}
+
+
+def checked_ok_response(result: Any) -> dict[str, Any]:
+    """``ok_response(result)``, or that call's ``ProviderError`` when JSON cannot carry
+    ``result``: for runtimes that encode the answer themselves. Lambda's writes a NaN as a
+    bare ``NaN`` token (no JSON) and fails the whole invocation on an object JSON has no
+    form for; func-python answered that with a plain 500, which the host took for a
+    target down and retried."""
+    answer = ok_response(result)
+    try:
+        encode_result(answer)
+    except ProviderError as error:
+        return error_response(error)
+    return answer
 
 
 @dataclass(frozen=True, slots=True)
