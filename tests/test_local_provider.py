@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from pathlib import Path
@@ -293,3 +294,45 @@ def test_one_module_from_two_folders_is_refused_as_the_manifest_loads(tmp_path: 
             "methods": {"who": {}},
         },
     )
+
+
+class Decorated:
+    """Methods wrapped by decorators written without ``async``: to the SDK each is a
+    plain function, run in a worker thread, whose return value is a coroutine."""
+
+    @staticmethod
+    def _logged(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    @_logged
+    async def greet(self, name: str) -> str:
+        await asyncio.sleep(0)
+        return f"hello {name}"
+
+    @_logged
+    async def fails(self) -> None:
+        await asyncio.sleep(0)
+        raise ValueError("the method's own")
+
+    @_logged
+    async def slow(self) -> str:
+        await asyncio.sleep(5)
+        return "late"
+
+
+async def test_a_sync_wrapper_around_an_async_method_answers_the_method_s_result() -> None:
+    """Before: provider_error 'not JSON: coroutine', and a RuntimeWarning that the
+    coroutine was never awaited."""
+    host = PluginHost(Decorated())
+    assert await host.call("greet", {"name": "ada"}) == "hello ada"
+    with pytest.raises(PluginError, match="the method's own") as failed:
+        await host.call("fails", {})
+    assert failed.value.remote_type == "ValueError"
+    with pytest.raises(DeadlineExceeded):  # the coroutine runs on the loop: a deadline cuts it
+        await host.call_with_deadline("slow", {}, {}, 0.05)
+    with pytest.raises(InvalidParams):  # params that do not bind to the wrapper's signature
+        await host.call("greet", {"nobody": 1})

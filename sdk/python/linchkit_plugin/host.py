@@ -517,7 +517,14 @@ class PluginHost:
         try:
             if self._is_async[method]:
                 return await function(*args, **kwargs)
-            return await method_threads(function, *args, **kwargs)
+            result = await method_threads(function, *args, **kwargs)
+            if inspect.iscoroutine(result):
+                # A plain ``def`` wrapper around an ``async def`` (a decorator written without
+                # ``async``): what it returns is the call not yet run. Run here, on the loop,
+                # it is the method's answer; until 2026-12-07 it was refused as "not JSON:
+                # coroutine", and Python warned that it was never awaited.
+                return await result
+            return result
         except TypeError as error:
             raise _binding_error(function, args, kwargs, error) from error
         except BaseException as error:  # sys.exit() too: this call's failure, not the server's
