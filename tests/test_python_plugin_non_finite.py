@@ -29,7 +29,7 @@ import httpx
 import orjson
 import pytest
 
-from dispatcher import Dispatcher, ProviderError
+from dispatcher import Dispatcher, PluginError, ProviderError
 from linchkit_plugin import PluginHost
 from linchkit_plugin.aws_lambda import LambdaPlugin
 from linchkit_plugin.knative import KnativeFunction
@@ -57,6 +57,12 @@ class Scores(Plugin):
         yield {"i": 0}
         yield {"i": math.inf}
 
+    def refuses(self):
+        from linchkit_plugin.errors import PluginError
+
+        details = {"score": math.nan}
+        raise PluginError("no score", remote_type="NoScore", details=details, retry_after=math.inf)
+
     async def events(self):
         self.emit("bad", {"x": math.nan})
         self.emit("good", {"x": 1})
@@ -69,7 +75,7 @@ if __name__ == "__main__":
     sys.exit(main(Scores, plugin_id="scores", version="1.0.0", runtime="python"))
 """
 
-METHODS = ("ok", "nan", "inf", "chunks", "events")
+METHODS = ("ok", "nan", "inf", "chunks", "events", "refuses")
 WAIT = 30.0
 
 
@@ -171,6 +177,23 @@ async def test_a_non_finite_result_is_the_calls_provider_error_and_the_plugin_se
         assert_not_json(refused.value, "-inf")
         # A null the method returned is no NaN: the look for one finds none and lets it go.
         assert await dispatcher.call("scores", "ok", {}) == {"score": 1.5, "missing": None}
+
+
+@pytest.mark.parametrize("mode", ["http", "websocket", "grpc"])
+async def test_an_error_s_details_json_cannot_carry_are_left_out_not_the_error(
+    tmp_path: Path, mode: str
+) -> None:
+    """Checked as a result is, the whole answer would have become an error about the
+    plugin's result; before that, the NaN went as null."""
+    async with (
+        scores_server(tmp_path, mode) as (target, _),
+        Dispatcher(scores_manifest(target)) as dispatcher,
+    ):
+        with pytest.raises(PluginError) as refused:
+            await dispatcher.call("scores", "refuses", {})
+        assert (refused.value.remote_type, refused.value.message) == ("NoScore", "no score")
+        assert refused.value.details == {}
+        assert refused.value.retry_after is None
 
 
 @pytest.mark.parametrize("mode", ["websocket", "grpc"])

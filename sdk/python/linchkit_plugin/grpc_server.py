@@ -68,7 +68,7 @@ from linchkit_plugin.handshake import (
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.tracing import exporting
-from linchkit_plugin.wire import PROTOCOL_VERSION, encode_result
+from linchkit_plugin.wire import PROTOCOL_VERSION, encode_result, error_response
 
 # isort: split
 # Importable from here as before: names this module defined or used before its parts
@@ -327,7 +327,7 @@ class PluginServer:
             return pb.CallReply(ok=False, error=self._error(error))
 
     def _error(self, error: DispatchError) -> Any:
-        wire = error.to_wire()
+        wire = error_response(error)["error"]  # details JSON cannot carry left out
         return self._pb.Error(
             type=wire["type"],
             message=wire["message"],

@@ -165,7 +165,25 @@ def ok_response(result: Any) -> dict[str, Any]:
 
 
 def error_response(error: DispatchError) -> dict[str, Any]:
-    return {"ok": False, "error": error.to_wire()}
+    wire = error.to_wire()
+    if len(wire) > 3:  # details or a retry_after, which a plugin may have set to no JSON
+        _leave_out_what_json_cannot_carry(wire)
+    return {"ok": False, "error": wire}
+
+
+def _leave_out_what_json_cannot_carry(wire: dict[str, Any]) -> None:
+    """Drop an error's ``details`` or ``retry_after`` JSON has no form for (a NaN, an
+    infinity, an object), not the error: its type and message are what its caller acts
+    on. Until 2026-12-07 a NaN there went as ``null``; checked as a result is, it would
+    have turned the plugin's own error into one about its result."""
+    retry_after = wire.get("retry_after")
+    if isinstance(retry_after, float) and not math.isfinite(retry_after):
+        del wire["retry_after"]
+    if "details" in wire:
+        try:
+            encode_result(wire["details"])
+        except ProviderError:
+            del wire["details"]
 
 
 def checked_ok_response(result: Any) -> dict[str, Any]:
