@@ -68,7 +68,17 @@ def modes_of(language: str) -> tuple[str, ...]:
 
 
 CASES = [(language, mode) for language in LANGUAGES for mode in modes_of(language)]
-METHODS = ("echo", "digest", "fail", "sleep", "count", "emit", "config", "no_such_method")
+METHODS = (
+    "echo",
+    "digest",
+    "fail",
+    "sleep",
+    "count",
+    "emit",
+    "config",
+    "non_finite",
+    "no_such_method",
+)
 CONFIG = {"region": "eu", "limits": {"max": 3}, "tags": ["a", "b"]}
 START_TIMEOUT = 60.0  # a cold JVM on a busy 2-core machine
 

@@ -20,6 +20,7 @@ from dispatcher import (
     Invocation,
     MethodNotFound,
     PluginError,
+    ProviderError,
 )
 from providers.invocation import new_request_id
 from tests.conformance.conftest import CONFIG, Example
@@ -42,7 +43,7 @@ async def test_describe_names_the_plugin_and_its_methods(example: Example) -> No
     info = await example.connection().describe_plugin(timeout=10)
     assert (info["id"], info["version"], info["protocol_version"]) == ("example", "1.0.0", 1)
     assert info["runtime"] == example.language
-    expected = {"echo", "digest", "fail", "sleep", "count", "emit", "config"}
+    expected = {"echo", "digest", "fail", "sleep", "count", "emit", "config", "non_finite"}
     assert expected <= set(info["methods"])
     assert info["methods"]["count"]["streaming"] is True
     assert info["methods"]["echo"]["streaming"] is False
@@ -294,6 +295,46 @@ async def test_a_failing_host_event_handler_reaches_the_hosts_log_as_an_error(
 
 async def test_config_is_what_init_received(example: Example) -> None:
     assert await call(example, "config", {}) == CONFIG
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+async def test_a_result_json_cannot_carry_is_a_provider_error_and_the_plugin_serves_on(
+    example: Example, value: str
+) -> None:
+    """JSON has no NaN or infinity. Until 2026-12-07 the Python (HTTP, gRPC), Rust and
+    TypeScript SDKs sent one as ``null``, a different answer and no word of it; Java's and
+    Go's answered the call a ``PluginError`` of their JSON library's (Java's with Gson's
+    advice to configure Gson), and a pre-built JSON value holding one went out as a bare
+    ``NaN`` token, which no host can read."""
+    with pytest.raises(ProviderError) as refused:
+        await call(example, "non_finite", {"value": value})
+    assert str(refused.value).startswith("the plugin's result is not JSON: "), refused.value
+    assert not refused.value.retryable
+    assert await call(example, "echo", {"after": value}) == {"after": value}
+
+
+async def test_a_batch_refuses_only_the_item_json_cannot_carry(example: Example) -> None:
+    target = example.target()
+    provider = example.dispatcher.providers[target.provider]
+    deadline = time.monotonic() + 10
+
+    def invocation(method: str, params: Any) -> Invocation:
+        return Invocation("example", "1.0.0", method, params, deadline, new_request_id())
+
+    outcomes = await provider.invoke_batch(
+        target, [invocation("non_finite", {"value": "nan"}), invocation("echo", [1])]
+    )
+    assert isinstance(outcomes[0].error, ProviderError), outcomes[0]
+    assert "result is not JSON" in str(outcomes[0].error)
+    assert outcomes[1].result == [1]
+
+
+async def test_non_finite_with_a_value_it_does_not_name_is_invalid_params(
+    example: Example,
+) -> None:
+    for params in ({"value": "NaN!"}, {}, {"value": ["nan"]}):
+        with pytest.raises(InvalidParams, match="value"):
+            await call(example, "non_finite", params)
 
 
 async def test_an_unknown_method_is_method_not_found(example: Example) -> None:

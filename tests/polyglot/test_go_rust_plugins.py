@@ -141,7 +141,9 @@ def test_describe_and_health(client: PluginClient, executable: Path) -> None:
     assert (info.id, info.version, info.protocol_version) == ("example", "1.0.0", 1)
     assert info.runtime == runtime_of(executable)
     methods = {m.name: m.streaming for m in info.methods}
-    assert set(methods) == {"echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks"}
+    assert set(methods) == {
+        *("echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks", "non_finite")
+    }
     assert methods["count"] is True
     for name in ("", SERVICE):
         assert client.health_of(name) == health_pb2.HealthCheckResponse.SERVING

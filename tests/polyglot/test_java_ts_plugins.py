@@ -244,7 +244,7 @@ def test_describe(plugin: tuple[str, Client]) -> None:
     methods = {method.name: method.streaming for method in info.methods}
     assert methods == {
         "echo": False, "digest": False, "fail": False, "sleep": False,
-        "count": True, "emit": False, "config": False, "hooks": False,
+        "count": True, "emit": False, "config": False, "hooks": False, "non_finite": False,
     }  # fmt: skip
 
 

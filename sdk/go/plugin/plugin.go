@@ -83,11 +83,15 @@ func (c *Call) Bind(v any) error {
 func (c *Call) Emit(name string, data any) error { return c.plugin.Emit(name, data) }
 
 // UnaryMethod answers a call with one result, which is encoded as JSON (a
-// json.RawMessage is sent as it is).
+// json.RawMessage is sent as it is). A result JSON cannot carry (a NaN or an infinity
+// anywhere in it, a json.RawMessage that is not JSON) is the call's provider_error, "the
+// plugin's result is not JSON: …".
 type UnaryMethod func(ctx context.Context, call *Call) (any, error)
 
 // StreamMethod answers a call with chunks passed to send, in order. As a unary Call the
-// host gets the list of the chunks.
+// host gets the list of the chunks. A chunk JSON cannot carry is not sent: send returns
+// the provider_error that ends the stream, and so does every send after it, so the stream
+// ends with it even if the method carries on.
 type StreamMethod func(ctx context.Context, call *Call, send func(chunk any) error) error
 
 // Hook is a lifecycle hook: start, stop or destroy.
@@ -191,10 +195,17 @@ func (p *Plugin) OnEvent(name string, fn EventHandler) { p.handlers[name] = fn }
 // WebSocket connection). Events emitted while none is are kept (up to a bound: 1,000 in the
 // WebSocket modes, which then send a dropped frame with the count lost) and delivered to
 // the next host to connect.
+//
+// Data JSON cannot carry (a NaN, an infinity, a json.RawMessage that is not JSON) is sent
+// to no host: the SDK logs a warning, "event 'NAME' not sent: …", and returns that error.
 func (p *Plugin) Emit(name string, data any) error {
 	raw, err := encodeJSON(data)
 	if err != nil {
-		return fmt.Errorf("event %s: data is not JSON-encodable: %w", name, err)
+		shown := "'" + shownBareName(name) + "'"
+		notSent := &Error{Type: TypeProviderError, Message: fmt.Sprintf(
+			"event %s not sent: the data of event %s is not JSON: %s", shown, shown, notJSONReason(err))}
+		sdkLog.Warn("linchkit plugin: " + notSent.Message)
+		return notSent
 	}
 	p.events.publish(name, raw)
 	return nil
@@ -211,16 +222,6 @@ func (p *Plugin) setConfig(config json.RawMessage) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.config = config
-}
-
-func encodeJSON(v any) (json.RawMessage, error) {
-	if raw, ok := v.(json.RawMessage); ok {
-		if len(raw) == 0 {
-			return json.RawMessage("null"), nil
-		}
-		return raw, nil
-	}
-	return json.Marshal(v)
 }
 
 func structType(v any) reflect.Type {

@@ -254,14 +254,23 @@ func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginSe
 	ctx, span := s.plugin.tracing.start(ctx, s.plugin.id, call)
 	var failure *Error
 	defer func() { endSpan(span, failure) }()
+	// A chunk JSON cannot carry ends the stream with its error, its producer stopped as a
+	// cancel stops it, the chunks before it sent.
+	ctx, stopProducer := context.WithCancel(ctx)
+	defer stopProducer()
+	var ended streamFailure
 	send := func(chunk any) error {
-		raw, err := encodeJSON(chunk)
-		if err != nil {
-			return fmt.Errorf("chunk is not JSON-encodable: %w", err)
+		if earlier := ended.err(); earlier != nil {
+			return earlier
+		}
+		raw, notJSON := encodeResult(chunk)
+		if notJSON != nil {
+			stopProducer()
+			return ended.end(notJSON)
 		}
 		return stream.Send(&pluginpb.StreamItem{Item: &pluginpb.StreamItem_ChunkJson{ChunkJson: raw}})
 	}
-	err := m.runStreamed(ctx, call, send)
+	err := ended.or(m.runStreamed(ctx, call, send))
 	if err != nil {
 		failure = toError(err)
 		if stream.Context().Err() != nil {
@@ -343,28 +352,37 @@ func (p *Plugin) run(ctx context.Context, call *Call, m *method) *pluginpb.CallR
 	if m.unary != nil {
 		err = runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
 	} else {
-		// A streaming method called once: the list of its chunks.
-		chunks := []json.RawMessage{}
-		err = runMethod(func() error {
-			return m.stream(ctx, call, func(chunk any) error {
-				raw, err := encodeJSON(chunk)
-				if err != nil {
-					return fmt.Errorf("chunk is not JSON-encodable: %w", err)
-				}
-				chunks = append(chunks, raw)
-				return nil
-			})
-		})
-		result = chunks
+		result, err = collectChunks(ctx, call, m)
 	}
 	if err != nil {
 		return errorReply(toError(err))
 	}
-	raw, err := encodeJSON(result)
-	if err != nil {
-		return errorReply(&Error{Type: "PluginError", Message: fmt.Sprintf("result of %s is not JSON-encodable: %v", call.Method, err)})
+	raw, notJSON := encodeResult(result)
+	if notJSON != nil {
+		return errorReply(notJSON)
 	}
 	return &pluginpb.CallReply{Ok: true, ResultJson: raw}
+}
+
+// collectChunks runs a streaming method called once: the list of its chunks, or the error
+// of the first JSON cannot carry (even when the method ignored it and carried on).
+func collectChunks(ctx context.Context, call *Call, m *method) ([]json.RawMessage, error) {
+	chunks := []json.RawMessage{}
+	var ended streamFailure
+	err := runMethod(func() error {
+		return m.stream(ctx, call, func(chunk any) error {
+			if earlier := ended.err(); earlier != nil {
+				return earlier
+			}
+			raw, notJSON := encodeResult(chunk)
+			if notJSON != nil {
+				return ended.end(notJSON)
+			}
+			chunks = append(chunks, raw)
+			return nil
+		})
+	})
+	return chunks, ended.or(err)
 }
 
 // prepare checks the envelope, finds the method, and bounds the context by the call's

@@ -35,6 +35,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"sync"
@@ -595,40 +596,28 @@ func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest 
 	// the stream's outcome, before the last frame goes out, so a host that read it sees
 	// the span ended.
 	ctx, span := s.plugin.tracing.start(ctx, s.plugin.id, call)
-	// A chunk over the send cap ends the stream with overCap, its producer stopped as a
-	// cancel stops it (stopProducer), the chunks before it sent.
+	// A chunk over the send cap, or one JSON cannot carry, ends the stream with its error,
+	// its producer stopped as a cancel stops it (stopProducer), the chunks before it sent.
 	ctx, stopProducer := context.WithCancel(ctx)
 	defer stopProducer()
-	var overCap atomic.Pointer[Error]
+	var ended streamFailure
 	send := func(chunk any) error {
-		if failure := overCap.Load(); failure != nil {
-			return failure
+		if earlier := ended.err(); earlier != nil {
+			return earlier
 		}
-		raw, err := encodeJSON(chunk)
-		if err != nil {
-			return fmt.Errorf("chunk is not JSON-encodable: %w", err)
-		}
-		message, err := json.Marshal(map[string]any{"type": "chunk", "id": id, "data": raw})
-		if err == nil {
-			if limit := s.limit(); int64(len(message)) > limit {
-				failure := tooLarge("a chunk of", request.Method, len(message), limit)
-				overCap.CompareAndSwap(nil, failure)
-				stopProducer()
-				return overCap.Load()
-			}
+		message, failure := s.chunkFrame(id, request.Method, chunk)
+		if failure != nil {
+			stopProducer()
+			return ended.end(failure)
 		}
 		if err := w.take(ctx); err != nil {
 			return err
 		}
-		if message != nil {
-			s.write(connCtx, message)
-		}
+		s.write(connCtx, message)
 		return nil
 	}
-	err := m.runStreamed(ctx, call, send)
-	if failure := overCap.Load(); failure != nil {
-		err = failure // whatever the stopped producer returned
-	}
+	// The stream's failure, whatever the stopped producer returned.
+	err := ended.or(m.runStreamed(ctx, call, send))
 	if err != nil {
 		failure := toError(err)
 		endSpan(span, failure)
@@ -640,6 +629,23 @@ func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest 
 	}
 	endSpan(span, nil)
 	s.respond(connCtx, id, request.Method, &pluginpb.CallReply{Ok: true, ResultJson: json.RawMessage("null")})
+}
+
+// chunkFrame is the frame carrying chunk of stream id (of method), or the error that ends
+// the stream in its place: a chunk JSON cannot carry, or a frame over the send cap.
+func (s *wsSession) chunkFrame(id int64, method string, chunk any) ([]byte, *Error) {
+	raw, notJSON := encodeResult(chunk)
+	if notJSON != nil {
+		return nil, notJSON
+	}
+	message, err := json.Marshal(map[string]any{"type": "chunk", "id": id, "data": raw})
+	if err != nil { // cannot happen (raw is JSON, id a number); were it to, the stream ends said
+		return nil, &Error{Type: TypeProviderError, Message: resultNotJSON + notJSONReason(err)}
+	}
+	if limit := s.limit(); int64(len(message)) > limit {
+		return nil, tooLarge("a chunk of", method, len(message), limit)
+	}
+	return message, nil
 }
 
 // respond answers call id of method with reply; a response over the send cap is replaced
@@ -677,8 +683,9 @@ func responseFrame(id int64, reply *pluginpb.CallReply) map[string]any {
 		if len(e.GetDetailsJson()) > 0 {
 			wire["details"] = json.RawMessage(e.GetDetailsJson())
 		}
-		if e.GetRetryAfter() > 0 {
-			wire["retry_after"] = e.GetRetryAfter()
+		// +Inf has no JSON form: it would leave the call unanswered (json.Marshal fails).
+		if after := e.GetRetryAfter(); after > 0 && !math.IsInf(after, 1) {
+			wire["retry_after"] = after
 		}
 		response = map[string]any{"ok": false, "error": wire}
 	}

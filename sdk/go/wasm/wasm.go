@@ -21,6 +21,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/extism/go-pdk"
 )
@@ -33,6 +34,7 @@ const ConfigKey = "linchkit.config"
 const (
 	TypeInvalidParams    = "invalid_params"
 	TypeDeadlineExceeded = "deadline_exceeded"
+	TypeProviderError    = "provider_error"
 	TypePluginError      = "PluginError"
 )
 
@@ -86,10 +88,22 @@ func Call(handler func(params json.RawMessage) (any, error)) int32 {
 	}
 	out, err := json.Marshal(result)
 	if err != nil {
-		return fail(&Error{Type: TypePluginError, Message: "the result is not JSON: " + err.Error()})
+		// A NaN, an infinity, a json.RawMessage that is not JSON: the call's provider_error,
+		// in the words of every SDK.
+		return fail(&Error{Type: TypeProviderError, Message: "the plugin's result is not JSON: " + notJSONReason(err)})
 	}
 	pdk.Output(out)
 	return 0
+}
+
+// notJSONReason is why encoding/json could not write a value, without the value: "NaN is
+// not a JSON number", as the plugin package says it.
+func notJSONReason(err error) string {
+	var unsupported *json.UnsupportedValueError
+	if errors.As(err, &unsupported) && unsupported.Value.IsValid() && unsupported.Value.CanFloat() {
+		return unsupported.Str + " is not a JSON number"
+	}
+	return strings.TrimPrefix(err.Error(), "json: ")
 }
 
 func fail(err error) int32 {
@@ -97,7 +111,10 @@ func fail(err error) int32 {
 	if !errors.As(err, &typed) {
 		typed = &Error{Type: TypePluginError, Message: err.Error()}
 	}
-	text, _ := json.Marshal(typed) // strings, a bool and JSON details: cannot fail
+	text, err := json.Marshal(typed)
+	if err != nil { // details JSON cannot carry (a NaN): dropped, the error still goes
+		text, _ = json.Marshal(&Error{Type: typed.Type, Message: typed.Message, Retryable: typed.Retryable})
+	}
 	pdk.SetErrorString(string(text))
 	return 1
 }

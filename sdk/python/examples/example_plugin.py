@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,8 @@ from linchkit_plugin.plugin import raw_params
 MAX_PAD = 64 << 20
 #: The most chunks ``count`` sends: a unary call collects them all before it answers.
 MAX_COUNT = 1_000_000
+#: What ``non_finite`` returns for each of its values.
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 class ExampleFailure(Exception):
@@ -53,7 +56,17 @@ def _padding(pad: Any) -> str:
 
 
 class ExamplePlugin(Plugin):
-    methods = ("echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks")
+    methods = (
+        "echo",
+        "digest",
+        "fail",
+        "sleep",
+        "count",
+        "emit",
+        "config",
+        "hooks",
+        "non_finite",
+    )
 
     def __init__(self) -> None:
         self._hooks = {"init": 0, "start": 0, "stop": 0, "destroy": 0}
@@ -144,6 +157,13 @@ class ExamplePlugin(Plugin):
         whether a stop ran them under a call still in flight."""
         await asyncio.sleep(_integer("after_ms", after_ms) / 1000)
         return dict(self._hooks)
+
+    async def non_finite(self, value: Any = None) -> dict[str, float]:
+        """``{"x": NaN}``, ``+inf`` or ``-inf`` as ``value`` says: a result JSON cannot carry,
+        which the SDK answers as this call's provider_error."""
+        if not isinstance(value, str) or value not in NON_FINITE:
+            raise InvalidParams(f'\'value\' must be "nan", "inf" or "-inf", got {value!r:.40}')
+        return {"x": NON_FINITE[value]}
 
     async def on_event(self, event: str, data: Any) -> None:
         if event == "ping":

@@ -104,14 +104,27 @@ impl std::error::Error for Error {}
 /// A caller's method name as an error message shows it: quoted (a NUL or a newline
 /// escaped) and cut to 64 bytes, so a 10,000-character name is not sent back whole.
 pub(crate) fn shown_name(name: &str) -> String {
+    let (kept, cut) = cut_to_64_bytes(name);
+    format!("{kept:?}{cut}")
+}
+
+/// A name as a warning shows it: in single quotes, as every SDK's `event 'tick' not sent`
+/// (Python's repr), escaped and cut as [`shown_name`] does.
+pub(crate) fn quoted_name(name: &str) -> String {
+    let (kept, cut) = cut_to_64_bytes(name);
+    format!("'{}'{cut}", kept.escape_debug())
+}
+
+/// The first 64 bytes of `name` or fewer (a whole character), and "…" if that cut some.
+fn cut_to_64_bytes(name: &str) -> (&str, &'static str) {
     if name.len() <= 64 {
-        return format!("{name:?}");
+        return (name, "");
     }
     let mut cut = 64;
     while !name.is_char_boundary(cut) {
         cut -= 1;
     }
-    format!("{:?}…", &name[..cut])
+    (&name[..cut], "…")
 }
 
 #[cfg(test)]
@@ -122,5 +135,8 @@ mod tests {
     fn a_long_name_is_cut() {
         assert!(shown_name(&"é".repeat(10_000)).len() < 80);
         assert_eq!(shown_name("a\0\nb"), r#""a\0\nb""#);
+        assert_eq!(quoted_name("tick"), "'tick'");
+        assert_eq!(quoted_name("a'\nb"), r"'a\'\nb'");
+        assert!(quoted_name(&"é".repeat(10_000)).ends_with("'…"));
     }
 }

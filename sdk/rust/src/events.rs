@@ -45,8 +45,17 @@ impl Emitter {
         Self::default()
     }
 
-    /// Sends plugin event `name` with `data` to the host over the `Events` stream.
+    /// Sends plugin event `name` with `data` to the host over the `Events` stream. Data
+    /// JSON cannot carry (a [`Json::raw`] that is no JSON) is not sent, to any host; the SDK
+    /// says so on stderr at WARN, once for each such event.
     pub fn emit(&self, name: &str, data: Json) {
+        if let Some(why) = data.not_json_because() {
+            let name = crate::error::quoted_name(name);
+            crate::log::warn(&format!(
+                "event {name} not sent: the data of event {name} is not JSON: {why}"
+            ));
+            return;
+        }
         let event = pb::PluginEvent {
             name: name.to_string(),
             data_json: data.into_bytes(),
@@ -110,5 +119,35 @@ impl Emitter {
         let mut hub = self.0.lock().unwrap();
         hub.closed = true;
         hub.subscribers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn data_json_cannot_carry_is_not_sent_and_said_once_per_event() {
+        crate::log::captured::start();
+        let emitter = Emitter::new();
+        let mut events = emitter.subscribe();
+        emitter.emit("bad", Json::raw(r#"{"x": NaN}"#));
+        emitter.emit("bad", Json::raw("[1e400]"));
+        emitter.emit("good", Json::raw("[1]"));
+        let sent = events.next().await.unwrap().unwrap();
+        assert_eq!(
+            (sent.name.as_str(), sent.data_json.as_slice()),
+            ("good", b"[1]".as_slice())
+        );
+        let lines = crate::log::captured::lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for (line, why) in lines
+            .iter()
+            .zip(["are not valid JSON", "hold a number beyond"])
+        {
+            assert!(line.contains(" WARN "), "{line}");
+            let said = "event 'bad' not sent: the data of event 'bad' is not JSON: its contents ";
+            assert!(line.contains(&format!("{said}{why}")), "{line}");
+        }
     }
 }

@@ -38,9 +38,11 @@
 //!    `tls`: AutoMTLS | `auth`: the bearer token | `stop`: the stop's caps | `process`: what
 //!    the process gives the plugin ([`Environment`]) and why it cannot serve
 //!    ([`ServeError`]).
-//! 8. `json`: [`Json`] | `params`: the params' checks and decoding.
-//! 9. `error`: the [`Error`] a method answers with.
-//! 10. `log`: the SDK's lines on stderr | `pb`: the protocol's generated code.
+//! 8. `json`: [`Json`], what cannot be JSON refused.
+//! 9. `params`: the params' checks and decoding (and a raw value's before it is sent) |
+//!    `finite`: the floats JSON has no form for, in a value serde serializes.
+//! 10. `error`: the [`Error`] a method answers with.
+//! 11. `log`: the SDK's lines on stderr | `pb`: the protocol's generated code.
 //!
 //! This file also re-exports the public API from the modules that define it.
 
@@ -48,6 +50,7 @@ mod auth;
 mod command_line;
 mod error;
 mod events;
+mod finite;
 mod hosts;
 mod json;
 mod late_streams;
@@ -68,7 +71,7 @@ mod websocket;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -148,13 +151,38 @@ impl Call {
 
 /// Sends the chunks of a streaming method, in order.
 #[derive(Clone)]
-pub struct ChunkSender(mpsc::Sender<Json>);
+pub struct ChunkSender {
+    chunks: mpsc::Sender<Json>,
+    /// Why a chunk was refused, which ends the stream: set once, by the first.
+    refused: Arc<OnceLock<Error>>,
+}
 
 impl ChunkSender {
-    /// Sends one chunk; fails when the host stopped listening.
+    /// A sender of `chunks`, and where the refusal of one is read once the method returned
+    /// (not a clone of the sender: that would hold the stream open).
+    pub(crate) fn new(chunks: mpsc::Sender<Json>) -> (Self, Arc<OnceLock<Error>>) {
+        let refused = Arc::<OnceLock<Error>>::default();
+        let sender = ChunkSender {
+            chunks,
+            refused: refused.clone(),
+        };
+        (sender, refused)
+    }
+
+    /// Sends one chunk; fails when the host stopped listening. A chunk JSON cannot carry
+    /// (a [`Json::raw`] that is no JSON) is not sent: it fails with the `provider_error`
+    /// the stream then ends with, as do the sends after it, whether or not the method
+    /// returns that error.
     pub async fn send(&self, chunk: impl Into<Json>) -> Result<(), Error> {
-        self.0
-            .send(chunk.into())
+        if let Some(refusal) = self.refused.get() {
+            return Err(refusal.clone());
+        }
+        let chunk = chunk
+            .into()
+            .sendable()
+            .map_err(|refusal| self.refused.get_or_init(|| refusal).clone())?;
+        self.chunks
+            .send(chunk)
             .await
             .map_err(|_| Error::deadline_exceeded("the host stopped reading the stream"))
     }

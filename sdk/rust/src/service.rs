@@ -213,6 +213,8 @@ impl Shared {
                 request.method
             )));
         }
+        // Checked: echoed back as a result, they are not checked again.
+        let params = Json::known(params.into_bytes());
         let context = request.context.unwrap_or_default();
         // Only a positive deadline_ms bounds the call (0 is none, a negative one a host's
         // mistake); one no clock can hold (2^63-1 ms) is no bound either, not a panic.
@@ -247,11 +249,11 @@ impl Shared {
                 let deadline = call.deadline;
                 within(deadline, guarded(method(call))).await
             }
-            (call, Handler::Stream(method)) => {
+            (call, handler @ Handler::Stream(_)) => {
                 // A streaming method called once: the list of its chunks.
                 let deadline = call.deadline;
                 let (sender, mut receiver) = mpsc::channel::<Json>(64);
-                let run = guarded(method(call, ChunkSender(sender)));
+                let run = run_streamed(handler, call, sender);
                 let collect = async move {
                     let mut list = b"[".to_vec();
                     while let Some(chunk) = receiver.recv().await {
@@ -261,7 +263,7 @@ impl Shared {
                         list.extend_from_slice(chunk.as_bytes());
                     }
                     list.push(b']');
-                    Json::raw(list)
+                    Json::known(list) // of chunks each sent as JSON
                 };
                 within(deadline, async move {
                     let (outcome, list) = tokio::join!(run, collect);
@@ -270,6 +272,8 @@ impl Shared {
                 .await
             }
         };
+        // A raw result that is no JSON is this call's error, as an encoded NaN is.
+        let outcome = outcome.and_then(Json::sendable);
         if let Some(span) = span {
             span.end(outcome.as_ref().err());
         }
@@ -319,24 +323,52 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Runs plugin code in its own task, so a panic answers a `PluginError` instead of
-/// ending the plugin.
-/// Runs a method for a stream, over gRPC or WebSocket: a streaming method sends its chunks
-/// itself, a unary method's result is the one chunk.
+/// Runs a method for a stream, over gRPC or WebSocket (or its chunks' list, called once):
+/// a streaming method sends its chunks itself, a unary method's result is the one chunk.
+/// A chunk JSON cannot carry ends the stream with its refusal, even when the method went
+/// on without returning it (`ChunkSender::send`).
 pub(crate) async fn run_streamed(
     handler: Handler,
     call: Call,
     chunks: mpsc::Sender<Json>,
 ) -> Result<(), Error> {
-    match handler {
-        Handler::Stream(method) => guarded(method(call, ChunkSender(chunks))).await,
-        Handler::Unary(method) => {
-            let result = guarded(method(call)).await?;
-            ChunkSender(chunks).send(result).await
+    let (chunks, refused) = ChunkSender::new(chunks);
+    let outcome = match handler {
+        Handler::Stream(method) => guarded(method(call, chunks)).await,
+        Handler::Unary(method) => match guarded(method(call)).await {
+            Ok(result) => chunks.send(result).await,
+            Err(err) => Err(err),
+        },
+    };
+    match refused.get() {
+        Some(refusal) => Err(refusal.clone()),
+        None => outcome,
+    }
+}
+
+/// A stream's method (`run`) and the sending of its chunks (`forward`), to the stream's
+/// end: the chunks a failed method sent still go out before its error (try_join! dropped
+/// those not yet forwarded), and a send that fails (a chunk over the cap, the connection
+/// gone) drops the method at once, as a cancel does.
+pub(crate) async fn sent_then_ended(
+    run: impl Future<Output = Result<(), Error>>,
+    forward: impl Future<Output = Result<(), Error>>,
+) -> Result<(), Error> {
+    tokio::pin!(run, forward);
+    tokio::select! {
+        forwarded = &mut forward => {
+            forwarded?;
+            run.await
+        }
+        outcome = &mut run => {
+            forward.await?;
+            outcome
         }
     }
 }
 
+/// Runs plugin code in its own task, so a panic answers a `PluginError` instead of
+/// ending the plugin.
 pub(crate) async fn guarded<T: Send + 'static>(
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {

@@ -1084,3 +1084,148 @@ async fn a_call_sent_too_late_for_the_stop_costs_no_call_in_flight() {
         "plugin did not stop cleanly"
     );
 }
+
+/// Methods whose result, chunks or events JSON cannot carry: a NaN encoded as a plugin
+/// author encodes a result, and pre-built JSON that is none (a bare `NaN` token).
+fn non_finite_plugin() -> Plugin {
+    #[derive(serde::Serialize)]
+    struct Reading {
+        score: f64,
+    }
+    Plugin::new("test", "0.1.0")
+        .method("echo", "", |call: Call| async move {
+            Ok(call.raw_params().clone())
+        })
+        .method("nan", "", |_: Call| async move {
+            Json::encode(&Reading { score: f64::NAN })
+        })
+        .method("raw", "", |_: Call| async move {
+            Ok(Json::raw(r#"{"score": NaN}"#))
+        })
+        .streaming_method("chunks", "", |_: Call, chunks: ChunkSender| async move {
+            chunks.send(json!({"i": 0})).await?;
+            // The refusal its send returns is ignored: the stream ends with it all the same.
+            let _ = chunks.send(Json::raw(r#"{"i": Infinity}"#)).await;
+            let _ = chunks.send(json!({"i": 2})).await;
+            Ok(())
+        })
+        .streaming_method(
+            "nan_chunks",
+            "",
+            |_: Call, chunks: ChunkSender| async move {
+                chunks.send(json!({"i": 0})).await?;
+                let score = f64::INFINITY;
+                chunks.send(Json::encode(&Reading { score })?).await
+            },
+        )
+        .method("emits", "", |call: Call| async move {
+            call.emit("bad", Json::raw(r#"{"score": NaN}"#));
+            call.emit("good", json!({"score": 1.5}).into());
+            Ok(json!(true).into())
+        })
+}
+
+/// The message of a `provider_error` saying the plugin's result is not JSON.
+fn not_json(error: Option<pb::Error>) -> String {
+    let error = error.expect("an error");
+    assert_eq!(
+        (error.r#type.as_str(), error.retryable),
+        ("provider_error", false),
+        "{error:?}"
+    );
+    let message = error.message;
+    assert!(
+        message.starts_with("the plugin's result is not JSON: "),
+        "{message}"
+    );
+    message
+}
+
+/// JSON has no NaN or infinity: until 2026-12-07 a NaN went to the host as `null`, a
+/// different answer and no word of it, and pre-built JSON holding a bare `NaN` went out
+/// as it was, which no host can read (over gRPC; WebSocket refused it in words about
+/// params).
+#[tokio::test]
+async fn what_json_cannot_carry_is_refused_call_by_call_and_the_plugin_serves_on() {
+    let plugin = non_finite_plugin();
+    let running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
+    let (mut client, _) = running.client().await;
+    let mut events = client
+        .events(tokio_stream::iter(Vec::<pb::HostEvent>::new()))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let answer = |reply: pb::CallReply| {
+        assert!(!reply.ok, "{reply:?}");
+        not_json(reply.error)
+    };
+    let called = client.call(request("nan", "{}", 0)).await.unwrap();
+    assert_eq!(
+        answer(called.into_inner()),
+        "the plugin's result is not JSON: NaN is not a JSON number"
+    );
+    // A streaming method called once: its list is refused whole.
+    for method in ["raw", "chunks", "nan_chunks"] {
+        answer(
+            client
+                .call(request(method, "{}", 0))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+
+    let batch = pb::BatchRequest {
+        calls: vec![
+            request("nan", "{}", 0),
+            request("echo", "[1]", 0),
+            request("raw", "{}", 0),
+        ],
+    };
+    let results = client.call_batch(batch).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 3);
+    answer(results[0].clone());
+    assert!(results[1].ok, "{:?}", results[1]);
+    assert_eq!(results[1].result_json, b"[1]");
+    answer(results[2].clone());
+
+    // CallStream: the chunk before goes out, the stream ends with the refusal.
+    for method in ["chunks", "nan_chunks"] {
+        let mut stream = client
+            .call_stream(request(method, "{}", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut items = Vec::new();
+        while let Some(item) = stream.message().await.unwrap() {
+            items.push(item.item.unwrap());
+        }
+        assert_eq!(items.len(), 2, "{method}: {items:?}");
+        assert_eq!(
+            items[0],
+            stream_item::Item::ChunkJson(br#"{"i":0}"#.to_vec())
+        );
+        let stream_item::Item::Error(error) = items[1].clone() else {
+            panic!("{method}: {items:?}");
+        };
+        not_json(Some(error));
+    }
+
+    // An event whose data is not JSON is not sent; the next one is.
+    let emitted = client.call(request("emits", "{}", 0)).await.unwrap();
+    assert!(emitted.into_inner().ok);
+    let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (event.name.as_str(), event.data_json.as_slice()),
+        ("good", br#"{"score":1.5}"#.as_slice())
+    );
+
+    let echoed = client.call(request("echo", "2", 0)).await.unwrap();
+    assert_eq!(echoed.into_inner().result_json, b"2");
+    running.stop().await;
+}

@@ -43,6 +43,21 @@ function countOf(p: Params): number {
   return n;
 }
 
+/** The number `non_finite`'s `value` names: how the conformance suite sees that a result JSON
+ * cannot carry is refused, not sent as null. A switch, not a lookup in an object: `toString`
+ * would find Object.prototype's. */
+function nonFinite(value: string): number {
+  switch (value) {
+    case 'nan':
+      return NaN;
+    case 'inf':
+      return Infinity;
+    case '-inf':
+      return -Infinity;
+  }
+  throw new InvalidParams(`non_finite: 'value' must be "nan", "inf" or "-inf", got ${JSON.stringify(value)}`, { param: 'value' });
+}
+
 export function examplePlugin(): Plugin {
   const plugin = new Plugin({ id: 'example', version: '1.0.0', runtime: 'typescript' });
 
@@ -100,6 +115,12 @@ export function examplePlugin(): Plugin {
       return true;
     },
     { description: 'emits plugin event `name` with `data` (with `pad` > 0, at most 64 MiB: `pad` letters x instead)' },
+  );
+
+  plugin.method(
+    'non_finite',
+    (params) => ({ x: nonFinite(new Params(params, 'non_finite').str('value')) }),
+    { description: 'returns {"x": NaN, Infinity or -Infinity} as `value` ("nan", "inf", "-inf") says, which JSON cannot carry' },
   );
 
   plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });

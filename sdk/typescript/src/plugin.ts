@@ -10,9 +10,10 @@
  *     plugin.on('ping', (data) => plugin.emit('pong', data));
  *     serve(plugin);
  */
-import { DeadlineExceeded, MethodNotFound } from './errors';
+import { DeadlineExceeded, MethodNotFound, type ProviderError } from './errors';
+import { log, shown } from './log';
 import type { JsonObject } from './params';
-import { shownName } from './wirejson';
+import { jsonText, shownName } from './wirejson';
 
 /** What a method knows about the call it is serving. */
 export interface CallContext {
@@ -35,7 +36,8 @@ export type UnaryMethod = (params: unknown, ctx: CallContext) => unknown;
 export type StreamingMethod = (params: unknown, ctx: CallContext) => AsyncIterable<unknown> | Iterable<unknown>;
 export type LifecycleHook = (config: JsonObject) => void | Promise<void>;
 export type EventHandler = (data: unknown, name: string) => void | Promise<void>;
-export type EventSink = (name: string, data: unknown) => void;
+/** Where an event goes: its name and its data, already JSON (`emit` encodes it once for every host). */
+export type EventSink = (name: string, dataJson: string) => void;
 
 export interface MethodOptions {
   description?: string;
@@ -78,7 +80,7 @@ export class Plugin {
   private readonly done = new Set<Phase>();
   private readonly eventHandlers = new Map<string, EventHandler[]>();
   private readonly sinks = new Set<EventSink>();
-  private pending: Array<[string, unknown]> = [];
+  private pending: Array<[string, string]> = [];
   private pendingLimit = PENDING_EVENTS_LIMIT;
   /** Events dropped from `pending` (the oldest, past its bound) since a listener last took it. */
   private lost = 0;
@@ -130,17 +132,22 @@ export class Plugin {
     return this;
   }
 
-  /** Send event `name` with JSON `data` to the host's handlers. */
+  /**
+   * Send event `name` with JSON `data` to the host's handlers. Data JSON cannot carry (a NaN,
+   * an infinity) is not sent, to any host, and said on stderr at WARN.
+   */
   emit(name: string, data: unknown = null): void {
+    const dataJson = eventJson(name, data);
+    if (dataJson === undefined) return;
     if (this.sinks.size === 0) {
       if (this.pending.length >= this.pendingLimit) {
         this.pending.shift();
         this.lost += 1;
       }
-      this.pending.push([name, data]);
+      this.pending.push([name, dataJson]);
       return;
     }
-    for (const sink of this.sinks) sink(name, data);
+    for (const sink of this.sinks) sink(name, dataJson);
   }
 
   describe(): MethodInfo[] {
@@ -164,7 +171,7 @@ export class Plugin {
     const dropped = this.lost;
     this.pending = [];
     this.lost = 0;
-    for (const [name, data] of pending) sink(name, data);
+    for (const [name, dataJson] of pending) sink(name, dataJson);
     if (dropped > 0) lost?.(dropped);
     return () => this.sinks.delete(sink);
   }
@@ -258,6 +265,21 @@ export class Plugin {
       return;
     }
     yield* entry.handler(params, ctx);
+  }
+}
+
+/**
+ * The event's data as JSON, or undefined (said at WARN) when JSON cannot carry it. Encoded
+ * here, once: a sink that threw on it would stop the others, and the replay of the events
+ * that waited for a host.
+ */
+function eventJson(name: string, data: unknown): string | undefined {
+  const quoted = `'${shown(name, 64)}'`;
+  try {
+    return jsonText(data, `the data of event ${quoted}`);
+  } catch (error) {
+    log.warn(`event ${quoted} not sent: ${(error as ProviderError).message}`);
+    return undefined;
   }
 }
 

@@ -4,7 +4,7 @@
  * gRPC status codes are kept for protocol failures (a malformed request, a failing
  * lifecycle hook).
  */
-import { parse, stringify } from 'lossless-json';
+import { parse } from 'lossless-json';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import * as path from 'node:path';
@@ -21,7 +21,7 @@ import { log, shown } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import type { CallSpan, Tracing } from './tracing';
-import { unusable } from './wirejson';
+import { encodeJson, sendableError, unusable } from './wirejson';
 
 export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
@@ -144,7 +144,8 @@ export interface CallReplyMessage {
   error?: ErrorMessage;
 }
 
-export function errorMessage(wire: WireError): ErrorMessage {
+export function errorMessage(error: WireError): ErrorMessage {
+  const wire = sendableError(error);
   return {
     type: wire.type,
     message: wire.message,
@@ -165,10 +166,6 @@ export function errorReply(thrown: unknown): CallReplyMessage {
 function parseNumber(text: string): number | bigint {
   const value = Number(text);
   return Number.isSafeInteger(value) || !/^-?\d+$/.test(text) ? value : BigInt(text);
-}
-
-export function encodeJson(value: unknown): Buffer {
-  return Buffer.from(stringify(value === undefined ? null : value) ?? 'null');
 }
 
 /** JSON bytes to a value; empty bytes are null. */
@@ -542,7 +539,7 @@ export class PluginServer {
           full = false;
           flush();
         });
-        const unsubscribe = plugin.addEventSink((name, data) => {
+        const unsubscribe = plugin.addEventSink((name, dataJson) => {
           if (call.cancelled || !call.writable) return;
           if (waiting.length >= EVENTS_PER_STREAM) {
             waiting.shift();
@@ -551,7 +548,7 @@ export class PluginServer {
               log.warn('the host is not reading its Events stream; dropping the oldest events');
             }
           }
-          waiting.push({ name, data_json: encodeJson(data) });
+          waiting.push({ name, data_json: Buffer.from(dataJson) });
           flush();
         });
         call.on('data', (event: { name: string; data_json: Buffer }) => {

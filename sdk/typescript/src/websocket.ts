@@ -40,6 +40,10 @@
  * chunk over it ends the stream so (its generator closed, as a cancel closes it), and an
  * event over it is not sent, the first on a connection said on stderr.
  *
+ * A result or a chunk JSON cannot carry (a NaN, an infinity: wirejson.ts `encodeJson`) is
+ * answered `provider_error` in its place, ending a stream as a chunk over the cap does; an
+ * event is not sent (`Plugin.emit` says so); an error's details are dropped.
+ *
  * An `error` frame from the host (it could not use a frame of ours) is never answered, or the
  * two peers could trade them for ever. It is said at INFO, the host's message escaped and cut
  * as a close reason is: the first `LOGGED_HOST_ERRORS` of a connection, then one line saying
@@ -57,9 +61,9 @@ import { formatListenAddress, listen, parseListenAddress } from './listen';
 import { log, shown } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
-import { decodeJson, encodeJson } from './server';
+import { decodeJson } from './server';
 import type { CallSpan, Tracing } from './tracing';
-import { MAX_DEPTH, bareName } from './wirejson';
+import { MAX_DEPTH, bareName, encodeJson, sendableError } from './wirejson';
 
 export const STREAM_WINDOW = 256;
 export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
@@ -222,8 +226,8 @@ export class Session {
       max_message_bytes: MAX_MESSAGE_BYTES,
     });
     this.unsubscribe = plugin.addEventSink(
-      (name, data) => this.queueEvent({ type: 'event', event: name, data }),
-      (count) => this.queueEvent({ type: 'dropped', count }, false),
+      (name, dataJson) => this.queueEvent(eventFrame(name, dataJson), name),
+      (count) => this.queueEvent(encodeJson({ type: 'dropped', count })),
     );
     this.socket.on('message', (data: RawData) => {
       // pause() stops the socket, not the messages ws already read: those wait here.
@@ -289,19 +293,18 @@ export class Session {
   /**
    * Queue one of the plugin's event frames; never waits for the host. Each used to go
    * straight to ws, whose buffer grew with every event for a host that reads nothing: they
-   * now wait here, the oldest event dropped past EVENTS_WAITING. `droppable` false: the
-   * `dropped` frame, which waits here too (behind the events that waited for a host, ahead
-   * of later ones) but is never dropped: a flood used to drop it once it was the oldest, and
-   * the count it carried.
+   * now wait here, the oldest event dropped past EVENTS_WAITING. `event` is the event's
+   * name; with none, `data` is the `dropped` frame, which waits here too (behind the events
+   * that waited for a host, ahead of later ones) but is never dropped: a flood used to drop
+   * it once it was the oldest, and the count it carried.
    */
-  private queueEvent(frame: JsonObject, droppable = true): void {
+  private queueEvent(data: Buffer, event?: string): void {
     if (this.socket.readyState !== WebSocket.OPEN) return;
-    const data = encodeJson(frame);
+    const droppable = event !== undefined;
     if (data.length > this.sendCap) {
       // Not sent: the host would close the connection, every call on it with it.
       if (this.eventsOverCap++ === 0) {
-        const name = bareName(String(frame.event));
-        log.warn(`event ${name} is ${data.length} bytes, over the WebSocket message cap of ${this.sendCap} bytes: not sent`);
+        log.warn(`event ${bareName(String(event))} is ${data.length} bytes, over the WebSocket message cap of ${this.sendCap} bytes: not sent`);
       }
       return;
     }
@@ -460,9 +463,10 @@ export class Session {
       const within = <T>(fn: () => T): T => (traced === undefined ? fn() : traced.within(fn));
       if (kind === 'call') {
         const result = await Promise.race([within(() => this.plugin.invoke(method, request.params ?? null, ctx)), over]);
+        // Before the span ends: a result JSON cannot carry (provider_error) ends it failed.
+        this.sendResponse(id, method, { ok: true, result: result === undefined ? null : result });
         span?.end();
         span = undefined;
-        this.sendResponse(id, method, { ok: true, result: result === undefined ? null : result });
       } else {
         const window = new Window();
         this.windows.set(id, window);
@@ -497,7 +501,7 @@ export class Session {
       // running ends first (return() waits for it), and may never end.
       void chunks?.return(undefined).catch(() => undefined);
       if (this.socket.readyState === WebSocket.OPEN && !(controller.signal.aborted && isCancel(controller.signal.reason))) {
-        this.sendResponse(id, named, { ok: false, error: toWireError(error) });
+        this.sendResponse(id, named, { ok: false, error: sendableError(toWireError(error)) });
       }
     } finally {
       if (timer !== undefined) clearTimeout(timer);
@@ -505,6 +509,11 @@ export class Session {
       this.flow();
     }
   }
+}
+
+/** An `event` frame around data already JSON (`Plugin.emit` encoded it, once for every host). */
+function eventFrame(name: string, dataJson: string): Buffer {
+  return Buffer.from(`{"type":"event","event":${JSON.stringify(name)},"data":${dataJson}}`);
 }
 
 /** Whether `promise` settles within `ms`; the timer does not outlive the answer. */

@@ -94,7 +94,7 @@ test('Describe names the plugin and its methods', async () => {
   assert.equal(info.runtime, RUNTIME);
   assert.equal(info.protocol_version, 1);
   const names = info.methods.map((m: { name: string }) => m.name).sort();
-  assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'hooks', 'sleep']);
+  assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'hooks', 'non_finite', 'sleep']);
   assert.equal(info.methods.find((m: { name: string }) => m.name === 'count').streaming, true);
 });
 
@@ -154,6 +154,20 @@ test('sleep gives up with deadline_exceeded when the deadline passes first', asy
   assert.equal(reply.error.retryable, true);
   assert.ok(Date.now() - started < 2000);
   assert.deepEqual(JSON.parse((await call('sleep', { ms: 10 }, { deadline_ms: 2000 })).result_json), { slept_ms: 10 });
+});
+
+test('non_finite is provider_error: JSON has no form for NaN or an infinity; other values are invalid_params', async () => {
+  for (const value of ['nan', 'inf', '-inf']) {
+    const reply = await call('non_finite', { value });
+    assert.equal(reply.ok, false, `${value}: ${reply.result_json}`);
+    assert.deepEqual([reply.error.type, reply.error.retryable], ['provider_error', false]);
+    assert.match(reply.error.message, /^the plugin's result is not JSON: /);
+  }
+  for (const params of [{ value: 'NaN' }, { value: 1 }, {}]) {
+    const reply = await call('non_finite', params);
+    assert.equal(reply.error.type, 'invalid_params', JSON.stringify(params));
+    assert.match(reply.error.message, /value/);  // every SDK's example names it
+  }
 });
 
 test('a client with another certificate than the host\'s is refused', async () => {

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -35,6 +36,9 @@ func checkPad(pad int64) error {
 	}
 	return nil
 }
+
+// nonFinite: the doubles JSON has no form for, by the name non_finite's value gives them.
+var nonFinite = map[string]float64{"nan": math.NaN(), "inf": math.Inf(1), "-inf": math.Inf(-1)}
 
 // hookCounts is how many times each lifecycle hook ran (the method hooks): it lives as
 // long as the process, so a host sees whether another host's Stop ran the stop hook.
@@ -212,6 +216,22 @@ func main() {
 
 	p.Method("config", "the config object passed to Init", func(_ context.Context, call *plugin.Call) (any, error) {
 		return p.Config(), nil
+	})
+
+	// What JSON cannot carry, built as a plugin author builds a result: the SDK answers it
+	// provider_error, "the plugin's result is not JSON: …", as every SDK does.
+	p.Method("non_finite", `returns {"x": NaN, +Inf or -Inf} as value says ("nan", "inf", "-inf")`, func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Value string `json:"value" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		x, named := nonFinite[params.Value]
+		if !named {
+			return nil, plugin.InvalidParams(`value must be "nan", "inf" or "-inf", got %.40q`, params.Value)
+		}
+		return map[string]float64{"x": x}, nil
 	})
 
 	p.Method("hooks", "how many times each lifecycle hook ran, counted after_ms from now", func(ctx context.Context, call *plugin.Call) (any, error) {

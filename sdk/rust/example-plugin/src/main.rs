@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use linchkit_plugin::{Call, ChunkSender, Error, Json, Plugin};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -48,6 +48,17 @@ struct CountParams {
     /// chunk of a given size.
     #[serde(default)]
     pad: u64,
+}
+
+#[derive(Deserialize)]
+struct NonFiniteParams {
+    value: String,
+}
+
+/// What `non_finite` returns: a plain struct, as a plugin author's result is.
+#[derive(Serialize)]
+struct NonFinite {
+    x: f64,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +141,24 @@ async fn emit(call: Call) -> Result<Json, Error> {
     };
     call.emit(&params.name, data.into());
     Ok(json!(true).into())
+}
+
+/// `{"x": NaN}`, `+inf` or `-inf` as `value` says: a result JSON cannot carry, which
+/// `Json::encode` refuses, so the call answers `provider_error`.
+async fn non_finite(call: Call) -> Result<Json, Error> {
+    let params: NonFiniteParams = call.params()?;
+    let x = match params.value.as_str() {
+        "nan" => f64::NAN,
+        "inf" => f64::INFINITY,
+        "-inf" => f64::NEG_INFINITY,
+        other => {
+            let shown: String = other.chars().take(40).collect();
+            return Err(Error::invalid_params(format!(
+                "'value' must be \"nan\", \"inf\" or \"-inf\", got {shown:?}"
+            )));
+        }
+    };
+    Json::encode(&NonFinite { x })
 }
 
 async fn config(call: Call) -> Result<Json, Error> {
@@ -242,6 +271,11 @@ fn main() {
                     .into())
                 }
             },
+        )
+        .method(
+            "non_finite",
+            "returns {\"x\": NaN, Infinity or -Infinity} as value (\"nan\", \"inf\", \"-inf\") says: a result JSON cannot carry",
+            non_finite,
         )
         // The SDK keeps the config for `config`; the hooks count, and fail or say so when asked.
         .on_init(move |config: Json| {

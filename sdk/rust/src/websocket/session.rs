@@ -43,7 +43,7 @@ use tokio_stream::StreamExt;
 use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
 use super::protocol::{self, Frame, FrameError, MAX_MESSAGE_BYTES};
 use super::served::Core;
-use crate::service::{run_streamed, within};
+use crate::service::{run_streamed, sent_then_ended, within};
 use crate::{pb, types, Error, Json};
 
 /// Calls one connection runs at once; past it the session stops reading.
@@ -700,7 +700,7 @@ async fn run_stream(
                 let frame = protocol::chunk(id, chunk.as_bytes());
                 drop(chunk);
                 // Over the cap: the stream ends with the error, and `run` (the producer)
-                // is dropped by try_join!, as a cancel drops it.
+                // is dropped, as a cancel drops it.
                 let limit = send_cap.load(Ordering::Relaxed);
                 if frame.len() > limit {
                     return Err(protocol::too_large(
@@ -722,10 +722,7 @@ async fn run_stream(
             }
             Ok(())
         };
-        let outcome = within(deadline, async {
-            tokio::try_join!(run, forward).map(|_| ())
-        })
-        .await;
+        let outcome = within(deadline, sent_then_ended(run, forward)).await;
         if let Some(span) = span {
             span.end(outcome.as_ref().err());
         }
@@ -1383,5 +1380,105 @@ pub(crate) mod tests {
         frame.extend_from_slice(&body);
         host.write_bytes(&frame).await;
         assert_eq!(host.closed().await, Some(1009));
+    }
+
+    /// A NaN encoded as a plugin author encodes a result, and pre-built JSON that is none.
+    fn non_finite_plugin() -> Plugin {
+        #[derive(serde::Serialize)]
+        struct Reading {
+            score: f64,
+        }
+        Plugin::new("test", "0.1.0")
+            .method("nan", "", |_: Call| async move {
+                Json::encode(&Reading { score: f64::NAN })
+            })
+            .method("raw", "", |_: Call| async move {
+                Ok(Json::raw(r#"{"score": NaN}"#))
+            })
+            .streaming_method("chunks", "", |_: Call, chunks: ChunkSender| async move {
+                chunks.send(json!({"i": 0})).await?;
+                // Its refusal ignored: the stream ends with it all the same.
+                let _ = chunks.send(Json::raw("[-Infinity]")).await;
+                let _ = chunks.send(json!({"i": 2})).await;
+                Ok(())
+            })
+            .streaming_method(
+                "nan_chunks",
+                "",
+                |_: Call, chunks: ChunkSender| async move {
+                    chunks.send(json!({"i": 0})).await?;
+                    let score = f64::NEG_INFINITY;
+                    chunks.send(Json::encode(&Reading { score })?).await
+                },
+            )
+            .method("emits", "", |call: Call| async move {
+                call.emit("bad", Json::raw("NaN"));
+                call.emit("good", json!([1]).into());
+                Ok(json!(true).into())
+            })
+    }
+
+    fn assert_not_json(frame: &Value) {
+        let error = &frame["response"]["error"];
+        assert_eq!(
+            (&error["type"], &error["retryable"]),
+            (&json!("provider_error"), &json!(false)),
+            "{frame}"
+        );
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("the plugin's result is not JSON: "),
+            "{frame}"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_json_cannot_carry_is_the_calls_provider_error_and_no_event() {
+        crate::log::captured::start();
+        let mut host = host_of(non_finite_plugin(), None).await;
+        host.frame().await;
+        host.send(&call(1, "nan", json!(null))).await;
+        let refused = host.frame().await;
+        assert_not_json(&refused);
+        assert_eq!(
+            refused["response"]["error"]["message"],
+            "the plugin's result is not JSON: NaN is not a JSON number"
+        );
+        host.send(&call(2, "raw", json!(null))).await;
+        assert_not_json(&host.frame().await);
+        for (id, method) in [(3, "chunks"), (4, "nan_chunks")] {
+            host.send(&json!({"type": "stream", "id": id, "request": {"method": method}}))
+                .await;
+            assert_eq!(
+                host.frame().await,
+                json!({"type": "chunk", "id": id, "data": {"i": 0}})
+            );
+            assert_not_json(&host.frame().await);
+        }
+        host.send(&call(5, "emits", json!(null))).await;
+        let (mut answered, mut events) = (false, Vec::new());
+        while !answered || events.is_empty() {
+            if let Incoming::Message(message) = host.next().await {
+                let frame: Value = serde_json::from_slice(&message).unwrap();
+                match frame["type"].as_str() {
+                    Some("event") => events.push(frame),
+                    Some("response") => answered = true,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(
+            events,
+            [json!({"type": "event", "event": "good", "data": [1]})]
+        );
+        let said = "event 'bad' not sent: the data of event 'bad' is not JSON: ";
+        let lines = crate::log::captured::lines();
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(said)).count(),
+            1,
+            "{lines:?}"
+        );
+        host.send(&call(6, "nan", json!(null))).await;
+        assert_not_json(&host.frame().await);
     }
 }

@@ -50,12 +50,25 @@ public final class Errors {
           .setMessage(messageOf(cause, type, className))
           .setRetryable(error.retryable())
           .setRetryAfter(error.retryAfterSeconds());
-      if (error.details() != null) {
-        wire.setDetailsJson(ByteString.copyFrom(error.details().toString(), StandardCharsets.UTF_8));
-      }
+      String details = detailsJson(error);
+      if (details != null) wire.setDetailsJson(ByteString.copyFrom(details, StandardCharsets.UTF_8));
       return wire.build();
     }
     return Error.newBuilder().setType(className).setMessage(messageOf(cause, className, className)).setRetryable(false).build();
+  }
+
+  /**
+   * The error's details as JSON text, or null for none and for details JSON cannot carry (a NaN,
+   * an infinity): the error goes without them rather than as an answer that is no JSON, which
+   * {@code toString()} wrote ({@code {"ratio":NaN}}) until 2026-12-07.
+   */
+  private static String detailsJson(PluginException error) {
+    if (error.details() == null) return null;
+    try {
+      return ResultJson.text(error.details(), "the error's details");
+    } catch (PluginException notJson) {
+      return null;
+    }
   }
 
   /**

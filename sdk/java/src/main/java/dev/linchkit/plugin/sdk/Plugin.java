@@ -1,6 +1,7 @@
 package dev.linchkit.plugin.sdk;
 
 import com.google.gson.Gson;
+import com.google.gson.GsonBuilder;
 import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonNull;
@@ -34,13 +35,19 @@ import java.util.function.Consumer;
  * }</pre>
  */
 public final class Plugin {
-  /** A unary method: JSON params in, any Gson-serialisable result out. */
+  /**
+   * A unary method: JSON params in, any Gson-serialisable result out. A result JSON cannot carry
+   * (a NaN or an infinity anywhere in it) is the call's {@code provider_error}.
+   */
   @FunctionalInterface
   public interface UnaryMethod {
     Object call(JsonElement params, CallContext ctx) throws Exception;
   }
 
-  /** Where a streaming method sends its chunks. */
+  /**
+   * Where a streaming method sends its chunks. A chunk refused (one JSON cannot carry, one over
+   * the host's cap) throws, and ends the stream with that error even when the method catches it.
+   */
   @FunctionalInterface
   public interface ChunkSink {
     void send(Object chunk) throws PluginException;
@@ -73,12 +80,22 @@ public final class Plugin {
 
   private record Registered(UnaryMethod unary, StreamingMethod streaming, String description) {}
 
+  /** An event emitted while no host listened: its name and its data as JSON text. */
+  private record PendingEvent(String name, String json) {}
+
   private enum Phase { INIT, START, STOP, DESTROY }
 
   /** Events emitted while no host listens are kept, up to this many, for the first listener. */
   private static final int PENDING_EVENTS_LIMIT = 1024;
 
-  static final Gson GSON = new Gson();
+  /**
+   * Builds the trees of what methods return and emit. A NaN or an infinity goes into the tree
+   * as it is: {@link ResultJson} refuses it when the tree is written, one check for a Map, a
+   * record and a pre-built {@code JsonElement} alike. Gson's default threw here instead, with
+   * advice meant for the plugin's author ({@code serializeSpecialFloatingPointValues}) as the
+   * host's error message.
+   */
+  static final Gson GSON = new GsonBuilder().serializeSpecialFloatingPointValues().create();
 
   private final String id;
   private final String version;
@@ -91,8 +108,9 @@ public final class Plugin {
   private final List<Hook> destroyHooks = new ArrayList<>();
   private final Set<Phase> done = EnumSet.noneOf(Phase.class);
   private final Map<String, List<EventHandler>> eventHandlers = new ConcurrentHashMap<>();
-  private final List<BiConsumer<String, JsonElement>> sinks = new CopyOnWriteArrayList<>();
-  private final Deque<Object[]> pending = new ArrayDeque<>();
+  /** Where events go: each gets the event's name and its data as JSON text. */
+  private final List<BiConsumer<String, String>> sinks = new CopyOnWriteArrayList<>();
+  private final Deque<PendingEvent> pending = new ArrayDeque<>();
   /** How many events {@link #pending} keeps; the WebSocket modes keep 1000, as every SDK does there. */
   private int pendingLimit = PENDING_EVENTS_LIMIT;
   /** Events dropped from {@link #pending} since a listener last took it. */
@@ -152,20 +170,31 @@ public final class Plugin {
     return this;
   }
 
-  /** Send event {@code name} with {@code data} (any Gson-serialisable value) to the host's handlers. */
+  /**
+   * Send event {@code name} with {@code data} (any Gson-serialisable value) to the host's handlers.
+   * Data JSON cannot carry (a NaN, an infinity) is not sent, on any binding, and said once on
+   * stderr at WARNING: {@code event 'NAME' not sent: the data of event 'NAME' is not JSON: …}.
+   */
   public void emit(String name, Object data) {
-    JsonElement json = toJson(data);
+    String json;
+    try {
+      // Written once here, not by each sink: one refusal, one line, whoever listens.
+      json = ResultJson.text(toJson(data), () -> "the data of event '" + WireJson.bareName(name) + "'");
+    } catch (PluginException notJson) {
+      Log.SDK.warning("event '" + WireJson.bareName(name) + "' not sent: " + notJson.getMessage());
+      return;
+    }
     synchronized (pending) {
       if (sinks.isEmpty()) {
         if (pending.size() >= pendingLimit) {
           pending.removeFirst();
           pendingDropped++;
         }
-        pending.addLast(new Object[] {name, json});
+        pending.addLast(new PendingEvent(name, json));
         return;
       }
     }
-    for (BiConsumer<String, JsonElement> sink : sinks) sink.accept(name, json);
+    for (BiConsumer<String, String> sink : sinks) sink.accept(name, json);
   }
 
   public synchronized List<MethodInfo> describe() {
@@ -182,8 +211,8 @@ public final class Plugin {
 
   // ---- used by the server binding ----------------------------------------------------
 
-  /** Where emitted events go; returns the unsubscribe action. */
-  Runnable addEventSink(BiConsumer<String, JsonElement> sink) {
+  /** Where emitted events go (their name and their data as JSON text); returns the unsubscribe action. */
+  Runnable addEventSink(BiConsumer<String, String> sink) {
     return addEventSink(sink, dropped -> {});
   }
 
@@ -191,12 +220,12 @@ public final class Plugin {
    * {@link #addEventSink(BiConsumer)}, told after the events that waited for a listener how
    * many were dropped from them (when any were): the WebSocket binding's {@code dropped} frame.
    */
-  Runnable addEventSink(BiConsumer<String, JsonElement> sink, java.util.function.LongConsumer dropped) {
+  Runnable addEventSink(BiConsumer<String, String> sink, java.util.function.LongConsumer dropped) {
     synchronized (pending) {
       sinks.add(sink);
       while (!pending.isEmpty()) {
-        Object[] event = pending.removeFirst();
-        sink.accept((String) event[0], (JsonElement) event[1]);
+        PendingEvent event = pending.removeFirst();
+        sink.accept(event.name(), event.json());
       }
       if (pendingDropped > 0) dropped.accept(pendingDropped);
       pendingDropped = 0;

@@ -1,7 +1,6 @@
 package dev.linchkit.plugin.sdk;
 
 import com.google.gson.JsonElement;
-import com.google.gson.JsonNull;
 import com.google.gson.JsonObject;
 import com.google.protobuf.ByteString;
 import dev.linchkit.plugin.v1.BatchReply;
@@ -169,8 +168,12 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   // ---- JSON ----------------------------------------------------------------------------
 
-  static ByteString encodeJson(JsonElement value) {
-    return ByteString.copyFrom((value == null ? JsonNull.INSTANCE : value).toString(), StandardCharsets.UTF_8);
+  /**
+   * A method's result or chunk as JSON bytes; {@code provider_error} "the plugin's result is not
+   * JSON: …" when it holds a number JSON has no form for ({@link ResultJson}).
+   */
+  static ByteString encodeResult(JsonElement value) throws PluginException {
+    return ByteString.copyFrom(ResultJson.text(value, ResultJson.RESULT), StandardCharsets.UTF_8);
   }
 
   /** JSON bytes to a value; empty bytes are JSON null. */
@@ -217,9 +220,10 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   }
 
   /**
-   * What a stream's sink ({@link #stream}) throws for a chunk it will not send: the stream ends
-   * at once with this error, and its method is stopped as a cancel stops it (interrupted, each
-   * later chunk refused), whether or not the method lets the exception through.
+   * What a stream's sink throws for a chunk it will not send (over the WebSocket cap, or one JSON
+   * cannot carry): the stream ends at once with this error, and its method is stopped as a
+   * cancel stops it (interrupted, each later chunk refused), whether or not the method lets the
+   * exception through.
    */
   static final class ChunkRefused extends PluginException {
     ChunkRefused(PluginException error) {
@@ -311,7 +315,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         JsonElement result = span == null
             ? plugin.invoke(request.getMethod(), params, ctx)
             : span.within(() -> plugin.invoke(request.getMethod(), params, ctx));
-        answer = CallReply.newBuilder().setOk(true).setResultJson(encodeJson(result)).build();
+        answer = CallReply.newBuilder().setOk(true).setResultJson(encodeResult(result)).build();
       } catch (Throwable error) {
         answer = errorReply(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
       }
@@ -551,6 +555,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       return;
     }
     if (tracing != null) span.set(tracing.start(ctx));
+    // The method's task, once submitted: a chunk may be refused before runStream returns.
+    CompletableFuture<Future<?>> task = new CompletableFuture<>();
     Plugin.ChunkSink sink = chunk -> {
       // Flow control: a method that produces faster than the host reads waits here.
       while (!ended.get() && !out.isReady()) {
@@ -564,7 +570,18 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         }
       }
       if (ended.get()) throw ctx.overError();
-      StreamItem item = StreamItem.newBuilder().setChunkJson(encodeJson(Plugin.toJson(chunk))).build();
+      ByteString json;
+      try {
+        json = encodeResult(Plugin.toJson(chunk));
+      } catch (PluginException notJson) {
+        // The stream ends with it here, not when the method lets it through: a method that
+        // catches it would otherwise go on sending, and the host would never learn of it.
+        ctx.cancel();
+        end.accept(notJson);
+        task.thenAccept(running -> running.cancel(true));
+        throw notJson;
+      }
+      StreamItem item = StreamItem.newBuilder().setChunkJson(json).build();
       if (item.getSerializedSize() > maxReplyBytes) {
         throw tooLarge("a chunk of " + WireJson.shownName(request.getMethod()), item.getSerializedSize());
       }
@@ -572,10 +589,10 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         out.onNext(item);
       }
     };
-    Future<?> task = runStream(request.getMethod(), params, ctx, sink, span.get(), end);
+    task.complete(runStream(request.getMethod(), params, ctx, sink, span.get(), end));
     watch(ctx, finished, () -> {
       end.accept(ctx.overError());
-      task.cancel(true);
+      task.join().cancel(true);
     });
   }
 
@@ -630,7 +647,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
             Log.SDK.warning("the host is not reading its Events stream; dropping the oldest events");
           }
         }
-        waiting.add(PluginEvent.newBuilder().setName(name).setDataJson(encodeJson(data)).build());
+        waiting.add(PluginEvent.newBuilder().setName(name).setDataJson(ByteString.copyFromUtf8(data)).build());
       }
       flush.run();
     });

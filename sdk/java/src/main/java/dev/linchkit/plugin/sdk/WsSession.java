@@ -650,7 +650,13 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
       return;
     }
     Plugin.ChunkSink chunks = chunk -> {
-      String frame = "{\"type\":\"chunk\",\"id\":" + call.id + ",\"data\":" + Plugin.toJson(chunk) + "}";
+      String data;
+      try {
+        data = ResultJson.text(Plugin.toJson(chunk), ResultJson.RESULT);
+      } catch (PluginException notJson) {
+        throw new PluginService.ChunkRefused(notJson);
+      }
+      String frame = "{\"type\":\"chunk\",\"id\":" + call.id + ",\"data\":" + data + "}";
       long bytes = wireBytes(frame);
       long cap = sendCap;
       if (bytes > cap) {
@@ -720,7 +726,10 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
           // a plugin's details that are not JSON are left out
         }
       }
-      if (error.getRetryAfter() > 0) wire.addProperty("retry_after", error.getRetryAfter());
+      // An infinite one would be written bare (Infinity), no JSON: the host drops it anyway.
+      if (error.getRetryAfter() > 0 && Double.isFinite(error.getRetryAfter())) {
+        wire.addProperty("retry_after", error.getRetryAfter());
+      }
       JsonObject response = new JsonObject();
       response.addProperty("ok", false);
       response.add("error", wire);
@@ -777,12 +786,9 @@ final class WsSession extends SimpleChannelInboundHandler<WebSocketFrame> {
 
   // ---- writing -----------------------------------------------------------------------
 
-  private void sendEvent(String name, JsonElement data) {
-    JsonObject event = new JsonObject();
-    event.addProperty("type", "event");
-    event.addProperty("event", name);
-    event.add("data", data == null ? JsonNull.INSTANCE : data);
-    String frame = event.toString();
+  /** The event frame of {@code name} and its {@code data}, JSON text {@link Plugin#emit} wrote. */
+  private void sendEvent(String name, String data) {
+    String frame = "{\"type\":\"event\",\"event\":" + new JsonPrimitive(name) + ",\"data\":" + data + "}";
     long bytes = wireBytes(frame);
     long cap = sendCap;
     if (bytes > cap) {

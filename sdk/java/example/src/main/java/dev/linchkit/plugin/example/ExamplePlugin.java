@@ -106,6 +106,19 @@ public final class ExamplePlugin {
     return chunk;
   }
 
+  /**
+   * The double that non_finite's {@code value} names: "nan", "inf" or "-inf"; anything else is
+   * invalid_params naming {@code value}.
+   */
+  static double nonFinite(Params params) throws PluginException {
+    return switch (params.string("value")) {
+      case "nan" -> Double.NaN;
+      case "inf" -> Double.POSITIVE_INFINITY;
+      case "-inf" -> Double.NEGATIVE_INFINITY;
+      default -> throw PluginException.invalidParams("non_finite: 'value' must be \"nan\", \"inf\" or \"-inf\"");
+    };
+  }
+
   public static Plugin plugin() {
     Plugin plugin = new Plugin("example", "1.0.0", "java");
 
@@ -143,6 +156,10 @@ public final class ExamplePlugin {
       plugin.emit(name, pad.isEmpty() ? p.any("data") : pad);
       return true;
     });
+
+    // A result JSON cannot carry, built as an author builds one: the SDK answers provider_error.
+    plugin.method("non_finite", "returns {\"x\": NaN, Infinity or -Infinity} as `value` (\"nan\", \"inf\", \"-inf\") says",
+        (params, ctx) -> Map.of("x", nonFinite(new Params(params, "non_finite"))));
 
     plugin.method("config", "the JSON object passed to Init", (params, ctx) -> {
       JsonObject config = plugin.config();

@@ -2,6 +2,7 @@ package dev.linchkit.plugin.example;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import com.google.gson.Gson;
 import com.google.gson.JsonParser;
@@ -47,6 +48,21 @@ class ExamplePluginTest {
 
   private static Params params(String json) throws PluginException {
     return new Params(JsonParser.parseString(json), "count");
+  }
+
+  @Test
+  void nonFiniteNamesNanOrAnInfinityAndAnythingElseIsInvalidParamsNamingValue() throws Exception {
+    assertTrue(Double.isNaN(ExamplePlugin.nonFinite(new Params(JsonParser.parseString("{\"value\":\"nan\"}"), "non_finite"))));
+    assertEquals(Double.POSITIVE_INFINITY,
+        ExamplePlugin.nonFinite(new Params(JsonParser.parseString("{\"value\":\"inf\"}"), "non_finite")));
+    assertEquals(Double.NEGATIVE_INFINITY,
+        ExamplePlugin.nonFinite(new Params(JsonParser.parseString("{\"value\":\"-inf\"}"), "non_finite")));
+    for (String params : new String[] {"{}", "{\"value\":\"NaN\"}", "{\"value\":1}", "{\"value\":null}"}) {
+      PluginException refused = assertThrows(PluginException.class,
+          () -> ExamplePlugin.nonFinite(new Params(JsonParser.parseString(params), "non_finite")), params);
+      assertEquals("invalid_params", refused.type(), params);
+      assertTrue(refused.getMessage().contains("'value'"), refused.getMessage());
+    }
   }
 
   @Test
