@@ -25,6 +25,7 @@ from dispatcher.cli._app import (
     without_audit,
 )
 from linchkit_plugin.errors import DispatchError
+from linchkit_plugin.wire import encode_result
 
 
 @main.command()
@@ -67,7 +68,7 @@ def call(
     credentials = credentials_from(manifest, api_key, token)
 
     async def call_plugin(dispatcher: Dispatcher) -> Any:
-        return await dispatcher.call(
+        result = await dispatcher.call(
             plugin,
             method,
             decoded,
@@ -76,6 +77,10 @@ def call(
             credentials=credentials,
             version=plugin_version,
         )
+        # An in-process plugin's result came through no wire: what JSON cannot carry (a
+        # set was a traceback, a NaN printed as null) is the call's error, as served.
+        encode_result(result)
+        return result
 
     result = run_or_report(context, manifest, call_plugin)
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

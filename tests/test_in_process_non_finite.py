@@ -1,4 +1,5 @@
-"""An in-process plugin's result, chunk or event JSON cannot carry, through the gateway.
+"""An in-process plugin's result, chunk or event JSON cannot carry, through the gateway
+and ``dispatcher call``.
 
 A local plugin's answer reaches the gateway as a Python object, not through any wire that
 would have refused it: ``{"ratio": nan}`` went out as ``{"ratio": null}`` on the HTTP port
@@ -6,12 +7,16 @@ and the gRPC port's ``result_json``, and an event's NaN data as ``null`` to ever
 subscriber. Now the call is ``provider_error`` (the plugin's result is not JSON), on both
 HTTP stacks (the call lane and aiohttp's route) and on the gRPC port (``Call`` and
 ``Stream``); the event is dropped with one warning, as one whose data JSON has no form for
-was already.
+was already. ``dispatcher call`` printed the NaN as ``null`` and a set as a traceback: both
+are the call's error now, printed as any other (``{"error": …}``, exit 1).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +138,31 @@ async def test_an_event_with_non_finite_data_is_dropped_and_said(
     assert (event["event"], event["data"], event["id"]) == ("good", {"x": 1}, 1)
     (said,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert said == "event scores@1.0.0/bad dropped: its data is not JSON: nan is not a JSON number"
+
+
+def test_dispatcher_call_prints_what_json_cannot_carry_as_the_call_s_error(tmp_path: Path) -> None:
+    entry = scores_entry(tmp_path) | {"methods": {"nan": {}, "a_set": {}, "ok": {}}}
+    (tmp_path / "scores_plugin.py").write_text(
+        SCORES_PLUGIN + "\n    async def a_set(self):\n        return {1, 2}\n"
+    )
+    (tmp_path / "plugins.json").write_text(json.dumps({"version": 1, "plugins": [entry]}))
+
+    def call(method: str) -> subprocess.CompletedProcess[str]:
+        dispatcher = Path(sys.executable).with_name("dispatcher")
+        return subprocess.run(
+            (dispatcher, "-m", tmp_path / "plugins.json", "call", f"scores.{method}"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for method, reason in (("nan", "nan is not a JSON number"), ("a_set", "not JSON serializable")):
+        done = call(method)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        error = json.loads(done.stderr)["error"]
+        assert error["type"] == "provider_error"
+        assert error["message"].startswith("the plugin's result is not JSON: "), error
+        assert reason in error["message"], error
+    done = call("ok")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"ratio": 0.5, "missing": None}
