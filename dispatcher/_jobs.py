@@ -45,7 +45,7 @@ from dispatcher.config import JobsConfig
 from dispatcher.state.errors import JobsUnavailable, StateUnavailable
 from dispatcher.state.job_store import TERMINAL_STATES, Delivery, JobStore
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
-from linchkit_plugin.wire import encode_json
+from linchkit_plugin.wire import encode_json, error_response
 from providers.base import ResultTooLarge
 from providers.egress import EgressPolicy
 
@@ -524,7 +524,9 @@ class JobWorkers:
         """Store a failed attempt: to be retried, or the job's end. ``moved``: the version
         the attempt ran at, when a rollout placed it elsewhere than the record said."""
         job_id = record["id"]
-        wire = encode_json(error.to_wire()).decode()
+        # error_response's wire: details JSON cannot carry (a plugin's NaN) left out, not
+        # the failure (storing it raised, and the job was lost to its lease).
+        wire = encode_json(error_response(error)["error"]).decode()
         if error.retryable and attempts < self.config.max_attempts:
             delay = backoff(self.config, attempts, error.retry_after)
             fields = {"state": "retrying", "error": wire, **moved}

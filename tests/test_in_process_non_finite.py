@@ -26,8 +26,10 @@ import grpc.aio
 import orjson
 import pytest
 
+from dispatcher import Dispatcher, PluginError
 from dispatcher.gateway import GatewaySettings
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import manifest
 from tests.gateway_support import running_gateway
 
 SCORES_PLUGIN = """
@@ -166,3 +168,31 @@ def test_dispatcher_call_prints_what_json_cannot_carry_as_the_call_s_error(tmp_p
     done = call("ok")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"ratio": 0.5, "missing": None}
+
+
+async def test_a_keyed_call_keeps_the_plugin_s_error_when_its_details_are_no_json(
+    tmp_path: Path,
+) -> None:
+    """The idempotency record of an error whose details JSON cannot carry: before, storing
+    it raised, and the caller got InvalidParams about params instead of the plugin's error
+    (and its duplicate ran the method again)."""
+    (tmp_path / "odd_plugin.py").write_text(
+        "import math\n"
+        "from linchkit_plugin import Plugin\n"
+        "from linchkit_plugin.errors import PluginError\n\n"
+        "class Odd(Plugin):\n"
+        "    runs = 0\n\n"
+        "    async def refuse(self):\n"
+        "        Odd.runs += 1\n"
+        "        details = {'balance': math.nan, 'runs': Odd.runs}\n"
+        "        raise PluginError('no such account', remote_type='NoAccount', details=details)\n"
+    )
+    target = {"provider": "local", "entrypoint": "odd_plugin:Odd", "path": str(tmp_path)}
+    entry = {"id": "odd", "version": "1.0.0", "target": target, "methods": {"refuse": {}}}
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        for _ in range(2):  # the duplicate is answered the first call's outcome
+            with pytest.raises(PluginError, match="no such account") as refused:
+                await dispatcher.call("odd", "refuse", {}, idempotency_key="order-17")
+            assert refused.value.remote_type == "NoAccount"
+        # What a duplicate gets is the record: the plugin ran once, details left out.
+        assert refused.value.details == {}

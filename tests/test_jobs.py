@@ -29,6 +29,7 @@ from dispatcher import (
     JobNotFinished,
     JobNotFound,
     JobsUnavailable,
+    ProviderError,
 )
 from dispatcher.config import ManifestError, load_manifest
 from dispatcher.state import StateUnavailable, digest, encode_result
@@ -63,6 +64,8 @@ def manifest_file(folder: Path, url: str, prefix: str, **jobs: Any) -> Path:
                     "slow": {"timeout_ms": 30_000},
                     "busy": {},
                     "refuse": {},
+                    "refuse_oddly": {},
+                    "ratio": {},
                 },
             }
         ],
@@ -237,6 +240,25 @@ async def test_a_non_retryable_error_ends_the_job_failed_at_once(
         with pytest.raises(PluginError, match="no such account") as caught:
             await d.result(job_id, wait=30)
         assert caught.value.remote_type == "NoAccount"
+        assert (await d.job(job_id))["attempts"] == 1
+
+
+async def test_what_json_cannot_carry_ends_a_job_failed_with_its_own_error(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """An error's details JSON cannot carry (a NaN) are left out, and the job ends with the
+    plugin's error: before, storing the failure raised, and the job's worker lost it. A
+    result JSON cannot carry ends the job failed, not retried: it would be the same."""
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix, workers=1) as d:
+        job_id = await d.submit("jobs", "refuse_oddly")
+        with pytest.raises(PluginError, match="no such account") as caught:
+            await d.result(job_id, wait=30)
+        assert caught.value.remote_type == "NoAccount"
+        assert "balance" not in caught.value.details, caught.value.details
+        assert (await d.job(job_id))["state"] == "failed"
+        job_id = await d.submit("jobs", "ratio")
+        with pytest.raises(ProviderError, match="the result is not JSON"):
+            await d.result(job_id, wait=30)
         assert (await d.job(job_id))["attempts"] == 1
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
-from linchkit_plugin.wire import encode_json
+from linchkit_plugin.wire import encode_json, error_response
 from providers.base import ResultTooLarge
 
 __all__ = [
@@ -49,7 +49,9 @@ def encode_result(result: Any) -> bytes:
 
 
 def encode_error(error: DispatchError) -> bytes:
-    return encode_json({"ok": False, "error": error.to_wire()})
+    # error_response leaves out details JSON cannot carry (a local plugin's NaN), which
+    # would have raised here and replaced the caller's error with one about params.
+    return encode_json(error_response(error))
 
 
 def encode_too_large(size: int, limit: int) -> bytes:

@@ -7,6 +7,7 @@ job really ran, whichever process (a worker that was killed or not) ran it.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -58,3 +59,11 @@ class JobPlugin(Plugin):
     async def refuse(self) -> None:
         await self.redis.incr(f"{self.prefix}:effects:refused")
         raise PluginError("no such account", remote_type="NoAccount", retryable=False)
+
+    async def refuse_oddly(self) -> None:
+        """``refuse``, its details and retry_after what JSON cannot carry."""
+        details = {"balance": math.nan}
+        raise PluginError("no such account", remote_type="NoAccount", details=details)
+
+    async def ratio(self) -> dict[str, float]:
+        return {"ratio": math.nan}
