@@ -38,6 +38,13 @@ from linchkit_plugin import Plugin
 BEGAN = pathlib.Path(__file__).with_name("hook-began")
 
 
+def began(hook):
+    # Said whole at once (a rename): the test never reads the file still empty.
+    partial = BEGAN.with_name("hook-began.partial")
+    partial.write_text(hook)
+    partial.rename(BEGAN)
+
+
 class BadText(Exception):
     def __str__(self):
         raise RuntimeError("str boom")
@@ -48,19 +55,19 @@ class BadText(Exception):
 
 class InitHangs(Plugin):
     async def init(self, config):
-        BEGAN.write_text("init")
+        began("init")
         await asyncio.sleep(3600)
 
 
 class SyncInitHangs(Plugin):
     def init(self, config):
-        BEGAN.write_text("init")
+        began("init")
         time.sleep(3600)
 
 
 class StartHangs(Plugin):
     async def start(self):
-        BEGAN.write_text("start")
+        began("start")
         await asyncio.sleep(3600)
 
 
