@@ -23,6 +23,7 @@ from aiohttp import web
 
 from dispatcher.cli._load import Latencies
 from tests.conftest import ROOT
+from tests.gateway_support import answering_every_request
 
 BIN = Path(sys.executable).parent
 
@@ -434,3 +435,26 @@ def test_without_timeout_a_gateway_call_waits_as_long_as_a_method_may_run() -> N
     with pytest.raises(ValidationError):
         Policies(timeout_ms=86_400_001)
     assert DEFAULT_CLIENT_SECONDS > 86_400
+
+
+async def test_a_first_call_that_goes_unanswered_is_said_while_bench_waits(
+    tmp_path: Path,
+) -> None:
+    """A gateway that takes the connection and never answers: bench was silent for as long
+    as the call's bound (a day without --timeout). Now it says it waits, once, and ends
+    at --timeout as any call does."""
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async with answering_every_request(silent) as url:
+        began = time.monotonic()
+        code, stdout, stderr = await _bench(
+            "echo.say", "-n", "1", "--timeout", "6", "--gateway", url
+        )
+    assert code == 1 and stdout == "", stderr
+    notice = "echo.say: the first call has not answered in 5 s; waiting"
+    assert stderr.count(notice) == 1, stderr
+    assert json.loads(stderr.strip().splitlines()[-1])["error"]["type"] == "deadline_exceeded"
+    assert time.monotonic() - began < 60

@@ -169,8 +169,8 @@ def bench(
     or --token as its credentials): the manifest is not read, and CPU per call is this
     client's.
 
-    The first call is timed on its own (a cold start shows there), then --warmup calls,
-    then the measured run. A failed call is counted by its error type and the load goes
+    The first call is timed on its own (a cold start shows there; unanswered after 5 s,
+    bench says it waits), then --warmup calls, then the measured run. A failed call is counted by its error type and the load goes
     on. Ctrl-C stops starting calls and prints what was measured once the calls in flight
     end; Ctrl-C again abandons them. Exit 0 when every call succeeded, 1 when any failed
     (or the first call did: nothing is measured then), 130 when interrupted.
@@ -329,9 +329,8 @@ async def _measure(target_of: AbstractAsyncContextManager[_Target], run: _Run) -
     """Time the first call, warm up, then measure ``run.load``."""
     async with target_of as target:
         call = target.call
-        first_began = time.perf_counter()
-        await call(run.params[0])  # a method that fails at once fails here, measured or not
-        first_call_ms = (time.perf_counter() - first_began) * 1000
+        # A method that fails at once fails here, measured or not.
+        first_call_ms = await _first_call(call(run.params[0]), f"{run.plugin}.{run.method}")
         stop = asyncio.Event()
         with _StopOnInterrupt(stop):
             if run.warmup:
@@ -343,6 +342,28 @@ async def _measure(target_of: AbstractAsyncContextManager[_Target], run: _Run) -
             report = await run_load(call, run.params, run.load, stop)
         cache = _cache_delta(before, counts() if counts is not None else None)
     return _Outcome(target.start_ms, first_call_ms, report, cache)
+
+
+#: How long the first call may go unanswered before ``bench`` says it waits.
+FIRST_CALL_NOTICE_SECONDS = 5.0
+
+
+async def _first_call(calling: Awaitable[Any], name: str) -> float:
+    """The first call's milliseconds. Unanswered after ``FIRST_CALL_NOTICE_SECONDS``, it
+    says so once and waits on: a slow cold start, or a gateway that takes connections and
+    never answers, was silence for as long as the call's bound (a day without
+    ``--timeout``)."""
+    began = time.perf_counter()
+    answer = asyncio.ensure_future(calling)
+    try:
+        await asyncio.wait_for(asyncio.shield(answer), FIRST_CALL_NOTICE_SECONDS)
+    except TimeoutError:
+        waited = f"{FIRST_CALL_NOTICE_SECONDS:g} s"
+        click.echo(f"{name}: the first call has not answered in {waited}; waiting", err=True)
+        await answer
+    finally:
+        answer.cancel()  # Ctrl-C: the call goes with the run (a no-op once it answered)
+    return (time.perf_counter() - began) * 1000
 
 
 def _extent(load: Load) -> str:
