@@ -22,7 +22,7 @@ from dispatcher import (
     PluginError,
     ProviderError,
 )
-from providers.invocation import new_request_id
+from providers.invocation import Outcome, new_request_id
 from tests.conformance.conftest import CONFIG, Example
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -37,6 +37,18 @@ def digest(data: str, rounds: int) -> str:
 
 async def call(example: Example, method: str, params: Any = None, **options: Any) -> Any:
     return await example.dispatcher.call(example.plugin, method, params, **options)
+
+
+async def batch(example: Example, *calls: tuple[str, Any]) -> list[Outcome[Any]]:
+    """The outcomes of ``calls`` (method, params), sent to the plugin as one batch."""
+    target = example.target()
+    provider = example.dispatcher.providers[target.provider]
+    deadline = time.monotonic() + 10
+    invocations = [
+        Invocation("example", "1.0.0", method, params, deadline, new_request_id())
+        for method, params in calls
+    ]
+    return await provider.invoke_batch(target, invocations)
 
 
 async def test_describe_names_the_plugin_and_its_methods(example: Example) -> None:
@@ -314,16 +326,7 @@ async def test_a_result_json_cannot_carry_is_a_provider_error_and_the_plugin_ser
 
 
 async def test_a_batch_refuses_only_the_item_json_cannot_carry(example: Example) -> None:
-    target = example.target()
-    provider = example.dispatcher.providers[target.provider]
-    deadline = time.monotonic() + 10
-
-    def invocation(method: str, params: Any) -> Invocation:
-        return Invocation("example", "1.0.0", method, params, deadline, new_request_id())
-
-    outcomes = await provider.invoke_batch(
-        target, [invocation("non_finite", {"value": "nan"}), invocation("echo", [1])]
-    )
+    outcomes = await batch(example, ("non_finite", {"value": "nan"}), ("echo", [1]))
     assert isinstance(outcomes[0].error, ProviderError), outcomes[0]
     assert "result is not JSON" in str(outcomes[0].error)
     assert outcomes[1].result == [1]
@@ -352,22 +355,13 @@ async def test_health_is_serving(example: Example) -> None:
 
 
 async def test_a_batch_answers_each_item_in_order(example: Example) -> None:
-    target = example.target()
-    provider = example.dispatcher.providers[target.provider]
-    deadline = time.monotonic() + 10
-
-    def invocation(method: str, params: Any) -> Invocation:
-        return Invocation("example", "1.0.0", method, params, deadline, new_request_id())
-
-    outcomes = await provider.invoke_batch(
-        target,
-        [
-            invocation("echo", {"a": 1}),
-            invocation("fail", {"message": "item two"}),
-            invocation("digest", {"data": "x", "rounds": 2}),
-            invocation("no_such_method", {}),
-            invocation("count", {"n": 2}),
-        ],
+    outcomes = await batch(
+        example,
+        ("echo", {"a": 1}),
+        ("fail", {"message": "item two"}),
+        ("digest", {"data": "x", "rounds": 2}),
+        ("no_such_method", {}),
+        ("count", {"n": 2}),
     )
     assert [outcome.ok for outcome in outcomes] == [True, False, True, False, True]
     assert outcomes[0].result == {"a": 1}
