@@ -478,7 +478,7 @@ def test_remove_is_deploy_remove_under_its_own_name(
     assert "Missing argument 'PLUGIN...'" in nothing_named.output
     unknown = runner.invoke(main, ["-m", str(path), "remove", "nope"])
     assert unknown.exit_code == 2
-    assert "not in the manifest: nope" in unknown.output
+    assert "not in the manifest: 'nope'" in unknown.output
 
 
 # -- schema -------------------------------------------------------------------------------

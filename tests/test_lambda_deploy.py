@@ -170,7 +170,7 @@ async def test_deploy_calls_exactly_the_actions_of_the_iam_policy(local: LocalLa
     provider = LambdaProvider()
     deployer = provider.deployer()
     async with provider:
-        client = await provider.client(first.plugins[0].target)
+        client = await provider.client(first.plugins[0].target, control_plane=True)
         client.meta.events.register("before-call.lambda.*", record)
         plugin = first.plugins[0]
         await deployer.apply(plugin, plugin.target)

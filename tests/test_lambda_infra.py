@@ -130,7 +130,7 @@ def test_deploy_without_deploy_settings_or_with_an_unknown_plugin(tmp_path: Path
     assert "has no 'deploy' settings (role, entrypoint, path)" in unset.output
     unknown = runner.invoke(main, ["-m", str(manifest), "deploy", "nope"])
     assert unknown.exit_code == 2
-    assert "not in the manifest: nope" in unknown.output
+    assert "not in the manifest: 'nope'" in unknown.output
 
 
 def test_describe_function_shows_the_function_without_asking_aws() -> None:

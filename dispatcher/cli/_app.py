@@ -89,6 +89,22 @@ def _relevel(current: _Session) -> None:
     it set, changed. Left alone where ``main`` set nothing up (the host had handlers)."""
     if current.log_handlers:
         logging.getLogger().setLevel(current.level)
+        _cap_sdk_loggers(current.level)
+
+
+#: Libraries whose DEBUG lines carry secrets: botocore logs every request whole, the
+#: session token (``X-Amz-Security-Token``), the access key id in ``Authorization`` and
+#: the body, where CreateFunction carries the function's environment (its passwords).
+_SDK_LOGGERS = ("botocore", "aiobotocore", "urllib3", "s3transfer", "aiohttp")
+
+
+def _cap_sdk_loggers(level: str) -> None:
+    """``-vv`` is for the dispatcher's own debug lines: the AWS SDK's go no lower than
+    INFO, and no lower than the root's level (a level of their own below it would let
+    their INFO lines through at WARNING)."""
+    capped = max(logging.INFO, logging.getLevelName(level))
+    for name in _SDK_LOGGERS:
+        logging.getLogger(name).setLevel(capped)
 
 
 def logging_options() -> list[click.Option]:
@@ -302,6 +318,8 @@ def main(context: click.Context, manifest: str) -> None:
     before = list(root.handlers)
     logging.basicConfig(level=current.level, stream=sys.stderr)
     current.log_handlers = [each for each in root.handlers if each not in before]
+    if current.log_handlers:
+        _cap_sdk_loggers(current.level)
     for handler in current.log_handlers:
         handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
 

@@ -12,7 +12,8 @@ from dispatcher.cli._app import EXIT_FAILED, load, main, manifest_option
 from dispatcher.config import PluginSpec
 from linchkit_plugin.errors import DispatchError
 from providers import provider_class
-from providers.deploy import Step
+from providers._log_lines import printable
+from providers.deploy import Plan, Step
 from providers.target import TargetConfig
 
 
@@ -60,7 +61,8 @@ def deploy(
     known = {name for plugin in manifest.plugins for name in (plugin.id, plugin.key)}
     unknown = [name for name in plugins if name not in known]
     if unknown:
-        raise click.UsageError(f"not in the manifest: {', '.join(unknown)}")
+        # Named as ``logs`` names them (repr): a pasted control character is shown, not run.
+        raise click.UsageError(f"not in the manifest: {', '.join(map(repr, unknown))}")
     chosen = [p for p in manifest.plugins if not plugins or {p.id, p.key} & set(plugins)]
 
     async def run() -> bool:
@@ -87,14 +89,14 @@ async def _deploy_one(
         return True
 
     def progress(step: Step) -> None:
-        click.echo(f"{plugin.key}: {step.render()}")
+        click.echo(f"{plugin.key}: {printable(step.render())}")
 
     try:
         async with provider:
             if dry_run and remove:
                 click.echo(f"{plugin.key}: would remove {target.describe()}")
             elif dry_run:
-                click.echo(f"{plugin.key}: {(await deployer.plan(plugin, target)).render()}")
+                click.echo(f"{plugin.key}: {_render(await deployer.plan(plugin, target))}")
             elif remove:
                 plan = await deployer.remove(plugin, target, progress)
                 click.echo(
@@ -110,9 +112,28 @@ async def _deploy_one(
                     else f"{plugin.key}: {plan.target}: up to date"
                 )
     except DispatchError as error:
-        click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
+        _report_failure(plugin, target, error)
         return False
     return True
+
+
+def _render(plan: Plan) -> str:
+    """``plan.render()`` with each step escaped: a step's detail quotes the server (the
+    deployed CodeSha256, the alias's version), and a control character in it would drive
+    the operator's terminal; a line break in it would forge a step."""
+    lines = [plan.target, *(f"  {printable(step.render())}" for step in plan.steps)]
+    if plan.document:
+        lines += [printable(line) for line in plan.document.rstrip().splitlines()]
+    return "\n".join(lines)
+
+
+def _report_failure(plugin: PluginSpec[Any], target: TargetConfig, error: DispatchError) -> None:
+    """One line on stderr, escaped (the message quotes the server), naming the target
+    once: a provider's message that already names it is not prefixed with it again."""
+    where = target.describe()
+    message = str(error)
+    prefix = "" if where in message else f"{where}: "
+    click.echo(f"{plugin.key}: {prefix}{printable(message)}", err=True)
 
 
 # -- --package-only: the deployer's package() alone; the provider is never started ------
@@ -123,7 +144,7 @@ async def _package_one(plugin: PluginSpec[Any], target: TargetConfig, out: Path)
     try:
         written = await deployer.package(plugin, target, out) if deployer else None
     except DispatchError as error:
-        click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
+        _report_failure(plugin, target, error)
         return False
     except OSError as error:
         click.echo(f"{plugin.key}: cannot write into {out}: {error.strerror}", err=True)

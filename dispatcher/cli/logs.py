@@ -30,6 +30,9 @@ from linchkit_plugin.errors import DispatchError
 from providers._log_lines import printable
 from providers.target import TargetConfig
 
+#: The most recent lines ``-n`` asks for.
+MAX_LINES = 100_000
+
 
 @main.command()
 @click.argument("plugin", metavar="PLUGIN")
@@ -37,7 +40,8 @@ from providers.target import TargetConfig
 @click.option(
     "-n",
     "--lines",
-    type=click.IntRange(min=0),
+    # Bounded: the recent lines are held in memory (a deque of that size) before printing.
+    type=click.IntRange(min=0, max=MAX_LINES),
     default=100,
     show_default=True,
     help="How many recent lines to print first.",
@@ -73,13 +77,16 @@ def logs(context: click.Context, plugin: str, follow: bool, lines: int) -> None:
 
     try:
         errors = run_with_dispatcher(manifest, show)
-    except KeyboardInterrupt:  # Ctrl-C ends --follow; the dispatcher has stopped the plugin
-        return
+    except KeyboardInterrupt:
+        if not follow:  # interrupted before it printed all it was asked for: exit 130
+            raise
+        return  # Ctrl-C is how --follow ends; the dispatcher has stopped the plugin
     except DispatchError as error:
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {printable(str(error))}", err=True)
         context.exit(EXIT_FAILED)
-    for failure in errors:
-        click.echo(f"error: {failure}", err=True)
+    if not follow:  # --follow printed each failure as it happened
+        for failure in errors:
+            click.echo(f"error: {printable(str(failure))}", err=True)
     if errors:
         context.exit(EXIT_FAILED)
 
@@ -113,7 +120,7 @@ async def _follow_all(streams: list[AsyncIterator[str]]) -> list[DispatchError]:
                 await queue.put(line)
         except DispatchError as error:
             errors.append(error)
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {printable(str(error))}", err=True)
         finally:
             await queue.put(None)
 

@@ -90,7 +90,7 @@ class LambdaDeployer(Deployer[LambdaTarget]):
         dry_run: bool,
     ) -> tuple[Step, ...]:
         report = _Reporter(progress)
-        client = await self._clients.get(target)
+        client = await self._clients.get(target, control_plane=True)
         name = spec.name
         deployed = await _configuration(client, name)
         if deployed is None:
@@ -197,7 +197,7 @@ class LambdaDeployer(Deployer[LambdaTarget]):
         self, target: LambdaTarget, alias: str, progress: Progress | None
     ) -> tuple[Step, ...]:
         report = _Reporter(progress)
-        client = await self._clients.get(target)
+        client = await self._clients.get(target, control_plane=True)
         name = target.function_name
         if await _configuration(client, name) is None:
             return report.steps

@@ -14,6 +14,7 @@ other 4xx (bad zip, KMS, …)               ProviderError (misconfigured functio
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import orjson
@@ -60,8 +61,16 @@ _CREDENTIALS_REFUSED = frozenset(
 )
 
 
-def translate(error: Exception, target: LambdaTarget) -> DispatchError:
-    """The dispatcher's error for a botocore/aiohttp exception raised by a Lambda call."""
+#: What a service is called in a message, and the variable that sends it elsewhere.
+_SERVICES = {
+    "lambda": ("Lambda", "AWS_ENDPOINT_URL_LAMBDA"),
+    "logs": ("CloudWatch Logs", "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"),
+}
+
+
+def translate(error: Exception, target: LambdaTarget, service: str = "lambda") -> DispatchError:
+    """The dispatcher's error for a botocore/aiohttp exception raised by a call to
+    ``service`` (``lambda`` or ``logs``) for ``target``."""
     if isinstance(error, DispatchError):
         return error
     exceptions = botocore_exceptions()
@@ -71,7 +80,9 @@ def translate(error: Exception, target: LambdaTarget) -> DispatchError:
     if isinstance(error, exceptions.ConnectTimeoutError | exceptions.ReadTimeoutError):
         return DeadlineExceeded(f"{where} timed out: {error}")
     if isinstance(error, exceptions.ConnectionError | exceptions.HTTPClientError):
-        return TargetUnavailable(f"cannot reach Lambda for {where}: {error}")
+        name = _SERVICES.get(service, _SERVICES["lambda"])[0]
+        hint = _endpoint_hint(target, service)
+        return TargetUnavailable(f"cannot reach {name} for {where}{hint}: {error}")
     if isinstance(error, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
         return Unauthorized(
             f"no usable AWS credentials for {where} ({error}); set them in the environment, "
@@ -80,6 +91,18 @@ def translate(error: Exception, target: LambdaTarget) -> DispatchError:
     if isinstance(error, exceptions.NoRegionError):
         return ProviderError(f"{where} has no region: set 'region' on the target or AWS_REGION")
     return ProviderError(f"{where} failed: {type(error).__name__}: {error}")
+
+
+def _endpoint_hint(target: LambdaTarget, service: str) -> str:
+    """Which setting chose the endpoint that could not be reached, to say what to check:
+    the target's ``endpoint_url`` wins over the service's variable, then AWS_ENDPOINT_URL."""
+    if target.endpoint_url:
+        return ""  # the target names it, and the message names the target
+    variable = _SERVICES.get(service, _SERVICES["lambda"])[1]
+    for name in (variable, "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return f" (endpoint from {name})"
+    return f" (AWS's own endpoint; {variable} sends it elsewhere)" if service == "logs" else ""
 
 
 def function_error(kind: str, payload: bytes, target: LambdaTarget) -> DispatchError:
@@ -102,6 +125,8 @@ def function_error(kind: str, payload: bytes, target: LambdaTarget) -> DispatchE
 
 def _client_error(error: Any, where: str) -> DispatchError:
     response = error.response
+    # botocore names the call; a denied deploy or logs call is not a denied Invoke.
+    operation = str(getattr(error, "operation_name", "") or "Invoke")
     code = str(response.get("Error", {}).get("Code", "Unknown"))
     message = str(response.get("Error", {}).get("Message") or response.get("message") or code)
     metadata = response.get("ResponseMetadata", {})
@@ -124,7 +149,8 @@ def _client_error(error: Any, where: str) -> DispatchError:
     if code == "RequestTooLargeException" or status == 413:
         return InvalidParams(f"the request is too large for {where}: {message}", details=details)
     if code == "AccessDeniedException" or (status == 403 and code not in _CREDENTIALS_REFUSED):
-        return Forbidden(f"not allowed to invoke {where}: {message}", details=details)
+        action = "invoke" if operation == "Invoke" else f"call {operation} for"
+        return Forbidden(f"not allowed to {action} {where}: {message}", details=details)
     if code in _CREDENTIALS_REFUSED or status == 401:
         return Unauthorized(f"AWS refused the credentials for {where}: {message}", details=details)
     if code in _NOT_READY or (status >= 500 and not code.startswith(("KMS", "Invalid", "EFS"))):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from linchkit_plugin.errors import ProviderError
+from providers._log_lines import printable
 
 __all__ = ["DEFAULT_IGNORE", "IGNORE_FILE", "IgnoreRules", "plugin_folder_files"]
 
@@ -91,7 +92,7 @@ class IgnoreRules:
         lines = list(DEFAULT_IGNORE)
         own = folder / IGNORE_FILE
         if own.is_file():
-            lines += own.read_text(encoding="utf-8").splitlines()
+            lines += _ignore_file_lines(own)
             return cls(lines, source=str(own))
         return cls(lines)
 
@@ -103,12 +104,38 @@ class IgnoreRules:
         return bool(self._spec.match_file(relative + "/" if folder else relative))
 
 
+def _ignore_file_lines(path: Path) -> list[str]:
+    """The lines of ``.dispatcherignore``. A UTF-8 byte-order mark (some editors write one)
+    is dropped: kept, it made the first pattern match nothing and its file was shipped."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise ProviderError(
+            f"{_shown(path)} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it as UTF-8"
+        ) from error
+    except OSError as error:
+        raise ProviderError(f"cannot read {_shown(path)}: {error.strerror or error}") from error
+
+
+def _shown(path: Path) -> str:
+    return printable(str(path))
+
+
+def _walk_error(error: OSError) -> None:
+    """os.walk's own choice was to skip a folder it cannot list: its files would silently
+    be missing from the function."""
+    raise ProviderError(
+        f"cannot read {_shown(Path(error.filename or '?'))}: {error.strerror or error}"
+    ) from error
+
+
 def plugin_folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
     """``(POSIX path relative to folder, path)`` of every file the rules keep, sorted."""
     rules = IgnoreRules.for_folder(folder)
     root = folder.resolve()
     found: list[tuple[str, Path]] = []
-    for directory, folders, files in os.walk(folder, followlinks=True):
+    for directory, folders, files in os.walk(folder, onerror=_walk_error, followlinks=True):
         here = Path(directory)
         ancestors = {here.resolve(), *here.resolve().parents}
         kept_folders = []
@@ -134,7 +161,12 @@ def plugin_folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
 
 def _inside(root: Path, path: Path, relative: str) -> Path:
     """Where ``path`` really is; a ``ProviderError`` if a link takes it out of ``root``."""
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (RuntimeError, OSError) as error:  # RuntimeError: a loop of links (a -> b -> a)
+        raise ProviderError(
+            f"cannot read {printable(relative)} in the plugin folder {_shown(root)}: {error}"
+        ) from error
     if target != root and root not in target.parents:
         raise ProviderError(
             f"{relative} in the plugin folder {root} is a link to {target}, outside the "

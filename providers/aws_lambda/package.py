@@ -42,6 +42,7 @@ from typing import Any
 from linchkit_plugin.aws_lambda import CONFIG_ENVIRONMENT_VARIABLE
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.wire import encode_json
+from providers._log_lines import printable
 from providers.aws_lambda.ignore import plugin_folder_files
 from providers.aws_lambda.target import LambdaDeploySettings, LambdaTarget
 from providers.target import PluginInfo
@@ -255,8 +256,20 @@ def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, bytes, int]]:
     """The folder's files that ``.dispatcherignore`` keeps (``ignore``), with their mode:
     755 if the owner may run it (a bundled tool), else 644, whatever the umask was."""
     for relative, path in plugin_folder_files(folder):
-        mode = _EXECUTABLE if path.stat().st_mode & 0o100 else _READ_ONLY
-        yield prefix + relative, path.read_bytes(), mode
+        content, mode = _read(path)
+        yield prefix + relative, content, mode
+
+
+def _read(path: Path) -> tuple[bytes, int]:
+    """A plugin file's content and zip mode; a file the user cannot read stops the package
+    with a ``ProviderError`` that says so (the caller's ``OSError`` means a write failed)."""
+    try:
+        executable = path.stat().st_mode & 0o100
+        return path.read_bytes(), _EXECUTABLE if executable else _READ_ONLY
+    except OSError as error:
+        raise ProviderError(
+            f"cannot read {printable(str(path))}: {error.strerror or error}"
+        ) from error
 
 
 def _plugin_files(module: str, path: Path | None) -> Iterator[tuple[str, bytes, int]]:
@@ -265,15 +278,36 @@ def _plugin_files(module: str, path: Path | None) -> Iterator[tuple[str, bytes, 
             raise ProviderError(f"plugin path {path} is not a folder")
         yield from _walk(path)
         return
-    top = module.partition(".")[0]
-    spec = importlib.util.find_spec(top)
-    if spec is None or spec.origin is None:
-        raise ProviderError(f"cannot find the plugin module {top!r}; set 'path' in deploy")
-    origin = Path(spec.origin)
+    origin, top = _module_origin(module)
     if origin.name == "__init__.py":
         yield from _walk(origin.parent, f"{top}/")
     else:
-        yield origin.name, origin.read_bytes(), _READ_ONLY
+        yield origin.name, _read(origin)[0], _READ_ONLY
+
+
+def _module_origin(module: str) -> tuple[Path, str]:
+    """The file the plugin's top-level module is loaded from, and that module's name."""
+    top = module.partition(".")[0]
+    if top == "__main__":  # the program running deploy (or nothing), never the plugin
+        raise ProviderError(
+            "the plugin module '__main__' names whatever program runs, not a file to "
+            "package: name the plugin's own module in 'entrypoint'"
+        )
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError) as error:  # ``__main__``: its __spec__ is None
+        raise ProviderError(
+            f"cannot find the plugin module {top!r} ({error}); set 'path' in deploy"
+        ) from error
+    if spec is None or spec.origin is None:
+        raise ProviderError(f"cannot find the plugin module {top!r}; set 'path' in deploy")
+    origin = Path(spec.origin)
+    if not origin.is_file():  # "built-in", "frozen": part of Python, nothing to package
+        raise ProviderError(
+            f"the plugin module {top!r} is not a file ({printable(spec.origin)}), so there "
+            "is nothing to package: name the plugin's own module in 'entrypoint'"
+        )
+    return origin, top
 
 
 def _sdk_files() -> Iterator[tuple[str, bytes]]:

@@ -85,10 +85,13 @@ class LambdaProvider(Provider[LambdaTarget]):
         # not on the first call, and the first call does not pay for the client.
         await self.client(target)
 
-    async def client(self, target: LambdaTarget, service: Service = "lambda") -> Any:
+    async def client(
+        self, target: LambdaTarget, service: Service = "lambda", *, control_plane: bool = False
+    ) -> Any:
         """The shared aiobotocore client of ``service`` (Lambda, or CloudWatch Logs) for
-        the target's region and endpoint."""
-        return await self._clients.get(target, service)
+        the target's region and endpoint; ``control_plane``: the one the deployer uses,
+        with a short read timeout (``LambdaClients.get``)."""
+        return await self._clients.get(target, service, control_plane=control_plane)
 
     def deployer(self) -> LambdaDeployer:
         """Packages a plugin and publishes it behind the target's alias (shares the clients)."""
