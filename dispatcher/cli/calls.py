@@ -25,7 +25,7 @@ from dispatcher.cli._app import (
     without_audit,
 )
 from linchkit_plugin.errors import DispatchError
-from linchkit_plugin.wire import encode_result
+from linchkit_plugin.wire import result_fragment
 
 
 @main.command()
@@ -79,7 +79,7 @@ def call(
         )
         # An in-process plugin's result came through no wire: what JSON cannot carry (a
         # set was a traceback, a NaN printed as null) is the call's error, as served.
-        encode_result(result)
+        result_fragment(result)
         return result
 
     result = run_or_report(context, manifest, call_plugin)

@@ -68,7 +68,7 @@ from linchkit_plugin.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from linchkit_plugin.wire import encode_result
+from linchkit_plugin.wire import result_fragment
 from providers.invocation import new_request_id
 
 __all__ = ["GATEWAY_KEY", "HANDLER_ARGS", "HUB_KEY", "Gateway", "create_app"]
@@ -201,7 +201,7 @@ class Gateway:
             answer = answer_of(told, close=unread or isinstance(error, ShuttingDown))
         else:
             try:  # an in-process plugin's NaN is refused here, not sent as null
-                body = encode_result({"ok": True, "result": result})
+                body = result_fragment({"ok": True, "result": result})
             except ProviderError as error:
                 answer = answer_of(error)
             else:

@@ -55,7 +55,7 @@ from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.gateway.rechecks import CREDENTIALS_ENDED
 from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError
-from linchkit_plugin.wire import encode_result
+from linchkit_plugin.wire import result_fragment
 
 __all__ = [
     "PATIENCE",
@@ -226,7 +226,7 @@ class EventHub:
             "data": data,
         }
         try:  # an in-process plugin's NaN is dropped here, not sent as null
-            frame = encode_result(document, "its data").decode()
+            frame = result_fragment(document, "its data").decode()
         except ProviderError as error:
             log.warning("event %s@%s/%s dropped: %s", plugin, version, event, error.message)
             return

@@ -53,7 +53,7 @@ from linchkit_plugin.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from linchkit_plugin.wire import encode_result
+from linchkit_plugin.wire import result_fragment
 from providers.invocation import new_request_id
 
 __all__ = [
@@ -197,7 +197,7 @@ class GatewayServicer:
         except DispatchError as error:
             await self._abort(context, error, request, request_id)
         try:
-            result_json = encode_result(result)
+            result_json = result_fragment(result)
         except ProviderError as error:
             await _abort_not_json(context, error)
         return gateway_pb2.GatewayReply(ok=True, result_json=result_json, request_id=request_id)
@@ -221,7 +221,7 @@ class GatewayServicer:
             )
             async for chunk in chunks:
                 try:
-                    chunk_json = encode_result(chunk)
+                    chunk_json = result_fragment(chunk)
                 except ProviderError as error:
                     await _abort_not_json(context, error)
                 yield gateway_pb2.GatewayStreamItem(chunk_json=chunk_json)

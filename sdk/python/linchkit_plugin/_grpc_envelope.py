@@ -1,6 +1,6 @@
 """The gRPC envelope of one call, read and written by a plugin's server
 (``linchkit_plugin.grpc_server``): a ``CallRequest``'s params, context and deadline in
-(docs/protocol.md, "The gRPC binding"); a result goes out as ``wire.encode_result`` writes it.
+(docs/protocol.md, "The gRPC binding"); a result goes out as ``wire.result_fragment`` writes it.
 
 What a host sends is not trusted: params that are not JSON, or nested deeper than
 ``MAX_PARAMS_DEPTH``, are that call's own ``InvalidParams`` (in a batch too), whose message

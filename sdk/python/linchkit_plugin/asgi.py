@@ -70,11 +70,11 @@ from linchkit_plugin.wire import (
     MAX_PARAMS_DEPTH,
     PROTOCOL_VERSION,
     RequestEnvelope,
-    encode_result,
     error_response,
     nested_deeper_than,
     ok_response,
     parse_request,
+    result_fragment,
 )
 
 __all__ = ["PluginApp"]
@@ -497,7 +497,7 @@ def _encode_answer(body: dict[str, Any]) -> bytes:
     """``body`` as JSON; a result JSON cannot carry (an object it has no form for, a NaN
     or an infinity) becomes that call's error, in a batch that item's, not a 500."""
     try:
-        return encode_result(body)
+        return result_fragment(body)
     except ProviderError:
         pass
     if "results" in body:
@@ -507,7 +507,7 @@ def _encode_answer(body: dict[str, Any]) -> bytes:
 
 def _encodable(answer: dict[str, Any]) -> dict[str, Any]:
     try:
-        encode_result(answer)
+        result_fragment(answer)
     except ProviderError as error:
         return error_response(error)
     return answer

@@ -68,7 +68,7 @@ from linchkit_plugin.handshake import (
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.tracing import exporting
-from linchkit_plugin.wire import PROTOCOL_VERSION, encode_result, error_response
+from linchkit_plugin.wire import PROTOCOL_VERSION, error_response, result_fragment
 
 # isort: split
 # Importable from here as before: names this module defined or used before its parts
@@ -282,7 +282,7 @@ class PluginServer:
             params, call_context, timeout = await self._parse(request, context)
             async with asyncio.timeout(timeout):
                 async for chunk in self.host.stream(request.method, params, call_context):
-                    yield pb.StreamItem(chunk_json=encode_result(chunk))
+                    yield pb.StreamItem(chunk_json=result_fragment(chunk))
         except TimeoutError:
             error = DeadlineExceeded(f"{request.method!r} did not finish before its deadline")
             yield pb.StreamItem(error=self._error(error))
@@ -322,7 +322,7 @@ class PluginServer:
             result = await self.host.call_with_deadline(
                 request.method, params, call_context, timeout
             )
-            return pb.CallReply(ok=True, result_json=encode_result(result))
+            return pb.CallReply(ok=True, result_json=result_fragment(result))
         except DispatchError as error:
             return pb.CallReply(ok=False, error=self._error(error))
 

@@ -28,6 +28,7 @@ __all__ = [
     "nested_deeper_than",
     "ok_response",
     "parse_request",
+    "result_fragment",
 ]
 
 PROTOCOL_VERSION = 1
@@ -72,9 +73,17 @@ def json_fragment(value: Any) -> bytes:
 
 
 def encode_result(value: Any, what: str = "the plugin's result") -> bytes:
+    """``result_fragment(value, what)`` copied down to its size, for bytes that are kept:
+    a frame waiting in a writer's queue, an event waiting for its host (``encode_json``
+    says why orjson's own bytes are not kept)."""
+    return b"%b" % result_fragment(value, what)
+
+
+def result_fragment(value: Any, what: str = "the plugin's result") -> bytes:
     """``value``, an answer or a frame holding what a plugin's method returned, as JSON;
     what JSON cannot carry is ``ProviderError`` (saying ``what`` is not JSON): that call's
-    answer, on every transport.
+    answer, on every transport. The bytes may hold orjson's whole buffer: send them (or
+    copy them into a message) at once, do not keep them (``encode_result``).
 
     A NaN or an infinity is refused, not written as ``null`` as orjson would: a result of
     ``{"score": nan}`` must not reach the host as ``{"score": null}``, a different answer
@@ -87,7 +96,7 @@ def encode_result(value: Any, what: str = "the plugin's result") -> bytes:
         raise ProviderError(f"{what} is not JSON: {error}") from None
     if data.find(b"null") >= 0 and (number := _first_non_finite(value)) is not None:
         raise ProviderError(f"{what} is not JSON: {number!r} is not a JSON number")
-    return b"%b" % data  # not orjson's whole buffer: a frame may wait in a queue (encode_json)
+    return data
 
 
 def nested_deeper_than(value: Any, max_depth: int) -> bool:
@@ -181,7 +190,7 @@ def _leave_out_what_json_cannot_carry(wire: dict[str, Any]) -> None:
         del wire["retry_after"]
     if "details" in wire:
         try:
-            encode_result(wire["details"])
+            result_fragment(wire["details"])
         except ProviderError:
             del wire["details"]
 
@@ -194,7 +203,7 @@ def checked_ok_response(result: Any) -> dict[str, Any]:
     target down and retried."""
     answer = ok_response(result)
     try:
-        encode_result(answer)
+        result_fragment(answer)
     except ProviderError as error:
         return error_response(error)
     return answer
