@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Cor
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from linchkit_plugin._late_answers import LATE_ANSWER_SECONDS, LateAnswers
 from linchkit_plugin._method_failures import described, failure_of_method, plugin_error
 from linchkit_plugin._method_threads import method_threads
 from linchkit_plugin.errors import (
@@ -205,6 +206,8 @@ class PluginHost:
         #: before, and after a hook it gave up on): what a stop gives the spans still
         #: buffered next (``linchkit_plugin.tracing.flush_at_stop``).
         self.hooks_left = 0.0
+        #: Methods that answered long after their deadline, to tell the author once a minute.
+        self._late = LateAnswers()
         self.expose(methods)
         self._state = "created"
         if emit is not None and hasattr(plugin, "emit"):
@@ -560,12 +563,20 @@ class PluginHost:
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline passed before {method!r} started")
         try:
-            async with asyncio.timeout(timeout):
-                return await self._call(method, params, context)
+            async with asyncio.timeout(timeout) as bound:
+                result = await self._call(method, params, context)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{method!r} did not finish within {timeout * 1000:.0f} ms"
             ) from None
+        # Answered, and the deadline's timer did not end it: either it never ran (the
+        # loop was held) or its cancellation was swallowed. One clock read a call.
+        deadline = bound.when()
+        if deadline is not None:  # always: the bound was set with a delay
+            late = asyncio.get_running_loop().time() - deadline
+            if late > LATE_ANSWER_SECONDS:
+                self._late.tell(method, late, cancelled=bound.expired())
+        return result
 
     async def _hook(self, name: str, *args: Any, detached: bool = False) -> Any:
         hook: Callable[..., Any] | None = getattr(self.plugin, name, None)
