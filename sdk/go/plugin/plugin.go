@@ -130,6 +130,8 @@ type Plugin struct {
 	// hooksLeft is what remained of the stop's hooks cap when its hooks ended: the spans
 	// still buffered may take that long to send (spanFlushMargin at least).
 	hooksLeft time.Duration
+	// late says which methods answered long after their deadline (lateanswers.go).
+	late lateAnswers
 
 	mu     sync.Mutex
 	config json.RawMessage

@@ -345,7 +345,8 @@ func (p *Plugin) invoke(parent context.Context, req *pluginpb.CallRequest) *plug
 	return reply
 }
 
-// run runs the method of one unary call: its reply, whatever happens.
+// run runs the method of one unary call: its reply, whatever happens. A reply ready long
+// after the deadline is told of (lateanswers.go).
 func (p *Plugin) run(ctx context.Context, call *Call, m *method) *pluginpb.CallReply {
 	var result any
 	var err error
@@ -354,6 +355,7 @@ func (p *Plugin) run(ctx context.Context, call *Call, m *method) *pluginpb.CallR
 	} else {
 		result, err = collectChunks(ctx, call, m)
 	}
+	p.late.check(ctx, call.Method)
 	if err != nil {
 		return errorReply(toError(err))
 	}
@@ -420,22 +422,26 @@ func errorReply(e *Error) *pluginpb.CallReply {
 	return &pluginpb.CallReply{Ok: false, Error: e.toProto()}
 }
 
-// runMethod turns a panic in plugin code into an error, so one bad call cannot end the
-// plugin.
 // runStreamed runs m for a stream, over gRPC or WebSocket: a streaming method sends its
-// chunks itself, a unary method's result is the one chunk.
+// chunks itself, a unary method's result is the one chunk. Its end, or a unary method's
+// result, coming long after the deadline is told of (lateanswers.go).
 func (m *method) runStreamed(ctx context.Context, call *Call, send func(any) error) error {
 	if m.stream != nil {
-		return runMethod(func() error { return m.stream(ctx, call, send) })
+		err := runMethod(func() error { return m.stream(ctx, call, send) })
+		call.plugin.late.check(ctx, call.Method)
+		return err
 	}
 	var result any
 	err := runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
+	call.plugin.late.check(ctx, call.Method)
 	if err == nil {
 		err = send(result)
 	}
 	return err
 }
 
+// runMethod turns a panic in plugin code into an error, so one bad call cannot end the
+// plugin.
 func runMethod(fn func() error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
