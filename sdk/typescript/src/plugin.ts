@@ -11,6 +11,7 @@
  *     serve(plugin);
  */
 import { DeadlineExceeded, MethodNotFound, type ProviderError } from './errors';
+import { LateAnswers } from './lateanswers';
 import { log, shown } from './log';
 import type { JsonObject } from './params';
 import { jsonText, shownName } from './wirejson';
@@ -84,6 +85,11 @@ export class Plugin {
   private pendingLimit = PENDING_EVENTS_LIMIT;
   /** Events dropped from `pending` (the oldest, past its bound) since a listener last took it. */
   private lost = 0;
+  /**
+   * @internal Methods that answered long after their deadline, said once a minute each
+   * whichever transport served them (every binding checks its answers here).
+   */
+  readonly lateAnswers = new LateAnswers();
 
   constructor(options: PluginOptions) {
     this.id = options.id;

@@ -356,6 +356,9 @@ export class PluginServer {
       const invoke = (): Promise<unknown> => Promise.resolve().then(() => this.plugin.invoke(request.method, params, ctx));
       const running = span === undefined ? invoke() : span.within(invoke);
       const result = await Promise.race([running, live.over]);
+      // Answered, so the deadline's timer did not end it: a method that held the event loop
+      // past it kept the timer from running, and is said to have (one clock read).
+      this.plugin.lateAnswers.answered(request.method, ctx.deadline);
       const reply = { ok: true, result_json: encodeJson(result) };
       span?.end();
       return reply;
@@ -386,6 +389,8 @@ export class PluginServer {
         if (next.done) break;
         if (!call.write({ chunk_json: encodeJson(next.value) })) await once(call, 'drain');
       }
+      // Its last chunk came without the deadline ending it: late, the loop was held (as `answer`).
+      this.plugin.lateAnswers.answered(request.method, live.ctx.deadline);
       span?.end();
     } catch (error) {
       span?.end({ thrown: error });

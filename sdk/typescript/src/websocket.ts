@@ -463,6 +463,9 @@ export class Session {
       const within = <T>(fn: () => T): T => (traced === undefined ? fn() : traced.within(fn));
       if (kind === 'call') {
         const result = await Promise.race([within(() => this.plugin.invoke(method, request.params ?? null, ctx)), over]);
+        // Answered, so the deadline's timer did not end it: a method that held the event loop
+        // past it kept the timer from running, and is said to have (one clock read).
+        this.plugin.lateAnswers.answered(method, deadline);
         // Before the span ends: a result JSON cannot carry (provider_error) ends it failed.
         this.sendResponse(id, method, { ok: true, result: result === undefined ? null : result });
         span?.end();
@@ -490,6 +493,8 @@ export class Session {
         } finally {
           this.windows.delete(id);
         }
+        // Its last chunk came without the deadline ending it: late, the loop was held (as a call).
+        this.plugin.lateAnswers.answered(method, deadline);
         span?.end();
         span = undefined;
         this.send({ type: 'response', id, response: { ok: true, result: null } });
