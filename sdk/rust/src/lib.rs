@@ -35,6 +35,7 @@
 //! 6. This file's types: [`Plugin`], [`Call`], [`ChunkSender`], [`PROTOCOL_VERSION`].
 //! 7. `events`: plugin events to the hosts' streams | `otlp`: the span exporter and its
 //!    settings | `sampler` | `hosts`: the hosts attached | `size_status` | `late_streams` |
+//!    `late_answers`: the warning for a method that answered long after its deadline |
 //!    `tls`: AutoMTLS | `auth`: the bearer token | `stop`: the stop's caps | `process`: what
 //!    the process gives the plugin ([`Environment`]) and why it cannot serve
 //!    ([`ServeError`]).
@@ -53,6 +54,7 @@ mod events;
 mod finite;
 mod hosts;
 mod json;
+mod late_answers;
 mod late_streams;
 mod log;
 mod otlp;

@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 
 use crate::events::EventStream;
 use crate::hosts::{host_of, AttachedHosts, MAX_HOSTS};
+use crate::late_answers::LateAnswers;
 use crate::pb::plugin_service_server::PluginService;
 use crate::size_status::restated;
 use crate::tracing::{CallSpan, Tracer};
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     /// Each call's span goes here; `None` (tracing off) unless the environment names an
     /// OTLP endpoint.
     tracer: Option<Tracer>,
+    /// The methods said to have answered long after their deadlines, and when.
+    late: LateAnswers,
 }
 
 impl Shared {
@@ -79,6 +82,7 @@ impl Shared {
             lifecycle: Mutex::default(),
             service: serving_from_start,
             tracer,
+            late: LateAnswers::default(),
         });
         shared.set_serving(serving_from_start).await;
         shared
@@ -191,8 +195,10 @@ impl Shared {
         )
     }
 
-    /// Checks the envelope and finds the method: the call and its handler, or the error.
-    fn prepare(&self, request: pb::CallRequest) -> Result<(Call, Handler), Error> {
+    /// Checks the envelope and finds the method: the call, its handler and the method's
+    /// name as registered (borrowed: a late answer's warning names it without a copy a
+    /// call), or the error.
+    fn prepare(&self, request: pb::CallRequest) -> Result<(Call, Handler, &str), Error> {
         if request.v != 0 && request.v != PROTOCOL_VERSION {
             return Err(Error::new(
                 types::PROVIDER_ERROR,
@@ -202,9 +208,9 @@ impl Shared {
                 ),
             ));
         }
-        let method = self
+        let (name, method) = self
             .methods
-            .get(&request.method)
+            .get_key_value(&request.method)
             .ok_or_else(|| self.method_not_found(&request.method))?;
         let params = Json::from_wire(request.params_json);
         if let Some(why) = crate::params::check(params.as_bytes()) {
@@ -233,13 +239,13 @@ impl Shared {
             config: self.config(),
             emitter: self.emitter.clone(),
         };
-        Ok((call, method.handler.clone()))
+        Ok((call, method.handler.clone(), name))
     }
 
     /// Runs one unary call; never fails: every failure is a `CallReply` error. A call the
     /// SDK cannot route (no such method, bad params) gets no span, as in the Go SDK.
     pub(crate) async fn invoke(&self, request: pb::CallRequest) -> pb::CallReply {
-        let (mut call, handler) = match self.prepare(request) {
+        let (mut call, handler, name) = match self.prepare(request) {
             Ok(prepared) => prepared,
             Err(err) => return error_reply(&err),
         };
@@ -247,7 +253,7 @@ impl Shared {
         let outcome = match (call, handler) {
             (call, Handler::Unary(method)) => {
                 let deadline = call.deadline;
-                within(deadline, guarded(method(call))).await
+                self.within(name, deadline, guarded(method(call))).await
             }
             (call, handler @ Handler::Stream(_)) => {
                 // A streaming method called once: the list of its chunks.
@@ -265,7 +271,7 @@ impl Shared {
                     list.push(b']');
                     Json::known(list) // of chunks each sent as JSON
                 };
-                within(deadline, async move {
+                self.within(name, deadline, async move {
                     let (outcome, list) = tokio::join!(run, collect);
                     outcome.map(|()| list)
                 })
@@ -286,6 +292,31 @@ impl Shared {
             Err(err) => error_reply(&err),
         }
     }
+
+    /// Bounds `work`, a call of `method`, by the call's deadline: past it the work is
+    /// dropped (and its task aborted) and the answer is `deadline_exceeded`; over gRPC and
+    /// WebSocket alike. tokio's timeout polls the work before its timer, so work that held
+    /// its runtime worker past the deadline is answered as it finished: its answer stands,
+    /// and a warning says why the host saw a timeout (`crate::late_answers`).
+    pub(crate) async fn within<T>(
+        &self,
+        method: &str,
+        deadline: Option<Instant>,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let Some(deadline) = deadline else {
+            return work.await;
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(answer) => {
+                self.late.check(method, deadline);
+                answer
+            }
+            Err(_) => Err(Error::deadline_exceeded(
+                "the call's deadline passed before the method finished",
+            )),
+        }
+    }
 }
 
 fn error_reply(err: &Error) -> pb::CallReply {
@@ -293,24 +324,6 @@ fn error_reply(err: &Error) -> pb::CallReply {
         ok: false,
         result_json: Vec::new(),
         error: Some(err.to_proto()),
-    }
-}
-
-/// Bounds `work` by the call's deadline: past it the work is dropped (and its task
-/// aborted) and the answer is `deadline_exceeded`; over gRPC and WebSocket alike.
-pub(crate) async fn within<T>(
-    deadline: Option<Instant>,
-    work: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    match deadline {
-        None => work.await,
-        Some(deadline) => tokio::time::timeout_at(deadline, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::deadline_exceeded(
-                    "the call's deadline passed before the method finished",
-                ))
-            }),
     }
 }
 
@@ -574,7 +587,7 @@ impl PluginService for Service {
         request: Request<pb::CallRequest>,
     ) -> Result<Response<ItemStream>, Status> {
         let (items, receiver) = mpsc::channel(64);
-        let (mut call, handler) = match self.0.prepare(request.into_inner()) {
+        let (mut call, handler, name) = match self.0.prepare(request.into_inner()) {
             Ok(prepared) => prepared,
             Err(err) => {
                 let _ = items.try_send(Ok(error_item(&err)));
@@ -582,6 +595,7 @@ impl PluginService for Service {
             }
         };
         let deadline = call.deadline;
+        let (shared, name) = (self.0.clone(), name.to_string());
         // Dropped unended when the host goes away: the span then ends as cancelled.
         let span = self.0.start_span(&mut call);
         tokio::spawn(async move {
@@ -595,7 +609,9 @@ impl PluginService for Service {
                 }
             };
             let outcome = tokio::select! {
-                (outcome, ()) = async { tokio::join!(within(deadline, run), forward) } => outcome,
+                (outcome, ()) = async {
+                    tokio::join!(shared.within(&name, deadline, run), forward)
+                } => outcome,
                 // The host went away: dropping `run` aborts the method's task.
                 () = items.closed() => return,
             };
@@ -717,6 +733,7 @@ impl Shared {
     /// [`Shared::prepare`], for a stream the binding runs itself.
     pub(crate) fn prepared(&self, request: pb::CallRequest) -> Result<(Call, Handler), Error> {
         self.prepare(request)
+            .map(|(call, handler, _)| (call, handler))
     }
 
     /// The span a call the binding runs itself goes in, with tracing on.
@@ -822,5 +839,168 @@ mod tests {
         // A call the SDK cannot route has no span.
         service.0.invoke(traced_request("nope")).await;
         assert!(spans.try_recv().is_err());
+    }
+
+    /// Methods that hold their worker past a 100 ms deadline, answer at once, or await
+    /// past it (the deadline ends those).
+    fn deadlines_plugin() -> Plugin {
+        Plugin::new("test", "0.1.0")
+            .method("blocks", "", |_: Call| async move {
+                // Holds the runtime's one worker (a #[tokio::test] has one): the deadline's
+                // timer cannot fire before it returns.
+                std::thread::sleep(Duration::from_millis(800));
+                Ok(Json::raw(r#""done""#))
+            })
+            .streaming_method(
+                "blocks_streaming",
+                "",
+                |_: Call, chunks: ChunkSender| async move {
+                    std::thread::sleep(Duration::from_millis(800));
+                    chunks.send(Json::raw("1")).await
+                },
+            )
+            .method("quick", "", |_: Call| async move { Ok(Json::raw("1")) })
+            .method("waits", "", |_: Call| async move {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                Ok(Json::raw("1"))
+            })
+    }
+
+    async fn deadlines_service() -> Service {
+        let (health, _) = tonic_health::server::health_reporter();
+        Service(Shared::new(deadlines_plugin(), health, true, None).await)
+    }
+
+    fn within_ms(method: &str, deadline_ms: i64) -> pb::CallRequest {
+        pb::CallRequest {
+            v: 1,
+            method: method.to_string(),
+            params_json: b"null".to_vec(),
+            context: Some(pb::CallContext {
+                deadline_ms,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The late-answer warnings logged on this thread since `captured::start`, their words
+    /// checked: the method each names, and how late it says the answer came.
+    fn late_answers_said() -> Vec<(String, f64)> {
+        crate::log::captured::lines()
+            .iter()
+            .filter_map(|line| line.split_once(" WARN linchkit_plugin: method '"))
+            .map(|(_, said)| {
+                let (method, rest) = said.split_once("' answered ").expect("a method");
+                let (late, rest) = rest
+                    .split_once(" s after its deadline: ")
+                    .expect("how late");
+                assert_eq!(
+                    rest,
+                    "a runtime worker was held that long without yielding, by this method's \
+                     task or another's, so the deadline could not end it; an async method must \
+                     not block (run blocking work with tokio::task::spawn_blocking) (said at \
+                     most once a minute)"
+                );
+                (method.to_string(), late.parse().expect("seconds"))
+            })
+            .collect()
+    }
+
+    /// The methods [`late_answers_said`] names, in order.
+    fn late_methods() -> Vec<String> {
+        late_answers_said()
+            .into_iter()
+            .map(|(method, _)| method)
+            .collect()
+    }
+
+    fn ok_result(reply: &pb::CallReply) -> &str {
+        assert!(reply.ok, "{:?}", reply.error);
+        std::str::from_utf8(&reply.result_json).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_method_that_holds_its_worker_past_its_deadline_is_answered_and_said_once() {
+        // Before, its answer went out 0.7 s after the deadline, and nothing said why the
+        // host had answered deadline_exceeded meanwhile.
+        crate::log::captured::start();
+        let service = deadlines_service().await;
+        let reply = service.0.invoke(within_ms("blocks", 100)).await;
+        assert_eq!(ok_result(&reply), r#""done""#, "the answer stands");
+        let said = late_answers_said();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert_eq!(said[0].0, "blocks");
+        assert!((0.65..5.0).contains(&said[0].1), "{said:?}");
+        // Once a minute: the second late answer is sent as quietly as the first.
+        let reply = service.0.invoke(within_ms("blocks", 100)).await;
+        assert_eq!(ok_result(&reply), r#""done""#);
+        assert_eq!(late_answers_said().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn batch_items_and_streams_answered_late_are_said_too() {
+        crate::log::captured::start();
+        let service = deadlines_service().await;
+        // The item without a deadline is never late, though the other held its answer.
+        let batch = pb::BatchRequest {
+            calls: vec![within_ms("quick", 0), within_ms("blocks", 100)],
+        };
+        let replies = service
+            .call_batch(Request::new(batch))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(ok_result(&replies[0]), "1");
+        assert_eq!(ok_result(&replies[1]), r#""done""#);
+        assert_eq!(late_methods(), ["blocks"]);
+
+        let mut items = service
+            .call_stream(Request::new(within_ms("blocks_streaming", 100)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(item) = items.next().await {
+            got.push(item.unwrap().item);
+        }
+        assert_eq!(
+            got,
+            vec![Some(pb::stream_item::Item::ChunkJson(b"1".to_vec()))],
+            "its chunk, then its end"
+        );
+        assert_eq!(late_methods(), ["blocks", "blocks_streaming"]);
+        // Called once, the streaming method answers its chunks' list, as late (a new
+        // service: this one said it within the minute).
+        let reply = deadlines_service()
+            .await
+            .0
+            .invoke(within_ms("blocks_streaming", 100))
+            .await;
+        assert_eq!(ok_result(&reply), "[1]");
+        assert_eq!(
+            late_methods(),
+            ["blocks", "blocks_streaming", "blocks_streaming"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_in_time_or_one_the_deadline_ended_says_nothing() {
+        crate::log::captured::start();
+        let service = deadlines_service().await;
+        assert_eq!(
+            ok_result(&service.0.invoke(within_ms("quick", 100)).await),
+            "1"
+        );
+        let ended = service.0.invoke(within_ms("waits", 100)).await;
+        assert_eq!(ended.error.unwrap().r#type, types::DEADLINE_EXCEEDED);
+        // Without a deadline, nothing is late: not even a method that blocks.
+        let reply = service.0.invoke(within_ms("blocks", 0)).await;
+        assert_eq!(ok_result(&reply), r#""done""#);
+        assert_eq!(late_methods(), [] as [&str; 0]);
+        // What this thread logs is seen: a late answer on the same service is said.
+        service.0.invoke(within_ms("blocks", 100)).await;
+        assert_eq!(late_methods(), ["blocks"]);
     }
 }

@@ -43,7 +43,7 @@ use tokio_stream::StreamExt;
 use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
 use super::protocol::{self, Frame, FrameError, MAX_MESSAGE_BYTES};
 use super::served::Core;
-use crate::service::{run_streamed, sent_then_ended, within};
+use crate::service::{run_streamed, sent_then_ended};
 use crate::{pb, types, Error, Json};
 
 /// Calls one connection runs at once; past it the session stops reading.
@@ -722,7 +722,10 @@ async fn run_stream(
             }
             Ok(())
         };
-        let outcome = within(deadline, sent_then_ended(run, forward)).await;
+        let outcome = core
+            .shared
+            .within(&method, deadline, sent_then_ended(run, forward))
+            .await;
         if let Some(span) = span {
             span.end(outcome.as_ref().err());
         }
@@ -1480,5 +1483,59 @@ pub(crate) mod tests {
         );
         host.send(&call(6, "nan", json!(null))).await;
         assert_not_json(&host.frame().await);
+    }
+
+    #[tokio::test]
+    async fn calls_and_streams_answered_long_after_their_deadlines_are_said() {
+        // The answers stand, as over gRPC; before, nothing said why the host had timed out.
+        crate::log::captured::start();
+        let blocked = || std::thread::sleep(Duration::from_millis(800));
+        let plugin = Plugin::new("test", "0.1.0")
+            .method("blocks", "", move |_: Call| async move {
+                blocked();
+                Ok(Json::raw("1"))
+            })
+            .streaming_method(
+                "blocks_streaming",
+                "",
+                move |_: Call, chunks: ChunkSender| async move {
+                    blocked();
+                    chunks.send(Json::raw("2")).await
+                },
+            );
+        let mut host = host_of(plugin, None).await;
+        host.frame().await;
+        let context = json!({"deadline_ms": 100});
+        host.send(
+            &json!({"type": "call", "id": 1, "request": {"method": "blocks", "context": context}}),
+        )
+        .await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "response", "id": 1, "response": {"ok": true, "result": 1}})
+        );
+        host.send(&json!({"type": "stream", "id": 2, "request": {"method": "blocks_streaming", "context": context}}))
+            .await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "chunk", "id": 2, "data": 2})
+        );
+        assert_eq!(
+            host.frame().await["response"],
+            json!({"ok": true, "result": null})
+        );
+        let said: Vec<String> = crate::log::captured::lines()
+            .into_iter()
+            .filter(|line| line.contains(" s after its deadline: a runtime worker was held"))
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0].contains(" WARN linchkit_plugin: method 'blocks' answered "),
+            "{said:?}"
+        );
+        assert!(
+            said[1].contains(" WARN linchkit_plugin: method 'blocks_streaming' answered "),
+            "{said:?}"
+        );
     }
 }
