@@ -100,10 +100,13 @@ class Stderr:
 
 
 @asynccontextmanager
-async def scores_server(tmp_path: Path, mode: str) -> AsyncIterator[tuple[dict[str, Any], Stderr]]:
-    """The scores plugin served in ``mode`` (http, websocket, grpc): a target reaching it,
-    and what the process writes on stderr."""
-    (tmp_path / "scores_plugin.py").write_text(SCORES_PLUGIN)
+async def scores_server(
+    tmp_path: Path, mode: str, source: str = SCORES_PLUGIN
+) -> AsyncIterator[tuple[dict[str, Any], Stderr]]:
+    """The scores plugin (``source``: a module whose class ``Scores`` it is) served in
+    ``mode`` (http, websocket, grpc): a target reaching it, and what the process writes
+    on stderr."""
+    (tmp_path / "scores_plugin.py").write_text(source)
     if mode == "grpc":
         command: tuple[str, ...] = (str(tmp_path / "scores_plugin.py"), "serve")
         command += ("--address", "127.0.0.1:0")
@@ -141,14 +144,14 @@ async def scores_server(tmp_path: Path, mode: str) -> AsyncIterator[tuple[dict[s
         await reader
 
 
-def scores_manifest(target: dict[str, Any]) -> Any:
+def scores_manifest(target: dict[str, Any], methods: tuple[str, ...] = METHODS) -> Any:
     return manifest(
         {
             "id": "scores",
             "version": "1.0.0",
             "target": target,
             "defaults": {"timeout_ms": int(WAIT * 1000)},
-            "methods": {name: {} for name in METHODS},
+            "methods": {name: {} for name in methods},
         }
     )
 

@@ -50,7 +50,7 @@ from tests.conftest import LOCAL_TARGET, ROOT, manifest, route_warnings, serve_a
 
 EXAMPLE = ROOT / "sdk" / "python" / "dist" / "example-plugin"
 #: What the example plugin serves (docs/protocol.md, "The example plugin").
-EXAMPLE_SERVES = "config, count, digest, echo, emit, fail, hooks, non_finite, sleep"
+EXAMPLE_SERVES = "config, count, digest, echo, emit, fail, hooks, non_finite, not_unicode, sleep"
 DISPATCHER = Path(sys.executable).parent / "dispatcher"
 INBOUND_TOKEN = "served-inbound-token-0123"
 

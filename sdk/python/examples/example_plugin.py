@@ -66,6 +66,7 @@ class ExamplePlugin(Plugin):
         "config",
         "hooks",
         "non_finite",
+        "not_unicode",
     )
 
     def __init__(self) -> None:
@@ -164,6 +165,11 @@ class ExamplePlugin(Plugin):
         if not isinstance(value, str) or value not in NON_FINITE:
             raise InvalidParams(f'\'value\' must be "nan", "inf" or "-inf", got {value!r:.40}')
         return {"x": NON_FINITE[value]}
+
+    async def not_unicode(self, **_ignored: Any) -> dict[str, str]:
+        """``{"text": "caf\\udce9"}``: Latin-1 bytes read as UTF-8 with ``surrogateescape``,
+        a string with no UTF-8 form, which the SDK answers as this call's provider_error."""
+        return {"text": b"caf\xe9".decode("utf-8", errors="surrogateescape")}
 
     async def on_event(self, event: str, data: Any) -> None:
         if event == "ping":

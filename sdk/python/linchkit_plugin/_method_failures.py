@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from linchkit_plugin.errors import DispatchError, PluginError, ProviderError
+from linchkit_plugin.wire import well_formed
 
 __all__ = [
     "cancelled_from_outside",
@@ -73,12 +74,13 @@ def plugin_error(error: BaseException) -> PluginError:
 
 
 def _text_of(error: BaseException) -> str:
-    """``str(error)``, as UTF-8 can carry it (a lone surrogate escaped: JSON cannot hold
-    one); a placeholder naming the class when its ``__str__`` fails."""
+    """``str(error)``, as UTF-8 can carry it (U+FFFD for a lone surrogate, which JSON
+    cannot hold, as every SDK sends it); a placeholder naming the class when its
+    ``__str__`` fails."""
     text = _guarded(lambda: str(error), None)
     if text is None:
         return f"<{type(error).__name__}: its text could not be read>"
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return well_formed(text)
 
 
 #: The most of an exception's text ``described`` keeps.

@@ -29,6 +29,7 @@ __all__ = [
     "ok_response",
     "parse_request",
     "result_fragment",
+    "well_formed",
 ]
 
 PROTOCOL_VERSION = 1
@@ -93,10 +94,22 @@ def result_fragment(value: Any, what: str = "the plugin's result") -> bytes:
     try:
         data = orjson.dumps(value)
     except TypeError as error:
-        raise ProviderError(f"{what} is not JSON: {error}") from None
+        raise ProviderError(f"{what} is not JSON: {_why_not_json(error)}") from None
     if data.find(b"null") >= 0 and (number := _first_non_finite(value)) is not None:
         raise ProviderError(f"{what} is not JSON: {number!r} is not a JSON number")
     return data
+
+
+def _why_not_json(error: TypeError) -> str:
+    """orjson's refusal in the words every SDK uses for it (docs/protocol.md).
+
+    A str holding a lone surrogate (bytes decoded with ``errors="surrogateescape"``, half
+    of an emoji cut from a UTF-16 source) has no UTF-8 form: orjson says "str is not
+    valid UTF-8: surrogates not allowed", the other SDKs say what the rule is."""
+    reason = str(error)
+    if reason.endswith("surrogates not allowed"):
+        return "a string is not valid Unicode (a lone surrogate)"
+    return reason
 
 
 def nested_deeper_than(value: Any, max_depth: int) -> bool:
@@ -177,7 +190,22 @@ def error_response(error: DispatchError) -> dict[str, Any]:
     wire = error.to_wire()
     if len(wire) > 3:  # details or a retry_after, which a plugin may have set to no JSON
         _leave_out_what_json_cannot_carry(wire)
+    for field in ("type", "message"):
+        text = wire[field]
+        if not text.isascii():  # only then can it hold a lone surrogate (one look, ~20 ns)
+            wire[field] = well_formed(text)
     return {"ok": False, "error": wire}
+
+
+def well_formed(text: str) -> str:
+    """``text`` with U+FFFD for each lone surrogate, which has no UTF-8 form: an error's
+    message or type holding one (a file name decoded with ``surrogateescape``) is sent so,
+    not refused, which would hide the error. Two that make a pair become its character."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _leave_out_what_json_cannot_carry(wire: dict[str, Any]) -> None:
