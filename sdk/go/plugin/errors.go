@@ -2,10 +2,10 @@ package plugin
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 
+	"github.com/linchkit/dispatcher/sdk/go/internal/jsonunicode"
 	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
@@ -73,11 +73,18 @@ func toError(err error) *Error {
 	return &Error{Type: "PluginError", Message: err.Error()}
 }
 
-// toProto encodes the error for the wire; Details becomes a JSON object or nothing.
+// toProto encodes the error for the wire; Details becomes a JSON object or nothing: left
+// out when JSON cannot carry them (a NaN, a string that is not valid Unicode), as for a
+// result. The type and the message are sent all the same, each byte that is not UTF-8
+// replaced by U+FFFD (refusing them would hide the error; until 2026-12-08 gRPC failed the
+// call with "grpc: error while marshaling: string field contains invalid UTF-8").
 func (e *Error) toProto() *pluginpb.Error {
-	out := &pluginpb.Error{Type: e.Type, Message: e.Message, Retryable: e.Retryable, RetryAfter: e.RetryAfter}
+	out := &pluginpb.Error{
+		Type: jsonunicode.Replaced(e.Type), Message: jsonunicode.Replaced(e.Message),
+		Retryable: e.Retryable, RetryAfter: e.RetryAfter,
+	}
 	if len(e.Details) > 0 {
-		if raw, err := json.Marshal(e.Details); err == nil {
+		if raw, err := encodeJSON(e.Details); err == nil {
 			out.DetailsJson = raw
 		}
 	}

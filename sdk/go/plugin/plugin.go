@@ -28,6 +28,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // ProtocolVersion is the version of the plugin protocol this SDK speaks.
@@ -84,8 +85,8 @@ func (c *Call) Emit(name string, data any) error { return c.plugin.Emit(name, da
 
 // UnaryMethod answers a call with one result, which is encoded as JSON (a
 // json.RawMessage is sent as it is). A result JSON cannot carry (a NaN or an infinity
-// anywhere in it, a json.RawMessage that is not JSON) is the call's provider_error, "the
-// plugin's result is not JSON: …".
+// anywhere in it, a json.RawMessage that is not JSON, a string that is not valid Unicode)
+// is the call's provider_error, "the plugin's result is not JSON: …".
 type UnaryMethod func(ctx context.Context, call *Call) (any, error)
 
 // StreamMethod answers a call with chunks passed to send, in order. As a unary Call the
@@ -198,9 +199,18 @@ func (p *Plugin) OnEvent(name string, fn EventHandler) { p.handlers[name] = fn }
 // WebSocket modes, which then send a dropped frame with the count lost) and delivered to
 // the next host to connect.
 //
-// Data JSON cannot carry (a NaN, an infinity, a json.RawMessage that is not JSON) is sent
-// to no host: the SDK logs a warning, "event 'NAME' not sent: …", and returns that error.
+// Data JSON cannot carry (a NaN, an infinity, a json.RawMessage that is not JSON, a string
+// that is not valid Unicode) is sent to no host: the SDK logs a warning, "event 'NAME' not
+// sent: …", and returns that error.
 func (p *Plugin) Emit(name string, data any) error {
+	if !utf8.ValidString(name) {
+		// A gRPC string field must be UTF-8: sent, the name ended the host's whole Events
+		// stream (INTERNAL), every later event with it.
+		notSent := &Error{Type: TypeProviderError, Message: fmt.Sprintf(
+			"event '%s' not sent: its name is not valid Unicode (bytes that are not UTF-8)", shownBareName(name))}
+		sdkLog.Warn("linchkit plugin: " + notSent.Message)
+		return notSent
+	}
 	raw, err := encodeJSON(data)
 	if err != nil {
 		shown := "'" + shownBareName(name) + "'"

@@ -24,6 +24,8 @@ import (
 	"strings"
 
 	"github.com/extism/go-pdk"
+
+	"github.com/linchkit/dispatcher/sdk/go/internal/jsonunicode"
 )
 
 // ConfigKey is the Extism config key under which the host passes the plugin's whole
@@ -86,14 +88,28 @@ func Call(handler func(params json.RawMessage) (any, error)) int32 {
 	if err != nil {
 		return fail(err)
 	}
-	out, err := json.Marshal(result)
+	out, err := encodeJSON(result)
 	if err != nil {
-		// A NaN, an infinity, a json.RawMessage that is not JSON: the call's provider_error,
-		// in the words of every SDK.
+		// A NaN, an infinity, a json.RawMessage that is not JSON, a string that is not valid
+		// Unicode: the call's provider_error, in the words of every SDK.
 		return fail(&Error{Type: TypeProviderError, Message: "the plugin's result is not JSON: " + notJSONReason(err)})
 	}
 	pdk.Output(out)
 	return 0
+}
+
+// encodeJSON is v as JSON, or why JSON cannot carry it: encoding/json's error, or a string
+// that is not valid Unicode (encoding/json would send U+FFFD in place of bytes that are not
+// UTF-8, and a json.RawMessage's as they are), as the plugin package checks it.
+func encodeJSON(v any) ([]byte, error) {
+	out, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	if why := jsonunicode.Problem(v, out); why != "" {
+		return nil, errors.New(jsonunicode.Reason(why))
+	}
+	return out, nil
 }
 
 // notJSONReason is why encoding/json could not write a value, without the value: "NaN is
@@ -111,10 +127,14 @@ func fail(err error) int32 {
 	if !errors.As(err, &typed) {
 		typed = &Error{Type: TypePluginError, Message: err.Error()}
 	}
-	text, err := json.Marshal(typed)
-	if err != nil { // details JSON cannot carry (a NaN): dropped, the error still goes
-		text, _ = json.Marshal(&Error{Type: typed.Type, Message: typed.Message, Retryable: typed.Retryable})
+	// Details JSON cannot carry (a NaN, a string that is not valid Unicode) are dropped, the
+	// error still goes; encoding/json writes U+FFFD for each byte of the type or the
+	// message that is not UTF-8.
+	sent := *typed
+	if _, err := encodeJSON(sent.Details); err != nil {
+		sent.Details = nil
 	}
+	text, _ := json.Marshal(&sent)
 	pdk.SetErrorString(string(text))
 	return 1
 }

@@ -234,6 +234,14 @@ func main() {
 		return map[string]float64{"x": x}, nil
 	})
 
+	// A string that is not valid Unicode, built as a Go author builds one (bytes read from a
+	// Latin-1 file): the SDK answers it provider_error, "the plugin's result is not JSON: a
+	// string is not valid Unicode (bytes that are not UTF-8)", where encoding/json would
+	// have sent U+FFFD in its place.
+	p.Method("not_unicode", `returns {"text": S}, S a string that is not valid Unicode ("caf" and the Latin-1 byte of é); params are ignored`, func(context.Context, *plugin.Call) (any, error) {
+		return map[string]string{"text": string([]byte{'c', 'a', 'f', 0xe9})}, nil
+	})
+
 	p.Method("hooks", "how many times each lifecycle hook ran, counted after_ms from now", func(ctx context.Context, call *plugin.Call) (any, error) {
 		var params struct {
 			AfterMs int64 `json:"after_ms"`
