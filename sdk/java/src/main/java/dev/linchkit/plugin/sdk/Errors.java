@@ -46,21 +46,23 @@ public final class Errors {
         type = className.equals("PluginException") ? DEFAULT_TYPE : className;
       }
       Error.Builder wire = Error.newBuilder()
-          .setType(type)
-          .setMessage(messageOf(cause, type, className))
+          .setType(ResultJson.wellFormed(type))
+          .setMessage(ResultJson.wellFormed(messageOf(cause, type, className)))
           .setRetryable(error.retryable())
           .setRetryAfter(error.retryAfterSeconds());
       String details = detailsJson(error);
       if (details != null) wire.setDetailsJson(ByteString.copyFrom(details, StandardCharsets.UTF_8));
       return wire.build();
     }
-    return Error.newBuilder().setType(className).setMessage(messageOf(cause, className, className)).setRetryable(false).build();
+    return Error.newBuilder().setType(className).setMessage(ResultJson.wellFormed(messageOf(cause, className, className)))
+        .setRetryable(false).build();
   }
 
   /**
    * The error's details as JSON text, or null for none and for details JSON cannot carry (a NaN,
-   * an infinity): the error goes without them rather than as an answer that is no JSON, which
-   * {@code toString()} wrote ({@code {"ratio":NaN}}) until 2026-12-07.
+   * an infinity, a string with a lone surrogate): the error goes without them rather than as an
+   * answer that is no JSON, which {@code toString()} wrote ({@code {"ratio":NaN}}) until
+   * 2026-12-07, or with each lone surrogate a {@code '?'}, until 2026-12-08.
    */
   private static String detailsJson(PluginException error) {
     if (error.details() == null) return null;

@@ -37,7 +37,8 @@ import java.util.function.Consumer;
 public final class Plugin {
   /**
    * A unary method: JSON params in, any Gson-serialisable result out. A result JSON cannot carry
-   * (a NaN or an infinity anywhere in it) is the call's {@code provider_error}.
+   * (a NaN or an infinity anywhere in it, a string with a lone surrogate) is the call's {@code
+   * provider_error}.
    */
   @FunctionalInterface
   public interface UnaryMethod {
@@ -172,8 +173,9 @@ public final class Plugin {
 
   /**
    * Send event {@code name} with {@code data} (any Gson-serialisable value) to the host's handlers.
-   * Data JSON cannot carry (a NaN, an infinity) is not sent, on any binding, and said once on
-   * stderr at WARNING: {@code event 'NAME' not sent: the data of event 'NAME' is not JSON: …}.
+   * Data JSON cannot carry (a NaN, an infinity, a string with a lone surrogate) is not sent, on
+   * any binding, and said once on stderr at WARNING: {@code event 'NAME' not sent: the data of
+   * event 'NAME' is not JSON: …}.
    */
   public void emit(String name, Object data) {
     String json;

@@ -170,7 +170,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   /**
    * A method's result or chunk as JSON bytes; {@code provider_error} "the plugin's result is not
-   * JSON: …" when it holds a number JSON has no form for ({@link ResultJson}).
+   * JSON: …" when it holds a number JSON has no form for, or a string UTF-8 has none for (a lone
+   * surrogate) ({@link ResultJson}).
    */
   static ByteString encodeResult(JsonElement value) throws PluginException {
     return ByteString.copyFrom(ResultJson.text(value, ResultJson.RESULT), StandardCharsets.UTF_8);

@@ -119,6 +119,15 @@ public final class ExamplePlugin {
     };
   }
 
+  /**
+   * not_unicode's result: {@code {"text": S}}, S "smile " and the first half of 😀 (U+D83D, a
+   * lone surrogate), cut at a UTF-16 index as an author cuts a string. No UTF-8 encodes it: the
+   * SDK answers provider_error.
+   */
+  static Map<String, String> notUnicode() {
+    return Map.of("text", "smile 😀".substring(0, 7));
+  }
+
   public static Plugin plugin() {
     Plugin plugin = new Plugin("example", "1.0.0", "java");
 
@@ -160,6 +169,10 @@ public final class ExamplePlugin {
     // A result JSON cannot carry, built as an author builds one: the SDK answers provider_error.
     plugin.method("non_finite", "returns {\"x\": NaN, Infinity or -Infinity} as `value` (\"nan\", \"inf\", \"-inf\") says",
         (params, ctx) -> Map.of("x", nonFinite(new Params(params, "non_finite"))));
+
+    // A string that is not valid Unicode, built as an author builds one: provider_error too.
+    plugin.method("not_unicode", "returns {\"text\": \"smile \\ud83d\"}, half an emoji (a lone surrogate); params are ignored",
+        (params, ctx) -> notUnicode());
 
     plugin.method("config", "the JSON object passed to Init", (params, ctx) -> {
       JsonObject config = plugin.config();

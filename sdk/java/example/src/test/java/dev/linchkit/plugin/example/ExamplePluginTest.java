@@ -7,7 +7,10 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import com.google.gson.Gson;
 import com.google.gson.JsonParser;
 import dev.linchkit.plugin.sdk.Params;
+import dev.linchkit.plugin.sdk.Plugin;
 import dev.linchkit.plugin.sdk.PluginException;
+import java.util.List;
+import java.util.Map;
 import org.junit.jupiter.api.Test;
 
 class ExamplePluginTest {
@@ -63,6 +66,21 @@ class ExamplePluginTest {
       assertEquals("invalid_params", refused.type(), params);
       assertTrue(refused.getMessage().contains("'value'"), refused.getMessage());
     }
+  }
+
+  @Test
+  void notUnicodeReturnsHalfAnEmojiALoneSurrogate() {
+    String text = ExamplePlugin.notUnicode().get("text");
+    assertEquals("smile \uD83D", text);
+    assertTrue(Character.isHighSurrogate(text.charAt(text.length() - 1)));
+    assertEquals(Map.of("text", "smile \uD83D"), ExamplePlugin.notUnicode());
+  }
+
+  @Test
+  void theExampleDescribesEveryMethodOfDocsProtocol() {
+    List<String> methods = ExamplePlugin.plugin().describe().stream().map(Plugin.MethodInfo::name).toList();
+    assertEquals(List.of("echo", "digest", "fail", "sleep", "count", "emit", "non_finite", "not_unicode", "config", "hooks"),
+        methods);
   }
 
   @Test
