@@ -150,4 +150,28 @@ mod tests {
             assert!(line.contains(&format!("{said}{why}")), "{line}");
         }
     }
+
+    #[tokio::test]
+    async fn data_with_a_string_that_is_not_valid_unicode_is_not_sent_and_said_once() {
+        crate::log::captured::start();
+        let emitter = Emitter::new();
+        let mut events = emitter.subscribe();
+        emitter.emit("lone", Json::raw(r#"{"text": ["smile \ud83d"]}"#));
+        emitter.emit("bytes", Json::raw(b"{\"caf\xe9\": 1}".to_vec()));
+        emitter.emit("good", Json::raw(r#"["\ud83d\ude00", "\\ud83d"]"#));
+        let sent = events.next().await.unwrap().unwrap();
+        assert_eq!(
+            (sent.name.as_str(), sent.data_json.as_slice()),
+            ("good", br#"["\ud83d\ude00", "\\ud83d"]"#.as_slice())
+        );
+        let lines = crate::log::captured::lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for (line, said) in lines.iter().zip([
+            "event 'lone' not sent: the data of event 'lone' is not JSON: a string is not valid Unicode (a lone surrogate)",
+            "event 'bytes' not sent: the data of event 'bytes' is not JSON: a string is not valid Unicode (bytes that are not UTF-8)",
+        ]) {
+            assert!(line.contains(" WARN "), "{line}");
+            assert!(line.ends_with(said), "{line}");
+        }
+    }
 }

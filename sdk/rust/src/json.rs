@@ -5,7 +5,10 @@
 //! a bare `NaN` token (docs/protocol.md). [`Json::encode`] refuses a value holding one,
 //! where serde_json would write `null`; a [`Json::raw`] value is checked when it is sent,
 //! and one that is no JSON is refused then: a result or a chunk is the call's
-//! `provider_error`, an event is not sent.
+//! `provider_error`, an event is not sent. So is one holding a string that is not valid
+//! Unicode, the one way a Rust plugin can send one (its `String` is always UTF-8): a lone
+//! surrogate escape (`"\ud83d"`, as a UTF-16 string cut inside an emoji encodes) or bytes
+//! that are not UTF-8 (`b"caf\xe9"`, read from a Latin-1 file).
 
 use std::fmt;
 
@@ -13,6 +16,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{types, Error};
+use crate::params::Unusable;
+
+/// A raw value holding a `\ud800`-`\udfff` escape that forms no pair: it names no
+/// character, and the host's decoder refuses it (RFC 8259 §8.2). Worded as in every SDK.
+const NOT_UNICODE_LONE_SURROGATE: &str = "a string is not valid Unicode (a lone surrogate)";
+/// A raw value whose string holds bytes that are not UTF-8 (RFC 8259 §8.1).
+const NOT_UNICODE_BYTES: &str = "a string is not valid Unicode (bytes that are not UTF-8)";
 
 /// UTF-8 JSON text: params, results, chunks, config and event data travel as JSON bytes.
 #[derive(Clone, Debug)]
@@ -25,7 +35,9 @@ pub struct Json {
 
 impl Json {
     /// JSON text taken as it is: checked only when it is sent, as a result, a chunk or an
-    /// event's data, and refused then if it is not JSON (a bare `NaN` token, `1e400`).
+    /// event's data, and refused then if it is not JSON (a bare `NaN` token, `1e400`) or
+    /// holds a string that is not valid Unicode (a lone surrogate escape `"\ud83d"`, bytes
+    /// that are not UTF-8).
     pub fn raw(bytes: impl Into<Vec<u8>>) -> Self {
         Json {
             bytes: bytes.into(),
@@ -79,13 +91,21 @@ impl Json {
     }
 
     /// Why the host could not read this value as JSON ("its contents are not valid JSON",
-    /// "… hold a number beyond the range of a double"), or `None`; raw bytes are checked
-    /// here, each time they are sent.
+    /// "… hold a number beyond the range of a double", "a string is not valid Unicode (a
+    /// lone surrogate)"), or `None`; raw bytes are checked here, each time they are sent.
+    /// The check's one pass reads every string's escapes already: a lone surrogate costs
+    /// the usual path nothing more, and encoded JSON is not looked at.
     pub(crate) fn not_json_because(&self) -> Option<String> {
         if self.known_json {
             return None;
         }
-        crate::params::check(&self.bytes).map(|why| format!("its contents {why}"))
+        let why = crate::params::unusable(&self.bytes, crate::params::MAX_PARAMS_DEPTH)?;
+        Some(match why {
+            Unusable::LoneSurrogate => NOT_UNICODE_LONE_SURROGATE.into(),
+            Unusable::NotUtf8 { in_string: true } => NOT_UNICODE_BYTES.into(),
+            // Bytes that are not UTF-8 outside any string: no string to name.
+            other => format!("its contents {other}"),
+        })
     }
 
     /// This value as a method's result or a stream's chunk: one the host could not read
@@ -189,5 +209,58 @@ mod tests {
             Json::encode(&f64::MAX).unwrap().as_bytes(),
             b"1.7976931348623157e+308"
         );
+    }
+
+    /// A raw result holding a string that is not valid Unicode: serde_json 1.0.154's parse
+    /// into `IgnoredAny`, which the check ends with, passes both kinds (a string ignored is
+    /// read neither as UTF-8 nor for its escapes); the SDK's own scan before it refused
+    /// them in words about params ("its contents hold a lone surrogate escape …", "its
+    /// contents are not UTF-8") until 2026-12-08.
+    #[test]
+    fn a_raw_result_with_a_string_that_is_not_valid_unicode_is_refused() {
+        const LONE: &str =
+            "the plugin's result is not JSON: a string is not valid Unicode (a lone surrogate)";
+        const NOT_UTF8: &str = "the plugin's result is not JSON: a string is not valid Unicode (bytes that are not UTF-8)";
+        for (raw, expected) in [
+            (br#"{"text":"smile \ud83d"}"#.to_vec(), LONE),
+            (br#"{"text":"smile \uD83D!"}"#.to_vec(), LONE),
+            (br#"["\udc00\ud800"]"#.to_vec(), LONE), // a pair reversed
+            (br#"["\ud800\\udc00"]"#.to_vec(), LONE), // the second one is no escape
+            (br#"{"a":[{"\ude00":1}]}"#.to_vec(), LONE), // a key, nested
+            (b"{\"text\":\"caf\xe9\"}".to_vec(), NOT_UTF8),
+            (b"[{\"caf\xe9\":1}]".to_vec(), NOT_UTF8),
+        ] {
+            let refused = Json::raw(raw.clone())
+                .sendable()
+                .expect_err("not valid Unicode");
+            assert_eq!(
+                (refused.error_type.as_str(), refused.retryable),
+                (types::PROVIDER_ERROR, false)
+            );
+            assert_eq!(
+                refused.message,
+                expected,
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        // Bytes that are not UTF-8 outside any string: no string to name.
+        let refused = Json::raw(b"[1,\xff]".to_vec()).sendable().unwrap_err();
+        assert_eq!(
+            refused.message,
+            "the plugin's result is not JSON: its contents are not UTF-8"
+        );
+    }
+
+    #[test]
+    fn a_raw_result_of_valid_unicode_escapes_is_sent_unchanged() {
+        for raw in [
+            r#"{"text":"smile \ud83d\ude00"}"#, // a pair
+            r#"{"text":"\\ud83d"}"#,            // a backslash, then the letters ud83d
+            r#"{"\uD83D\uDE00 \u00e9":"smile 😀 ünïcødé \\\ud83d\ude00"}"#,
+        ] {
+            let sent = Json::raw(raw).sendable().expect("valid Unicode");
+            assert_eq!(sent.as_bytes(), raw.as_bytes());
+        }
     }
 }

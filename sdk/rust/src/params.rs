@@ -24,8 +24,46 @@ pub fn check(raw: &[u8]) -> Option<String> {
 /// [`check`] with another bound on nesting: a WebSocket frame holds a call's params two
 /// levels down (`crate::websocket::protocol`).
 pub(crate) fn check_nesting(raw: &[u8], max_depth: usize) -> Option<String> {
-    if std::str::from_utf8(raw).is_err() {
-        return Some("are not UTF-8".into());
+    unusable(raw, max_depth).map(|why| why.to_string())
+}
+
+/// Why JSON bytes are unusable, as [`check`] finds it: shown in params' words ("are not
+/// UTF-8"), and told apart so that a result's refusal words it as a result's
+/// (`crate::json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unusable {
+    /// Bytes that are not UTF-8; `in_string` when the first such byte is inside a string
+    /// (a key or a value), where JSON would otherwise allow any character.
+    NotUtf8 {
+        in_string: bool,
+    },
+    /// A `\ud800`-`\udfff` escape that does not form a pair: it names no character.
+    LoneSurrogate,
+    NestedDeeper(usize),
+    BeyondDouble,
+    NotJson,
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::NotUtf8 { .. } => f.write_str("are not UTF-8"),
+            Unusable::LoneSurrogate => f.write_str(
+                "hold a lone surrogate escape (\\ud800-\\udfff), which names no character",
+            ),
+            Unusable::NestedDeeper(max) => write!(f, "are nested deeper than {max} levels"),
+            Unusable::BeyondDouble => f.write_str("hold a number beyond the range of a double"),
+            Unusable::NotJson => f.write_str("are not valid JSON"),
+        }
+    }
+}
+
+/// The one pass of [`check`]: UTF-8, then each string's escapes, the nesting and the
+/// numbers, then serde_json's parse.
+pub(crate) fn unusable(raw: &[u8], max_depth: usize) -> Option<Unusable> {
+    if let Err(err) = std::str::from_utf8(raw) {
+        let in_string = inside_a_string(raw, err.valid_up_to());
+        return Some(Unusable::NotUtf8 { in_string });
     }
     let mut depth = 0usize;
     let mut i = 0;
@@ -33,12 +71,12 @@ pub(crate) fn check_nesting(raw: &[u8], max_depth: usize) -> Option<String> {
         match raw[i] {
             b'"' => match scan_string(raw, i + 1) {
                 Ok(end) => i = end,
-                Err(why) => return Some(why.into()),
+                Err(why) => return Some(why),
             },
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Some(format!("are nested deeper than {max_depth} levels"));
+                    return Some(Unusable::NestedDeeper(max_depth));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
@@ -52,7 +90,7 @@ pub(crate) fn check_nesting(raw: &[u8], max_depth: usize) -> Option<String> {
                 if number.len() > 300 || number.iter().any(|c| matches!(c, b'e' | b'E')) {
                     let text = std::str::from_utf8(number).unwrap_or_default();
                     if text.parse::<f64>().is_ok_and(f64::is_infinite) {
-                        return Some("hold a number beyond the range of a double".into());
+                        return Some(Unusable::BeyondDouble);
                     }
                 }
                 i = end - 1;
@@ -62,14 +100,30 @@ pub(crate) fn check_nesting(raw: &[u8], max_depth: usize) -> Option<String> {
         i += 1;
     }
     if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_err() {
-        return Some("are not valid JSON".into());
+        return Some(Unusable::NotJson);
     }
     None
 }
 
+/// Whether byte `at` of `raw` is inside a string, reading from the start. Only for bytes
+/// that are not UTF-8, a refusal: the usual path never walks this.
+fn inside_a_string(raw: &[u8], at: usize) -> bool {
+    let mut inside = false;
+    let mut i = 0;
+    while i < at {
+        match raw[i] {
+            b'"' => inside = !inside,
+            b'\\' if inside => i += 1, // what it escapes
+            _ => {}
+        }
+        i += 1;
+    }
+    inside
+}
+
 /// Reads a JSON string from `raw[i]` (after its opening quote) to its closing quote.
-fn scan_string(raw: &[u8], mut i: usize) -> Result<usize, &'static str> {
-    const LONE: &str = "hold a lone surrogate escape (\\ud800-\\udfff), which names no character";
+fn scan_string(raw: &[u8], mut i: usize) -> Result<usize, Unusable> {
+    const LONE: Unusable = Unusable::LoneSurrogate;
     while i < raw.len() {
         match raw[i] {
             b'"' => return Ok(i),

@@ -1229,3 +1229,159 @@ async fn what_json_cannot_carry_is_refused_call_by_call_and_the_plugin_serves_on
     assert_eq!(echoed.into_inner().result_json, b"2");
     running.stop().await;
 }
+
+/// Methods whose result, chunks or events hold a string that is not valid Unicode. A Rust
+/// `String` is always UTF-8: only pre-built JSON can hold one, a lone surrogate escape
+/// (`\ud83d`, as a UTF-16 string cut inside an emoji encodes) or bytes that are not UTF-8.
+fn not_unicode_plugin() -> Plugin {
+    Plugin::new("test", "0.1.0")
+        .method("echo", "", |call: Call| async move {
+            Ok(call.raw_params().clone())
+        })
+        .method("lone", "", |_: Call| async move {
+            Ok(Json::raw(r#"{"text":"smile \ud83d"}"#))
+        })
+        .method("reversed", "", |_: Call| async move {
+            Ok(Json::raw(r#"{"text":"\udc00\ud800"}"#))
+        })
+        .method("latin1", "", |_: Call| async move {
+            Ok(Json::raw(b"{\"text\":\"caf\xe9\"}".to_vec()))
+        })
+        .method("in_a_key", "", |_: Call| async move {
+            Ok(Json::raw(r#"{"items":[{"\ude00":1}]}"#))
+        })
+        .method("pair", "", |_: Call| async move {
+            Ok(Json::raw(r#"{"text":"smile \ud83d\ude00"}"#))
+        })
+        .method("backslash", "", |_: Call| async move {
+            Ok(Json::raw(r#"{"text":"\\ud83d"}"#))
+        })
+        .streaming_method("chunks", "", |_: Call, chunks: ChunkSender| async move {
+            chunks.send(json!({"i": 0})).await?;
+            // Its refusal ignored: the stream ends with it all the same.
+            let _ = chunks.send(Json::raw(r#"{"i":"\ud83d"}"#)).await;
+            let _ = chunks.send(json!({"i": 2})).await;
+            Ok(())
+        })
+        .method("emits", "", |call: Call| async move {
+            call.emit("bad", Json::raw(r#"{"text":"smile \ud83d"}"#));
+            call.emit("good", Json::raw(r#"{"text":"smile \ud83d\ude00"}"#));
+            Ok(json!(true).into())
+        })
+}
+
+const LONE_SURROGATE: &str =
+    "the plugin's result is not JSON: a string is not valid Unicode (a lone surrogate)";
+const NOT_UTF8: &str =
+    "the plugin's result is not JSON: a string is not valid Unicode (bytes that are not UTF-8)";
+
+/// A string that is not valid Unicode, which the host's decoder refuses: the call's
+/// `provider_error` in words of its own (until 2026-12-08 the words were about params:
+/// "its contents hold a lone surrogate escape …", "its contents are not UTF-8"), a batch's
+/// item, a stream after the chunks before it, an event not sent; valid escapes pass.
+#[tokio::test]
+async fn a_string_that_is_not_valid_unicode_is_refused_call_by_call() {
+    let running = start_plugin(
+        not_unicode_plugin(),
+        &["serve", "--address", "127.0.0.1:0"],
+        &[],
+    )
+    .await;
+    let (mut client, _) = running.client().await;
+    let mut events = client
+        .events(tokio_stream::iter(Vec::<pb::HostEvent>::new()))
+        .await
+        .unwrap()
+        .into_inner();
+
+    for (method, expected) in [
+        ("lone", LONE_SURROGATE),
+        ("reversed", LONE_SURROGATE),
+        ("in_a_key", LONE_SURROGATE),
+        ("latin1", NOT_UTF8),
+    ] {
+        let reply = client
+            .call(request(method, "{}", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!reply.ok, "{method}: {reply:?}");
+        assert_eq!(not_json(reply.error), expected, "{method}");
+    }
+    for (method, sent) in [
+        ("pair", r#"{"text":"smile \ud83d\ude00"}"#),
+        ("backslash", r#"{"text":"\\ud83d"}"#),
+        ("echo", r#"{"text": "smile 😀 ünïcødé"}"#),
+    ] {
+        let reply = client
+            .call(request(method, sent, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.ok, "{method}: {reply:?}");
+        assert_eq!(reply.result_json, sent.as_bytes(), "{method}");
+    }
+
+    let batch = pb::BatchRequest {
+        calls: vec![
+            request("lone", "{}", 0),
+            request("pair", "{}", 0),
+            request("latin1", "{}", 0),
+        ],
+    };
+    let results = client.call_batch(batch).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 3);
+    assert_eq!(not_json(results[0].error.clone()), LONE_SURROGATE);
+    assert!(results[1].ok, "{:?}", results[1]);
+    assert_eq!(
+        results[1].result_json,
+        br#"{"text":"smile \ud83d\ude00"}"#.to_vec()
+    );
+    assert_eq!(not_json(results[2].error.clone()), NOT_UTF8);
+
+    // CallStream: the chunk before goes out, the stream ends with the refusal; a unary
+    // method streamed, its result the one chunk, is refused as its call is.
+    for (method, before) in [("chunks", 1), ("lone", 0)] {
+        let mut stream = client
+            .call_stream(request(method, "{}", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut items = Vec::new();
+        while let Some(item) = stream.message().await.unwrap() {
+            items.push(item.item.unwrap());
+        }
+        assert_eq!(items.len(), before + 1, "{method}: {items:?}");
+        if before == 1 {
+            assert_eq!(
+                items[0],
+                stream_item::Item::ChunkJson(br#"{"i":0}"#.to_vec())
+            );
+        }
+        let stream_item::Item::Error(error) = items[before].clone() else {
+            panic!("{method}: {items:?}");
+        };
+        assert_eq!(not_json(Some(error)), LONE_SURROGATE, "{method}");
+    }
+    // Called once, a streaming method's list is refused whole.
+    let reply = client
+        .call(request("chunks", "{}", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(not_json(reply.error), LONE_SURROGATE);
+
+    // An event whose data holds one is not sent; the next one is.
+    let emitted = client.call(request("emits", "{}", 0)).await.unwrap();
+    assert!(emitted.into_inner().ok);
+    let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (event.name.as_str(), event.data_json.as_slice()),
+        ("good", br#"{"text":"smile \ud83d\ude00"}"#.as_slice())
+    );
+    running.stop().await;
+}

@@ -161,6 +161,14 @@ async fn non_finite(call: Call) -> Result<Json, Error> {
     Json::encode(&NonFinite { x })
 }
 
+/// `{"text": "smile \ud83d"}`: half an emoji, a string that is not valid Unicode. A Rust
+/// `String` cannot hold one, so it is pre-built JSON holding a lone surrogate escape (as
+/// a UTF-16 string cut inside "😀" encodes); the SDK refuses it when it is sent, so the
+/// call answers `provider_error`. Any params are ignored.
+async fn not_unicode(_: Call) -> Result<Json, Error> {
+    Ok(Json::raw(r#"{"text":"smile \ud83d"}"#))
+}
+
 async fn config(call: Call) -> Result<Json, Error> {
     Ok(call.config().clone())
 }
@@ -276,6 +284,11 @@ fn main() {
             "non_finite",
             "returns {\"x\": NaN, Infinity or -Infinity} as value (\"nan\", \"inf\", \"-inf\") says: a result JSON cannot carry",
             non_finite,
+        )
+        .method(
+            "not_unicode",
+            "returns {\"text\": \"smile \\ud83d\"} (half an emoji, a lone surrogate): a result that is not valid Unicode",
+            not_unicode,
         )
         // The SDK keeps the config for `config`; the hooks count, and fail or say so when asked.
         .on_init(move |config: Json| {

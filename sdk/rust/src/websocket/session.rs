@@ -1485,6 +1485,99 @@ pub(crate) mod tests {
         assert_not_json(&host.frame().await);
     }
 
+    /// Pre-built JSON holding a string that is not valid Unicode, which the host's decoder
+    /// refuses: a lone surrogate escape (a UTF-16 string cut inside an emoji), bytes that
+    /// are not UTF-8.
+    fn not_unicode_plugin() -> Plugin {
+        Plugin::new("test", "0.1.0")
+            .method("lone", "", |_: Call| async move {
+                Ok(Json::raw(r#"{"text":"smile \ud83d"}"#))
+            })
+            .method("latin1", "", |_: Call| async move {
+                Ok(Json::raw(b"{\"caf\xe9\":1}".to_vec()))
+            })
+            .method("pair", "", |_: Call| async move {
+                Ok(Json::raw(r#"{"text":"\ud83d\ude00","not":"\\ud83d"}"#))
+            })
+            .streaming_method("chunks", "", |_: Call, chunks: ChunkSender| async move {
+                chunks.send(json!({"i": 0})).await?;
+                let _ = chunks.send(Json::raw(r#"["\udc00\ud800"]"#)).await;
+                let _ = chunks.send(json!({"i": 2})).await;
+                Ok(())
+            })
+            .method("emits", "", |call: Call| async move {
+                call.emit("bad", Json::raw(r#"{"\ud83d":1}"#));
+                call.emit("good", json!([1]).into());
+                Ok(json!(true).into())
+            })
+    }
+
+    #[tokio::test]
+    async fn a_string_that_is_not_valid_unicode_is_the_calls_provider_error_and_no_event() {
+        const LONE: &str =
+            "the plugin's result is not JSON: a string is not valid Unicode (a lone surrogate)";
+        crate::log::captured::start();
+        let mut host = host_of(not_unicode_plugin(), None).await;
+        host.frame().await;
+        for (id, method, message) in [
+            (1, "lone", LONE),
+            (2, "latin1", "the plugin's result is not JSON: a string is not valid Unicode (bytes that are not UTF-8)"),
+        ] {
+            host.send(&call(id, method, json!(null))).await;
+            let refused = host.frame().await;
+            assert_not_json(&refused);
+            assert_eq!(refused["response"]["error"]["message"], message, "{refused}");
+        }
+        // A valid pair escape and a backslash before "ud83d" are sent as they were.
+        host.send(&call(3, "pair", json!(null))).await;
+        loop {
+            if let Incoming::Message(message) = host.next().await {
+                if message.starts_with(br#"{"type":"response""#) {
+                    assert_eq!(
+                        String::from_utf8(message).unwrap(),
+                        r#"{"type":"response","id":3,"response":{"ok":true,"result":{"text":"\ud83d\ude00","not":"\\ud83d"}}}"#
+                    );
+                    break;
+                }
+            }
+        }
+        host.send(&json!({"type": "stream", "id": 4, "request": {"method": "chunks"}}))
+            .await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "chunk", "id": 4, "data": {"i": 0}})
+        );
+        let refused = host.frame().await;
+        assert_not_json(&refused);
+        assert_eq!(refused["response"]["error"]["message"], LONE, "{refused}");
+        host.send(&json!({"type": "stream", "id": 5, "request": {"method": "lone"}}))
+            .await;
+        assert_eq!(host.frame().await["response"]["error"]["message"], LONE);
+        host.send(&call(6, "emits", json!(null))).await;
+        let (mut answered, mut events) = (false, Vec::new());
+        while !answered || events.is_empty() {
+            if let Incoming::Message(message) = host.next().await {
+                let frame: Value = serde_json::from_slice(&message).unwrap();
+                match frame["type"].as_str() {
+                    Some("event") => events.push(frame),
+                    Some("response") => answered = true,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(
+            events,
+            [json!({"type": "event", "event": "good", "data": [1]})]
+        );
+        let said = "event 'bad' not sent: the data of event 'bad' is not JSON: a string is not valid Unicode (a lone surrogate)";
+        let lines = crate::log::captured::lines();
+        assert_eq!(
+            lines.iter().filter(|l| l.ends_with(said)).count(),
+            1,
+            "{lines:?}"
+        );
+    }
+
     #[tokio::test]
     async fn calls_and_streams_answered_long_after_their_deadlines_are_said() {
         // The answers stand, as over gRPC; before, nothing said why the host had timed out.
