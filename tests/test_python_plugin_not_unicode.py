@@ -4,10 +4,10 @@ A Python str can hold a lone surrogate (bytes decoded with ``errors="surrogatees
 half of an emoji cut from UTF-16 text), which has no UTF-8 form and so no JSON one.
 orjson refuses it; the SDK answered that call's ``provider_error`` in orjson's words
 ("str is not valid UTF-8: surrogates not allowed"), and an error whose message or type held
-one could not be encoded at all. Now the words are every SDK's ("a string is not valid
-Unicode (a lone surrogate)", docs/protocol.md), an event is dropped with one warning, an
-error's details holding one are left out, and its message and type go with U+FFFD in its
-place.
+one could not be encoded at all; an event whose name held one ended the whole gRPC Events
+stream. Now the words are every SDK's ("a string is not valid Unicode (a lone
+surrogate)", docs/protocol.md), such an event is dropped with one warning, an error's
+details holding one are left out, and its message and type go with U+FFFD in its place.
 
 Real servers (``dispatcher-plugin serve``, HTTP and WebSocket, and the gRPC executable),
 called by the dispatcher through its providers.
@@ -61,6 +61,7 @@ class Scores(Plugin):
 
     async def events(self):
         self.emit("bad", {"name": LATIN_1})
+        self.emit("bad " + LATIN_1, 1)
         self.emit("good", {"x": 1})
         return True
 
@@ -154,12 +155,18 @@ async def test_an_event_holding_one_is_not_sent_and_said_once(tmp_path: Path, mo
         assert await dispatcher.call("scores", "events", {}) is True
         async with asyncio.timeout(WAIT):
             assert await events.get() == ("good", {"x": 1})
-            line = await stderr.line_with("not sent")
+            data_line = await stderr.line_with("not sent: the data")
+            name_line = await stderr.line_with("not sent: its name")
         expected = (
             "event 'bad' not sent: the data of event 'bad' is not JSON: a string is not valid"
             " Unicode (a lone surrogate)"
         )
-        assert expected in line, line
+        assert expected in data_line, data_line
+        # A name with no UTF-8 form ended a gRPC Events stream (every later event with it).
+        expected = (
+            "event 'bad caf\\udce9' not sent: its name is not valid Unicode (a lone surrogate)"
+        )
+        assert expected in name_line, name_line
         assert events.empty()
 
 

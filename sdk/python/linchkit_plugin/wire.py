@@ -26,6 +26,7 @@ __all__ = [
     "error_response",
     "json_fragment",
     "nested_deeper_than",
+    "not_unicode",
     "ok_response",
     "parse_request",
     "result_fragment",
@@ -195,6 +196,18 @@ def error_response(error: DispatchError) -> dict[str, Any]:
         if not text.isascii():  # only then can it hold a lone surrogate (one look, ~20 ns)
             wire[field] = well_formed(text)
     return {"ok": False, "error": wire}
+
+
+def not_unicode(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate, which has no UTF-8 form (one look at an
+    ASCII text, the usual name)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def well_formed(text: str) -> str:
