@@ -123,6 +123,13 @@ export function examplePlugin(): Plugin {
     { description: 'returns {"x": NaN, Infinity or -Infinity} as `value` ("nan", "inf", "-inf") says, which JSON cannot carry' },
   );
 
+  plugin.method(
+    'not_unicode',
+    // Half an emoji: a UTF-16 index that splits a surrogate pair, as `s.slice(0, n)` does.
+    () => ({ text: 'smile 😀'.slice(0, 7) }),
+    { description: 'returns {"text": "smile " and half an emoji}, a string that is not valid Unicode (a lone surrogate)' },
+  );
+
   plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });
 
   // How many times each lifecycle hook ran, for as long as the process lives.

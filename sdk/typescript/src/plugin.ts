@@ -140,7 +140,8 @@ export class Plugin {
 
   /**
    * Send event `name` with JSON `data` to the host's handlers. Data JSON cannot carry (a NaN,
-   * an infinity) is not sent, to any host, and said on stderr at WARN.
+   * an infinity, a string that is not valid Unicode) is not sent, to any host, and said on
+   * stderr at WARN.
    */
   emit(name: string, data: unknown = null): void {
     const dataJson = eventJson(name, data);
@@ -281,6 +282,12 @@ export class Plugin {
  */
 function eventJson(name: string, data: unknown): string | undefined {
   const quoted = `'${shown(name, 64)}'`;
+  if (!name.isWellFormed()) {
+    // No UTF-8 form: over gRPC protobufjs wrote bytes the host cannot read, which ended its
+    // whole Events stream; over WebSocket the frame was refused.
+    log.warn(`event ${quoted} not sent: its name is not valid Unicode (a lone surrogate)`);
+    return undefined;
+  }
   try {
     return jsonText(data, `the data of event ${quoted}`);
   } catch (error) {

@@ -411,7 +411,9 @@ export class PluginServer {
       run().then(
         () => callback(null, {}),
         (error: unknown) => {
-          const wire = toWireError(error);
+          // A lone surrogate as U+FFFD: grpc-js's encodeURI of the message threw on it (URIError),
+          // and the host's Init waited out its deadline.
+          const wire = sendableError(toWireError(error));
           callback({
             code: grpc.status.FAILED_PRECONDITION,
             details: `${name} hook failed: ${wire.type}: ${wire.message}`,

@@ -40,9 +40,10 @@
  * chunk over it ends the stream so (its generator closed, as a cancel closes it), and an
  * event over it is not sent, the first on a connection said on stderr.
  *
- * A result or a chunk JSON cannot carry (a NaN, an infinity: wirejson.ts `encodeJson`) is
- * answered `provider_error` in its place, ending a stream as a chunk over the cap does; an
- * event is not sent (`Plugin.emit` says so); an error's details are dropped.
+ * A result or a chunk JSON cannot carry (a NaN, an infinity, a string that is not valid
+ * Unicode: wirejson.ts `encodeJson`) is answered `provider_error` in its place, ending a
+ * stream as a chunk over the cap does; an event is not sent (`Plugin.emit` says so); an
+ * error's details are dropped, a lone surrogate in its type or message sent as U+FFFD.
  *
  * An `error` frame from the host (it could not use a frame of ours) is never answered, or the
  * two peers could trade them for ever. It is said at INFO, the host's message escaped and cut
@@ -267,7 +268,16 @@ export class Session {
 
   private send(frame: JsonObject): void {
     if (this.socket.readyState !== WebSocket.OPEN) return;
-    this.sendBytes(encodeJson(frame));
+    let data: Buffer;
+    try {
+      data = encodeJson(frame, `the ${String(frame.type)} frame`);
+    } catch (error) {
+      // A hello naming a method with a lone surrogate in its name: said, not sent. Thrown,
+      // it ended the process (an exception in ws's upgrade callback).
+      log.error(`not sent: ${(error as Error).message}`);
+      return;
+    }
+    this.sendBytes(data);
   }
 
   private sendBytes(data: Buffer): void {
@@ -356,7 +366,7 @@ export class Session {
       if (!isObject(parsed) || typeof parsed.type !== 'string') throw new InvalidParams('a frame is an object with a type');
       frame = parsed as Frame;
     } catch (error) {
-      this.send({ type: 'error', error: toWireError(new ProviderError(String((error as Error).message))) });
+      this.send({ type: 'error', error: sendableError(toWireError(new ProviderError(String((error as Error).message)))) });
       return;
     }
     const id = typeof frame.id === 'number' && Number.isSafeInteger(frame.id) ? frame.id : undefined;
@@ -364,7 +374,7 @@ export class Session {
       case 'call':
       case 'stream':
         if (id === undefined || this.calls.has(id)) {
-          this.send({ type: 'error', error: toWireError(new ProviderError(`${frame.type} needs a new integer id`)) });
+          this.send({ type: 'error', error: sendableError(toWireError(new ProviderError(`${frame.type} needs a new integer id`))) });
           return;
         }
         void this.runCall(frame.type, id, frame.request);
@@ -400,8 +410,11 @@ export class Session {
       case 'error':
         this.hostError(frame.error);
         return;
-      default:
-        this.send({ type: 'error', id: id ?? null, error: toWireError(new ProviderError(`unknown frame type ${frame.type.slice(0, 40)}`)) });
+      default: {
+        // The host's type, cut: maybe inside an emoji (sendableError mends that half).
+        const error = new ProviderError(`unknown frame type ${frame.type.slice(0, 40)}`);
+        this.send({ type: 'error', id: id ?? null, error: sendableError(toWireError(error)) });
+      }
     }
   }
 

@@ -94,7 +94,7 @@ test('Describe names the plugin and its methods', async () => {
   assert.equal(info.runtime, RUNTIME);
   assert.equal(info.protocol_version, 1);
   const names = info.methods.map((m: { name: string }) => m.name).sort();
-  assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'hooks', 'non_finite', 'sleep']);
+  assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'hooks', 'non_finite', 'not_unicode', 'sleep']);
   assert.equal(info.methods.find((m: { name: string }) => m.name === 'count').streaming, true);
 });
 
@@ -168,6 +168,20 @@ test('non_finite is provider_error: JSON has no form for NaN or an infinity; oth
     assert.equal(reply.error.type, 'invalid_params', JSON.stringify(params));
     assert.match(reply.error.message, /value/);  // every SDK's example names it
   }
+});
+
+test('not_unicode is provider_error: half an emoji is not valid Unicode; echo sends an emoji back unchanged', async () => {
+  for (const params of [{}, { any: 'ignored' }, null]) {
+    const reply = await call('not_unicode', params);
+    assert.equal(reply.ok, false, `${JSON.stringify(params)}: ${reply.result_json}`);
+    assert.deepEqual(
+      [reply.error.type, reply.error.message, reply.error.retryable],
+      ['provider_error', "the plugin's result is not JSON: a string is not valid Unicode (a lone surrogate)", false],
+    );
+  }
+  const text = { text: 'smile 😀 ünïcødé' };
+  const echoed = await call('echo', text);
+  assert.equal(Buffer.from(echoed.result_json).toString('utf8'), JSON.stringify(text), 'byte for byte, the emoji raw');
 });
 
 test('a client with another certificate than the host\'s is refused', async () => {
