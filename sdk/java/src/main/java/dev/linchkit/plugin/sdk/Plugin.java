@@ -178,6 +178,12 @@ public final class Plugin {
    * event 'NAME' is not JSON: …}.
    */
   public void emit(String name, Object data) {
+    if (ResultJson.loneSurrogate(name) >= 0) {
+      // No UTF-8 form: gRPC and WebSocket sent it with '?' in its place, another name.
+      Log.SDK.warning("event '" + ResultJson.escapedLone(WireJson.bareName(name))
+          + "' not sent: its name is not valid Unicode (a lone surrogate)");
+      return;
+    }
     String json;
     try {
       // Written once here, not by each sink: one refusal, one line, whoever listens.

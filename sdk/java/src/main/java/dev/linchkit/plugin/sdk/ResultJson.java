@@ -105,17 +105,33 @@ final class ResultJson {
    * they are, each lone surrogate reached the host as {@code '?'}.
    */
   static String wellFormed(String text) {
+    return replacingLone(text, false);
+  }
+
+  /**
+   * {@code text} with each surrogate code unit not in a pair written as its escape ({@code
+   * \\ud83d}): a name to show in a log line, where it would print as {@code '?'}.
+   */
+  static String escapedLone(String text) {
+    return replacingLone(text, true);
+  }
+
+  private static String replacingLone(String text, boolean escaped) {
     if (text == null) return null;
     int lone = loneSurrogate(text);
     if (lone < 0) return text;
-    StringBuilder replaced = new StringBuilder(text.length()).append(text, 0, lone).append('\uFFFD');
+    StringBuilder replaced = new StringBuilder(text.length() + 8).append(text, 0, lone);
     int n = text.length();
-    for (int i = lone + 1; i < n; i++) {
+    for (int i = lone; i < n; i++) {
       char c = text.charAt(i);
       if (Character.isHighSurrogate(c) && i + 1 < n && Character.isLowSurrogate(text.charAt(i + 1))) {
         replaced.append(c).append(text.charAt(++i));
+      } else if (!Character.isSurrogate(c)) {
+        replaced.append(c);
+      } else if (escaped) {
+        replaced.append(String.format("\\u%04x", (int) c));
       } else {
-        replaced.append(Character.isSurrogate(c) ? '\uFFFD' : c);
+        replaced.append('\uFFFD');
       }
     }
     return replaced.toString();

@@ -80,6 +80,9 @@ import org.junit.jupiter.api.Test;
 class NotUnicodeResultTest {
   /** Half an emoji, as a plugin's author makes one: cut at a UTF-16 index. */
   private static final String LONE = "smile 😀".substring(0, 7);
+  /** The warning for an event named with {@code LONE}: not sent, where it went with '?'. */
+  private static final String NAME_NOT_SENT =
+      "event 'bad smile \\ud83d' not sent: its name is not valid Unicode (a lone surrogate)";
   private static final String NOT_UNICODE = "a string is not valid Unicode (a lone surrogate)";
   private static final String REFUSED = "the plugin's result is not JSON: " + NOT_UNICODE;
   /** Valid Unicode beyond Latin-1, an emoji (a surrogate pair) among it: sent unchanged. */
@@ -138,6 +141,7 @@ class NotUnicodeResultTest {
     });
     plugin.method("emit", (params, ctx) -> {
       plugin.emit("bad", Map.of("text", LONE));
+      plugin.emit("bad " + LONE, 1); // a name with no UTF-8 form went with '?' in its place
       plugin.emit("good", Map.of("text", EMOJI));
       return true;
     });
@@ -268,7 +272,8 @@ class NotUnicodeResultTest {
     PluginEvent good = poll(received);
     assertEquals("good", good.getName(), "the event with the lone surrogate was sent: " + good.getDataJson());
     assertEquals("{\"text\":\"" + EMOJI + "\"}", utf8(good.getDataJson()));
-    assertEquals(List.of("event 'bad' not sent: the data of event 'bad' is not JSON: " + NOT_UNICODE), warnings());
+    assertEquals(List.of("event 'bad' not sent: the data of event 'bad' is not JSON: " + NOT_UNICODE, NAME_NOT_SENT),
+        warnings());
     events.onCompleted();
   }
 
@@ -406,7 +411,8 @@ class NotUnicodeResultTest {
     send(host[0], "call", 1, "emit");
     assertEquals("{\"type\":\"event\",\"event\":\"good\",\"data\":{\"text\":\"" + EMOJI + "\"}}", poll(received));
     assertEquals("{\"type\":\"response\",\"id\":1,\"response\":{\"ok\":true,\"result\":true}}", poll(received));
-    assertEquals(1, warnings().size(), warnings().toString());
+    assertEquals(2, warnings().size(), warnings().toString());
+    assertEquals(NAME_NOT_SENT, warnings().get(1));
 
     send(host[0], "call", 2, "fails");
     JsonObject error = response(poll(received)).getAsJsonObject("error");
