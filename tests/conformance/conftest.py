@@ -77,6 +77,7 @@ METHODS = (
     "emit",
     "config",
     "non_finite",
+    "not_unicode",
     "no_such_method",
 )
 CONFIG = {"region": "eu", "limits": {"max": 3}, "tags": ["a", "b"]}

@@ -56,6 +56,7 @@ async def test_describe_names_the_plugin_and_its_methods(example: Example) -> No
     assert (info["id"], info["version"], info["protocol_version"]) == ("example", "1.0.0", 1)
     assert info["runtime"] == example.language
     expected = {"echo", "digest", "fail", "sleep", "count", "emit", "config", "non_finite"}
+    expected.add("not_unicode")
     assert expected <= set(info["methods"])
     assert info["methods"]["count"]["streaming"] is True
     assert info["methods"]["echo"]["streaming"] is False
@@ -325,11 +326,35 @@ async def test_a_result_json_cannot_carry_is_a_provider_error_and_the_plugin_ser
     assert await call(example, "echo", {"after": value}) == {"after": value}
 
 
+async def test_a_string_that_is_not_unicode_is_a_provider_error_and_the_plugin_serves_on(
+    example: Example,
+) -> None:
+    """JSON text is UTF-8, and a lone surrogate escape stands for no character. Until
+    2026-12-08 Go's SDK sent U+FFFD for bytes that are not UTF-8 and Java's '?' for a lone
+    surrogate, each a different answer without a word; TypeScript's and Rust's (a raw JSON
+    value) sent an escape the host could not read ("not a response envelope", the raw
+    bytes); Python's refused it in orjson's words. ``not_unicode`` builds its string as an
+    author of that language does (half an emoji cut by a UTF-16 index, Latin-1 bytes)."""
+    with pytest.raises(ProviderError) as refused:
+        await call(example, "not_unicode", {})
+    assert str(refused.value) == (
+        "the plugin's result is not JSON: a string is not valid Unicode "
+        + ("(bytes that are not UTF-8)" if example.language == "go" else "(a lone surrogate)")
+    ), refused.value
+    assert not refused.value.retryable
+    text = {"text": "smile 😀 ünïcødé \\ud83d \ufffd"}
+    assert await call(example, "echo", text) == text
+
+
 async def test_a_batch_refuses_only_the_item_json_cannot_carry(example: Example) -> None:
-    outcomes = await batch(example, ("non_finite", {"value": "nan"}), ("echo", [1]))
+    outcomes = await batch(
+        example, ("non_finite", {"value": "nan"}), ("echo", [1]), ("not_unicode", {})
+    )
     assert isinstance(outcomes[0].error, ProviderError), outcomes[0]
     assert "result is not JSON" in str(outcomes[0].error)
     assert outcomes[1].result == [1]
+    assert isinstance(outcomes[2].error, ProviderError), outcomes[2]
+    assert "is not JSON: a string is not valid Unicode" in str(outcomes[2].error)
 
 
 async def test_non_finite_with_a_value_it_does_not_name_is_invalid_params(

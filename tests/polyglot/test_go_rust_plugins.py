@@ -142,7 +142,8 @@ def test_describe_and_health(client: PluginClient, executable: Path) -> None:
     assert info.runtime == runtime_of(executable)
     methods = {m.name: m.streaming for m in info.methods}
     assert set(methods) == {
-        *("echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks", "non_finite")
+        *("echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks", "non_finite"),
+        "not_unicode",
     }
     assert methods["count"] is True
     for name in ("", SERVICE):

@@ -245,6 +245,7 @@ def test_describe(plugin: tuple[str, Client]) -> None:
     assert methods == {
         "echo": False, "digest": False, "fail": False, "sleep": False,
         "count": True, "emit": False, "config": False, "hooks": False, "non_finite": False,
+        "not_unicode": False,
     }  # fmt: skip
 
 
