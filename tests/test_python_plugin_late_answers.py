@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from linchkit_plugin import Plugin
 from linchkit_plugin.errors import DeadlineExceeded
 from linchkit_plugin.host import PluginHost
+from tests.test_python_plugin_non_finite import scores_server
 
 HELD = "the event loop was held that long"
 SWALLOWED = "it caught the cancellation the deadline sent"
@@ -102,7 +102,7 @@ import time
 from linchkit_plugin import Plugin
 
 
-class Late(Plugin):
+class Scores(Plugin):
     async def blocks(self):
         time.sleep(1.0)
         return "done"
@@ -110,39 +110,17 @@ class Late(Plugin):
 
 
 async def test_a_served_plugin_says_on_stderr_which_method_held_its_loop(tmp_path: Path) -> None:
-    (tmp_path / "late_plugin.py").write_text(LATE_PLUGIN)
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "linchkit_plugin.cli", "serve", "late_plugin:Late"),
-        *("--path", str(tmp_path), "--port", "0"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    try:
-        said = ""
-        async with asyncio.timeout(30):
-            while not (found := re.search(r"listening on (http://[0-9.:]+)", said)):
-                line = (await process.stderr.readline()).decode()
-                assert line, said
-                said += line
+    async with scores_server(tmp_path, "http", LATE_PLUGIN) as (target, stderr):
         envelope = {
             "v": 1,
-            "plugin": "late",
+            "plugin": "scores",
             "method": "blocks",
             "params": {},
             "context": {"request_id": "r-1", "deadline_ms": 200},
         }
         async with httpx.AsyncClient(timeout=20) as client:
-            answer = (await client.post(f"{found[1]}/invoke", json=envelope)).json()
+            answer = (await client.post(f"{target['url']}/invoke", json=envelope)).json()
         assert answer == {"ok": True, "result": "done"}, answer  # the late answer, as before
         async with asyncio.timeout(20):
-            while HELD not in said:
-                line = (await process.stderr.readline()).decode()
-                assert line, said
-                said += line
-        (warning,) = [line for line in said.splitlines() if HELD in line]
+            warning = await stderr.line_with(HELD)
         assert "method 'blocks' answered 0." in warning, warning
-    finally:
-        process.terminate()
-        await process.wait()
