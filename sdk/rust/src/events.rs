@@ -18,18 +18,29 @@ use crate::{pb, Json};
 /// waits on a slow host; docs/protocol.md).
 const EVENT_LIMIT: usize = 1024;
 
+/// One plugin event, its data as [`Emitter::emit`] vouched for it: what is known of the
+/// data's bytes goes with them, so that a WebSocket session does not check them again.
+#[derive(Clone, Debug)]
+pub(crate) struct Event {
+    pub(crate) name: String,
+    pub(crate) data: Json,
+}
+
 /// One open stream's queue: a broadcast channel of one receiver, because a full one
 /// overwrites its oldest event where an mpsc channel refuses the newest.
-type Subscriber = broadcast::Sender<pb::PluginEvent>;
+type Subscriber = broadcast::Sender<Event>;
 
 /// What one `Events` stream sends the host.
 pub(crate) type EventStream =
     Pin<Box<dyn Stream<Item = Result<pb::PluginEvent, Status>> + Send + 'static>>;
 
+/// The events a WebSocket session sends ([`Emitter::join`]).
+pub(crate) type Events = Pin<Box<dyn Stream<Item = Event> + Send + 'static>>;
+
 #[derive(Default)]
 struct Hub {
     subscribers: Vec<Subscriber>,
-    pending: VecDeque<pb::PluginEvent>,
+    pending: VecDeque<Event>,
     /// Events dropped from `pending` since a WebSocket session last said how many
     /// (`dropped` frame); the gRPC binding has no frame for it.
     dropped: u64,
@@ -49,16 +60,19 @@ impl Emitter {
     /// JSON cannot carry (a [`Json::raw`] that is no JSON) is not sent, to any host; the SDK
     /// says so on stderr at WARN, once for each such event.
     pub fn emit(&self, name: &str, data: Json) {
-        if let Some(why) = data.not_json_because() {
-            let name = crate::error::quoted_name(name);
-            crate::log::warn(&format!(
-                "event {name} not sent: the data of event {name} is not JSON: {why}"
-            ));
-            return;
-        }
-        let event = pb::PluginEvent {
+        let data = match data.vouched() {
+            Ok(data) => data,
+            Err(why) => {
+                let name = crate::error::quoted_name(name);
+                crate::log::warn(&format!(
+                    "event {name} not sent: the data of event {name} is not JSON: {why}"
+                ));
+                return;
+            }
+        };
+        let event = Event {
             name: name.to_string(),
-            data_json: data.into_bytes(),
+            data,
         };
         let mut hub = self.0.lock().unwrap();
         hub.subscribers.retain(|queue| queue.receiver_count() > 0);
@@ -77,6 +91,16 @@ impl Emitter {
 
     /// Opens the queue of one `Events` stream, holding the events that waited for it.
     pub(crate) fn subscribe(&self) -> EventStream {
+        Box::pin(self.queue().map(|event| {
+            Ok(pb::PluginEvent {
+                name: event.name,
+                data_json: event.data.into_bytes(),
+            })
+        }))
+    }
+
+    /// The queue of one host's events, holding the events that waited for it.
+    fn queue(&self) -> impl Stream<Item = Event> + Send + 'static {
         let (sender, receiver) = broadcast::channel(EVENT_LIMIT);
         let mut hub = self.0.lock().unwrap();
         for event in hub.pending.drain(..) {
@@ -88,30 +112,28 @@ impl Emitter {
         // A lagging host lost the oldest events: said once per stream, not once per event
         // (a line per event flooded stderr with as many lines as a host sent pings).
         let mut told = false;
-        Box::pin(
-            BroadcastStream::new(receiver).filter_map(move |item| match item {
-                Ok(event) => Some(Ok(event)),
-                Err(BroadcastStreamRecvError::Lagged(_)) => {
-                    if !std::mem::replace(&mut told, true) {
-                        crate::log::warn(
-                            "the host is not reading its Events stream; dropping the oldest events",
-                        );
-                    }
-                    None
+        BroadcastStream::new(receiver).filter_map(move |item| match item {
+            Ok(event) => Some(event),
+            Err(BroadcastStreamRecvError::Lagged(_)) => {
+                if !std::mem::replace(&mut told, true) {
+                    crate::log::warn(
+                        "the host is not reading its Events stream; dropping the oldest events",
+                    );
                 }
-            }),
-        )
+                None
+            }
+        })
     }
 
-    /// A WebSocket session's queue ([`subscribe`](Emitter::subscribe)), with how many
-    /// events wait for it and how many were dropped while no host listened: it sends the
-    /// waiting ones, then a `dropped` frame with the count.
-    pub(crate) fn join(&self) -> (usize, u64, EventStream) {
+    /// A WebSocket session's queue (as [`subscribe`](Emitter::subscribe)'s, of events as
+    /// emitted), with how many events wait for it and how many were dropped while no host
+    /// listened: it sends the waiting ones, then a `dropped` frame with the count.
+    pub(crate) fn join(&self) -> (usize, u64, Events) {
         let (waiting, dropped) = {
             let mut hub = self.0.lock().unwrap();
             (hub.pending.len(), std::mem::take(&mut hub.dropped))
         };
-        (waiting, dropped, self.subscribe())
+        (waiting, dropped, Box::pin(self.queue()))
     }
 
     /// Ends every open stream, at shutdown: the host's `Events` calls return.

@@ -3,8 +3,8 @@
 //! host as `{"score": null}` until 2026-12-07, a different answer and no word of it.
 //!
 //! [`first_non_finite`] walks the value as a serde serializer that writes nothing;
-//! `Json::encode` runs it only when serde_json's output holds `null`, the one form it
-//! gives such a float, so a result without `null` costs a search of its bytes.
+//! `Json::encode` runs it only when serde_json wrote a `null` (its formatter notes it),
+//! the one form it gives such a float, so a result without `null` costs nothing more.
 
 use std::fmt;
 

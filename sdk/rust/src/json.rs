@@ -11,12 +11,14 @@
 //! that are not UTF-8 (`b"caf\xe9"`, read from a Latin-1 file).
 
 use std::fmt;
+use std::io;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::error::{types, Error};
-use crate::params::Unusable;
+use crate::params::{Unusable, MAX_PARAMS_DEPTH};
 
 /// A raw value holding a `\ud800`-`\udfff` escape that forms no pair: it names no
 /// character, and the host's decoder refuses it (RFC 8259 §8.2). Worded as in every SDK.
@@ -28,9 +30,26 @@ const NOT_UNICODE_BYTES: &str = "a string is not valid Unicode (bytes that are n
 #[derive(Clone, Debug)]
 pub struct Json {
     bytes: Vec<u8>,
-    /// The bytes are JSON a host reads: serde_json's encoding, or checked already. Only the
-    /// others are checked when sent, so an encoded result costs no second look.
-    known_json: bool,
+    /// What is known of the bytes: only raw ones are checked when sent, so an encoded
+    /// result costs no second look, and a raw one is checked once however it is sent.
+    known: Known,
+}
+
+/// What is known of a value's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// Taken as given ([`Json::raw`]): checked when sent.
+    Nothing,
+    /// JSON a host reads, as serde_json sees it (its encoding): sent over gRPC as it is;
+    /// but not all that the SDK's check holds it to, for serde_json wrote some of it
+    /// unchecked (a `RawValue`'s text, which may hold `1e400` or `"\ud800"`), so a
+    /// WebSocket frame checks it, as it did every value until 2026-12-08.
+    Json,
+    /// JSON a host reads, and all the SDK's check holds JSON to (`crate::params::check`),
+    /// but maybe not its bound on nesting: checked by it, or encoded by serde_json of
+    /// values alone. `depth` is how deeply it nests arrays and objects (0: a scalar); a
+    /// WebSocket frame looks at it again only when that is past the bound.
+    Checked { depth: usize },
 }
 
 impl Json {
@@ -41,7 +60,7 @@ impl Json {
     pub fn raw(bytes: impl Into<Vec<u8>>) -> Self {
         Json {
             bytes: bytes.into(),
-            known_json: false,
+            known: Known::Nothing,
         }
     }
 
@@ -49,15 +68,14 @@ impl Json {
     /// map whose keys are not strings) is `provider_error`, "the plugin's result is not
     /// JSON: NaN is not a JSON number": a method that returns it answers that error.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
-        let text = serde_json::to_string(value).map_err(not_json)?;
+        let (json, wrote_null) = encoded(value).map_err(not_json)?;
         // serde_json writes a NaN or an infinity as `null`: only then is there one to find.
-        // A str's search is vectorised (1 ms in a 9 MB result, a fifth of a byte window's).
-        if text.contains("null") {
+        if wrote_null {
             if let Some(number) = crate::finite::first_non_finite(value) {
                 return Err(not_json(format_args!("{number} is not a JSON number")));
             }
         }
-        Ok(Json::known(text.into_bytes()))
+        Ok(json)
     }
 
     /// Decodes into a value.
@@ -82,25 +100,29 @@ impl Json {
         }
     }
 
-    /// Bytes known to be JSON: checked by the SDK (`crate::params::check`), or built of such.
-    pub(crate) fn known(bytes: Vec<u8>) -> Self {
-        Json {
-            bytes,
-            known_json: true,
+    /// This value checked as params are (`crate::params::check`): known from then on
+    /// (echoed back as a result, it is not checked again), or why it is unusable.
+    pub(crate) fn checked(self) -> Result<Self, Unusable> {
+        match self.known {
+            Known::Nothing => {
+                let depth = crate::params::usable_depth(&self.bytes, MAX_PARAMS_DEPTH)?;
+                Ok(Json {
+                    bytes: self.bytes,
+                    known: Known::Checked { depth },
+                })
+            }
+            Known::Json | Known::Checked { .. } => Ok(self),
         }
     }
 
-    /// Why the host could not read this value as JSON ("its contents are not valid JSON",
-    /// "… hold a number beyond the range of a double", "a string is not valid Unicode (a
-    /// lone surrogate)"), or `None`; raw bytes are checked here, each time they are sent.
-    /// The check's one pass reads every string's escapes already: a lone surrogate costs
-    /// the usual path nothing more, and encoded JSON is not looked at.
-    pub(crate) fn not_json_because(&self) -> Option<String> {
-        if self.known_json {
-            return None;
-        }
-        let why = crate::params::unusable(&self.bytes, crate::params::MAX_PARAMS_DEPTH)?;
-        Some(match why {
+    /// This value as it is sent (a method's result, a stream's chunk, an event's data): a
+    /// raw one checked, once, and known from then on; encoded JSON not looked at. Or why
+    /// the host could not read it ("its contents are not valid JSON", "… hold a number
+    /// beyond the range of a double", "a string is not valid Unicode (a lone
+    /// surrogate)"). The check's one pass reads every string's escapes already: a lone
+    /// surrogate costs the usual path nothing more.
+    pub(crate) fn vouched(self) -> Result<Self, String> {
+        self.checked().map_err(|why| match why {
             Unusable::LoneSurrogate => NOT_UNICODE_LONE_SURROGATE.into(),
             Unusable::NotUtf8 { in_string: true } => NOT_UNICODE_BYTES.into(),
             // Bytes that are not UTF-8 outside any string: no string to name.
@@ -111,10 +133,157 @@ impl Json {
     /// This value as a method's result or a stream's chunk: one the host could not read
     /// is the call's `provider_error`, as [`Json::encode`] refuses one.
     pub(crate) fn sendable(self) -> Result<Self, Error> {
-        match self.not_json_because() {
-            Some(why) => Err(not_json(why)),
-            None => Ok(self),
+        self.vouched().map_err(not_json)
+    }
+
+    /// Whether a WebSocket frame may carry these bytes as they are, unchecked: they were
+    /// checked (or encoded) already, and nest no deeper than params may, so that the
+    /// frame around them stays within what a host reads.
+    pub(crate) fn framable(&self) -> bool {
+        matches!(self.known, Known::Checked { depth } if depth <= MAX_PARAMS_DEPTH)
+    }
+
+    /// Why a WebSocket frame cannot carry this value (the rules params are held to, in
+    /// their words: "are nested deeper than 250 levels"), or `None`: only a value that is
+    /// not [`framable`](Json::framable) is read for it, the rare one.
+    pub(crate) fn not_framable_because(&self) -> Option<String> {
+        if self.framable() {
+            return None;
         }
+        crate::params::check(&self.bytes)
+    }
+}
+
+/// `value` as serde_json's compact encoding (the bytes of `serde_json::to_vec`), known as
+/// far as its writing shows, and whether it wrote a `null` (what a NaN becomes).
+fn encoded<T: Serialize + ?Sized>(value: &T) -> Result<(Json, bool), serde_json::Error> {
+    let mut bytes = Vec::with_capacity(128);
+    let mut measured = Measured::default();
+    value.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut bytes,
+        Measuring(&mut measured),
+    ))?;
+    let known = if measured.unchecked_text {
+        Known::Json
+    } else {
+        Known::Checked {
+            depth: measured.deepest,
+        }
+    };
+    Ok((Json { bytes, known }, measured.wrote_null))
+}
+
+/// What [`Measuring`] noted of an encoding: how deeply it nests, whether it holds text
+/// serde_json wrote as it was given (a `RawValue`'s, a number's under
+/// `arbitrary_precision`) and whether it wrote a `null`. All else serde_json writes is
+/// what the SDK's check passes: UTF-8 (a Rust string), escapes only of control
+/// characters, finite numbers of few digits.
+#[derive(Default)]
+struct Measured {
+    depth: usize,
+    deepest: usize,
+    unchecked_text: bool,
+    wrote_null: bool,
+}
+
+/// serde_json's compact formatter, byte for byte, noting what it writes in a [`Measured`].
+struct Measuring<'a>(&'a mut Measured);
+
+impl Measuring<'_> {
+    #[inline]
+    fn open(&mut self) {
+        self.0.depth += 1;
+        self.0.deepest = self.0.deepest.max(self.0.depth);
+    }
+
+    #[inline]
+    fn close(&mut self) {
+        self.0.depth = self.0.depth.saturating_sub(1);
+    }
+}
+
+impl Formatter for Measuring<'_> {
+    #[inline]
+    fn write_null<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.0.wrote_null = true;
+        CompactFormatter.write_null(writer)
+    }
+
+    #[inline]
+    fn begin_array<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.open();
+        CompactFormatter.begin_array(writer)
+    }
+
+    #[inline]
+    fn end_array<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.close();
+        CompactFormatter.end_array(writer)
+    }
+
+    #[inline]
+    fn begin_object<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.open();
+        CompactFormatter.begin_object(writer)
+    }
+
+    #[inline]
+    fn end_object<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        self.close();
+        CompactFormatter.end_object(writer)
+    }
+
+    #[inline]
+    fn write_number_str<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: &str,
+    ) -> io::Result<()> {
+        self.0.unchecked_text = true;
+        CompactFormatter.write_number_str(writer, value)
+    }
+
+    #[inline]
+    fn write_raw_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        self.0.unchecked_text = true;
+        CompactFormatter.write_raw_fragment(writer, fragment)
+    }
+}
+
+/// The list of a stream's chunks, for a streaming method called once: JSON made of
+/// values sent (each [`Json::sendable`]), known as they are, one level deeper.
+pub(crate) struct List(Json);
+
+impl List {
+    pub(crate) fn new() -> Self {
+        List(Json {
+            bytes: b"[".to_vec(),
+            known: Known::Checked { depth: 1 },
+        })
+    }
+
+    pub(crate) fn push(&mut self, item: &Json) {
+        let list = &mut self.0;
+        if list.bytes.len() > 1 {
+            list.bytes.push(b',');
+        }
+        list.bytes.extend_from_slice(&item.bytes);
+        list.known = match (list.known, item.known) {
+            (Known::Checked { depth }, Known::Checked { depth: its }) => Known::Checked {
+                depth: depth.max(its + 1),
+            },
+            // Made of chunks each sent as JSON: known, as it always was.
+            _ => Known::Json,
+        };
+    }
+
+    pub(crate) fn end(mut self) -> Json {
+        self.0.bytes.push(b']');
+        self.0
     }
 }
 
@@ -132,7 +301,9 @@ impl From<serde_json::Value> for Json {
     /// already, before the SDK sees it. A float that may be NaN goes through
     /// [`Json::encode`], which refuses it.
     fn from(value: serde_json::Value) -> Self {
-        Json::known(value.to_string().into_bytes())
+        // Its keys are strings, its numbers finite: its encoding does not fail (its
+        // `to_string`, used until 2026-12-08, panicked if it did).
+        encoded(&value).expect("a serde_json::Value encodes").0
     }
 }
 
@@ -262,5 +433,127 @@ mod tests {
             let sent = Json::raw(raw).sendable().expect("valid Unicode");
             assert_eq!(sent.as_bytes(), raw.as_bytes());
         }
+    }
+
+    /// `n` arrays, one in the other, around a number.
+    fn nested(n: usize) -> serde_json::Value {
+        (0..n).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+    }
+
+    #[test]
+    fn an_encoding_is_serde_json_s_byte_for_byte_and_known_to_fit_a_frame() {
+        #[derive(Serialize)]
+        enum Shape {
+            Unit,
+            Pair(u8, Vec<u8>),
+            Named { a: Option<f32> },
+        }
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!([]),
+            serde_json::json!({}),
+            serde_json::json!({"a": [1, -2, 3.5e-300, 1.7976931348623157e308], "b": {"c": [[]]}}),
+            serde_json::json!(["\u{0}\n\"\\ é 😀", u64::MAX, i64::MIN, true]),
+            nested(250),
+        ];
+        for value in &values {
+            let encoded = Json::encode(value).unwrap();
+            assert_eq!(encoded.as_bytes(), serde_json::to_vec(value).unwrap());
+            assert_eq!(
+                Json::from(value.clone()).as_bytes(),
+                value.to_string().as_bytes()
+            );
+            assert!(encoded.framable(), "{value}");
+            assert_eq!(encoded.not_framable_because(), None);
+        }
+        let shapes = (
+            [Shape::Unit, Shape::Named { a: None }],
+            Shape::Pair(7, b"ab".to_vec()),
+            std::collections::BTreeMap::from([(3, u128::MAX)]),
+            (),
+        );
+        assert_eq!(
+            Json::encode(&shapes).unwrap().as_bytes(),
+            serde_json::to_vec(&shapes).unwrap()
+        );
+        assert!(Json::encode(&shapes).unwrap().framable());
+    }
+
+    /// What serde_json writes without the SDK's check: nested past the params' bound, or
+    /// holding a `RawValue`'s text. Known JSON for `sendable` (gRPC sends it, as before);
+    /// a WebSocket frame reads it, and refuses it, as it did every value before.
+    #[test]
+    fn an_encoding_a_frame_cannot_carry_is_read_for_it_and_refused() {
+        let deep = Json::encode(&nested(251)).unwrap();
+        assert!(!deep.framable());
+        let deep = deep.sendable().expect("known JSON: not looked at");
+        assert_eq!(
+            deep.not_framable_because().as_deref(),
+            Some("are nested deeper than 250 levels")
+        );
+        #[derive(Serialize)]
+        struct Holding {
+            n: Box<serde_json::value::RawValue>,
+        }
+        for (raw, why) in [
+            ("1e400", "hold a number beyond the range of a double"),
+            (
+                r#""\ud800""#,
+                "hold a lone surrogate escape (\\ud800-\\udfff), which names no character",
+            ),
+            ("[1]", ""),
+        ] {
+            let n = serde_json::value::RawValue::from_string(raw.into()).unwrap();
+            let held = Json::encode(&Holding { n }).unwrap().sendable().unwrap();
+            assert_eq!(held.as_bytes(), format!(r#"{{"n":{raw}}}"#).as_bytes());
+            assert!(!held.framable(), "{raw}: serde_json did not check it");
+            let said = held.not_framable_because();
+            assert_eq!(said.as_deref(), (!why.is_empty()).then_some(why), "{raw}");
+        }
+    }
+
+    /// A raw value is checked once, however it is sent and whatever is built of it; an
+    /// encoded one never. A WebSocket frame read every value again until 2026-12-08
+    /// (milliseconds a MB of every answer); a second look would show here.
+    #[test]
+    fn a_raw_value_is_checked_once_and_an_encoded_one_never() {
+        const RAW: &str = r#"{"raw":[1,"two"]}"#;
+        crate::params::looked_at::start();
+        let sent = Json::raw(RAW).sendable().unwrap();
+        assert!(sent.framable());
+        assert_eq!(sent.not_framable_because(), None);
+        let again = sent.clone().sendable().unwrap().vouched().unwrap();
+        let mut list = List::new();
+        list.push(&again);
+        list.push(&sent);
+        let list = list.end().sendable().unwrap();
+        assert_eq!(list.as_bytes(), format!("[{RAW},{RAW}]").as_bytes());
+        assert!(list.framable());
+        assert_eq!(crate::params::looked_at::times(RAW.as_bytes()), 1);
+
+        let encoded = Json::encode(&serde_json::json!({"encoded": [1, "two"]})).unwrap();
+        let encoded = encoded.sendable().unwrap().vouched().unwrap();
+        assert_eq!(encoded.not_framable_because(), None);
+        assert_eq!(crate::params::looked_at::times(encoded.as_bytes()), 0);
+    }
+
+    /// A list of chunks is one level deeper than its deepest chunk: at 250 levels a
+    /// chunk fits a frame, the list of it not, and says so as before.
+    #[test]
+    fn a_list_of_chunks_knows_its_depth() {
+        let at_the_bound = Json::raw(nested(250).to_string()).sendable().unwrap();
+        assert!(at_the_bound.framable());
+        let mut list = List::new();
+        list.push(&Json::encode(&[1]).unwrap());
+        assert!(list.0.framable());
+        list.push(&at_the_bound);
+        let list = list.end();
+        assert!(!list.framable());
+        assert_eq!(
+            list.not_framable_because().as_deref(),
+            Some("are nested deeper than 250 levels")
+        );
+        assert_eq!(List::new().end().as_bytes(), b"[]");
+        assert!(List::new().end().framable());
     }
 }

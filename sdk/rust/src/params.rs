@@ -61,23 +61,34 @@ impl std::fmt::Display for Unusable {
 /// The one pass of [`check`]: UTF-8, then each string's escapes, the nesting and the
 /// numbers, then serde_json's parse.
 pub(crate) fn unusable(raw: &[u8], max_depth: usize) -> Option<Unusable> {
+    usable_depth(raw, max_depth).err()
+}
+
+/// [`unusable`], saying of usable bytes how deeply they nest arrays and objects (0 for a
+/// scalar): what a value checked once keeps (`crate::json`), so that JSON built of it
+/// (a streamed method's list of chunks) is known without a second pass.
+pub(crate) fn usable_depth(raw: &[u8], max_depth: usize) -> Result<usize, Unusable> {
+    #[cfg(test)]
+    looked_at::note(raw);
     if let Err(err) = std::str::from_utf8(raw) {
         let in_string = inside_a_string(raw, err.valid_up_to());
-        return Some(Unusable::NotUtf8 { in_string });
+        return Err(Unusable::NotUtf8 { in_string });
     }
     let mut depth = 0usize;
+    let mut deepest = 0usize;
     let mut i = 0;
     while i < raw.len() {
         match raw[i] {
             b'"' => match scan_string(raw, i + 1) {
                 Ok(end) => i = end,
-                Err(why) => return Some(why),
+                Err(why) => return Err(why),
             },
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Some(Unusable::NestedDeeper(max_depth));
+                    return Err(Unusable::NestedDeeper(max_depth));
                 }
+                deepest = deepest.max(depth);
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
             b'-' | b'0'..=b'9' => {
@@ -90,7 +101,7 @@ pub(crate) fn unusable(raw: &[u8], max_depth: usize) -> Option<Unusable> {
                 if number.len() > 300 || number.iter().any(|c| matches!(c, b'e' | b'E')) {
                     let text = std::str::from_utf8(number).unwrap_or_default();
                     if text.parse::<f64>().is_ok_and(f64::is_infinite) {
-                        return Some(Unusable::BeyondDouble);
+                        return Err(Unusable::BeyondDouble);
                     }
                 }
                 i = end - 1;
@@ -100,9 +111,44 @@ pub(crate) fn unusable(raw: &[u8], max_depth: usize) -> Option<Unusable> {
         i += 1;
     }
     if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_err() {
-        return Some(Unusable::NotJson);
+        return Err(Unusable::NotJson);
     }
-    None
+    Ok(deepest)
+}
+
+/// What the check read, on this thread, since [`start`](looked_at::start): a test counts
+/// how often a value's bytes were checked on their way out (once for a raw value, never
+/// for one encoded or checked already).
+#[cfg(test)]
+pub(crate) mod looked_at {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static READ: RefCell<Option<Vec<Vec<u8>>>> = const { RefCell::new(None) };
+    }
+
+    /// Starts noting every check's bytes on this thread (a `#[tokio::test]` runs its
+    /// tasks on it).
+    pub(crate) fn start() {
+        READ.with(|read| *read.borrow_mut() = Some(Vec::new()));
+    }
+
+    pub(crate) fn note(raw: &[u8]) {
+        READ.with(|read| {
+            if let Some(read) = read.borrow_mut().as_mut() {
+                read.push(raw.to_vec());
+            }
+        });
+    }
+
+    /// How many checks since `start` read exactly `bytes`.
+    pub(crate) fn times(bytes: &[u8]) -> usize {
+        READ.with(|read| {
+            read.borrow().as_ref().map_or(0, |read| {
+                read.iter().filter(|r| r.as_slice() == bytes).count()
+            })
+        })
+    }
 }
 
 /// Whether byte `at` of `raw` is inside a string, reading from the start. Only for bytes

@@ -212,15 +212,10 @@ impl Shared {
             .methods
             .get_key_value(&request.method)
             .ok_or_else(|| self.method_not_found(&request.method))?;
-        let params = Json::from_wire(request.params_json);
-        if let Some(why) = crate::params::check(params.as_bytes()) {
-            return Err(Error::invalid_params(format!(
-                "params of {} {why}",
-                request.method
-            )));
-        }
         // Checked: echoed back as a result, they are not checked again.
-        let params = Json::known(params.into_bytes());
+        let params = Json::from_wire(request.params_json)
+            .checked()
+            .map_err(|why| Error::invalid_params(format!("params of {} {why}", request.method)))?;
         let context = request.context.unwrap_or_default();
         // Only a positive deadline_ms bounds the call (0 is none, a negative one a host's
         // mistake); one no clock can hold (2^63-1 ms) is no bound either, not a panic.
@@ -245,10 +240,21 @@ impl Shared {
     /// Runs one unary call; never fails: every failure is a `CallReply` error. A call the
     /// SDK cannot route (no such method, bad params) gets no span, as in the Go SDK.
     pub(crate) async fn invoke(&self, request: pb::CallRequest) -> pb::CallReply {
-        let (mut call, handler, name) = match self.prepare(request) {
-            Ok(prepared) => prepared,
-            Err(err) => return error_reply(&err),
-        };
+        match self.answer(request).await {
+            Ok(result) => pb::CallReply {
+                ok: true,
+                result_json: result.into_bytes(),
+                error: None,
+            },
+            Err(err) => error_reply(&err),
+        }
+    }
+
+    /// Runs one unary call ([`invoke`](Shared::invoke)): its result, sent as JSON (a raw
+    /// one checked, once), or its error. The WebSocket binding frames it as it is: what
+    /// is known of the result's bytes spares it a second look at them.
+    pub(crate) async fn answer(&self, request: pb::CallRequest) -> Result<Json, Error> {
+        let (mut call, handler, name) = self.prepare(request)?;
         let span = self.start_span(&mut call);
         let outcome = match (call, handler) {
             (call, Handler::Unary(method)) => {
@@ -261,15 +267,11 @@ impl Shared {
                 let (sender, mut receiver) = mpsc::channel::<Json>(64);
                 let run = run_streamed(handler, call, sender);
                 let collect = async move {
-                    let mut list = b"[".to_vec();
+                    let mut list = crate::json::List::new(); // of chunks each sent as JSON
                     while let Some(chunk) = receiver.recv().await {
-                        if list.len() > 1 {
-                            list.push(b',');
-                        }
-                        list.extend_from_slice(chunk.as_bytes());
+                        list.push(&chunk);
                     }
-                    list.push(b']');
-                    Json::known(list) // of chunks each sent as JSON
+                    list.end()
                 };
                 self.within(name, deadline, async move {
                     let (outcome, list) = tokio::join!(run, collect);
@@ -283,14 +285,7 @@ impl Shared {
         if let Some(span) = span {
             span.end(outcome.as_ref().err());
         }
-        match outcome {
-            Ok(result) => pb::CallReply {
-                ok: true,
-                result_json: result.into_bytes(),
-                error: None,
-            },
-            Err(err) => error_reply(&err),
-        }
+        outcome
     }
 
     /// Bounds `work`, a call of `method`, by the call's deadline: past it the work is

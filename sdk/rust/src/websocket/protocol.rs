@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::params::MAX_PARAMS_DEPTH;
-use crate::{pb, types, Error};
+use crate::{pb, types, Error, Json};
 
 /// How deeply a frame may nest: a call's params may nest [`MAX_PARAMS_DEPTH`] levels under
 /// the frame's object and its request's.
@@ -283,36 +283,77 @@ fn error_object(error: &pb::Error) -> Value {
     Value::Object(object)
 }
 
-/// `{"type": "response", …}` answering `id` with `reply`. A result JSON cannot carry both
-/// ways (not JSON, 1e400, nested past the params' bound) is the call's `provider_error`:
-/// sent as it is, it would break the frame, and the host would wait for its deadline.
-pub(crate) fn response(id: i64, reply: &pb::CallReply) -> Vec<u8> {
-    if reply.ok {
-        let result: &[u8] = if reply.result_json.is_empty() {
-            b"null"
-        } else {
-            &reply.result_json
-        };
-        match crate::params::check(result) {
-            None => {
-                let mut frame = format!(
-                    "{{\"type\":\"response\",\"id\":{id},\"response\":{{\"ok\":true,\"result\":"
-                )
-                .into_bytes();
-                frame.extend_from_slice(result);
-                frame.extend_from_slice(b"}}");
-                return frame;
-            }
-            Some(why) => {
-                let failure = Error::new(
-                    types::PROVIDER_ERROR,
-                    format!("the plugin's result cannot be sent: its contents {why}"),
-                );
-                return failed_response(id, &failure.to_proto());
-            }
+/// A call's answer, as a `response` frame carries it: from a [`Json`] result (what the
+/// session sends: the SDK knows what its bytes are) or a gRPC `CallReply` (bytes alone).
+pub(crate) enum Answer<'a> {
+    Result {
+        json: &'a [u8],
+        /// The bytes are known to fit a frame ([`Json::framable`]): not read again.
+        framable: bool,
+    },
+    Failed(pb::Error),
+}
+
+impl<'a> From<&'a Result<Json, Error>> for Answer<'a> {
+    fn from(answer: &'a Result<Json, Error>) -> Self {
+        match answer {
+            Ok(json) => Answer::Result {
+                json: json.as_bytes(),
+                framable: json.framable(),
+            },
+            Err(err) => Answer::Failed(err.to_proto()),
         }
     }
-    failed_response(id, &reply.error.clone().unwrap_or_default())
+}
+
+impl<'a> From<&'a pb::CallReply> for Answer<'a> {
+    fn from(reply: &'a pb::CallReply) -> Self {
+        if reply.ok {
+            Answer::Result {
+                json: &reply.result_json,
+                framable: false,
+            }
+        } else {
+            Answer::Failed(reply.error.clone().unwrap_or_default())
+        }
+    }
+}
+
+/// `{"type": "response", …}` answering `id` with `answer`. A result JSON cannot carry both
+/// ways (not JSON, 1e400, nested past the params' bound) is the call's `provider_error`:
+/// sent as it is, it would break the frame, and the host would wait for its deadline.
+/// Only a result not known to fit ([`Answer::Result`]'s `framable`) is read for it: one
+/// the SDK checked or encoded already costs a copy into the frame, no second look.
+pub(crate) fn response<'a>(id: i64, answer: impl Into<Answer<'a>>) -> Vec<u8> {
+    match answer.into() {
+        Answer::Result { json, framable } => {
+            let result: &[u8] = if json.is_empty() { b"null" } else { json };
+            let refused = if framable {
+                None
+            } else {
+                crate::params::check(result)
+            };
+            match refused {
+                None => {
+                    let mut frame = format!(
+                        "{{\"type\":\"response\",\"id\":{id},\"response\":{{\"ok\":true,\"result\":"
+                    )
+                    .into_bytes();
+                    frame.extend_from_slice(result);
+                    frame.extend_from_slice(b"}}");
+                    frame
+                }
+                Some(why) => {
+                    let failure = Error::new(
+                        types::PROVIDER_ERROR,
+                        format!("the plugin's result cannot be sent: its contents {why}"),
+                    );
+                    failed_response(id, &failure.to_proto())
+                }
+            }
+        }
+        Answer::Failed(error) => failed_response(id, &error),
+    }
 }
 
 fn failed_response(id: i64, error: &pb::Error) -> Vec<u8> {
@@ -325,7 +366,8 @@ fn failed_response(id: i64, error: &pb::Error) -> Vec<u8> {
     .into_bytes()
 }
 
-/// `{"type": "chunk", …}` carrying `data`, which the caller checked is JSON.
+/// `{"type": "chunk", …}` carrying `data`, which the caller checked is JSON (or knew it
+/// for: `Json::not_framable_because`).
 pub(crate) fn chunk(id: i64, data: &[u8]) -> Vec<u8> {
     let mut frame = format!("{{\"type\":\"chunk\",\"id\":{id},\"data\":").into_bytes();
     frame.extend_from_slice(data);
@@ -333,7 +375,8 @@ pub(crate) fn chunk(id: i64, data: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// `{"type": "event", …}`: a plugin event; `data` checked to be JSON by the caller.
+/// `{"type": "event", …}`: a plugin event; `data` checked to be JSON by the caller (or
+/// known to be: `Json::not_framable_because`).
 pub(crate) fn event(name: &str, data: &[u8]) -> Vec<u8> {
     let name = Value::from(name).to_string();
     let data: &[u8] = if data.is_empty() { b"null" } else { data };
@@ -390,21 +433,21 @@ pub(crate) fn too_large(what: &str, method: &str, bytes: usize, limit: usize) ->
 
 /// [`response`], or in its place, when it is over `limit`, that call's [`too_large`] error:
 /// the host would close the connection (1009) under every call on it.
-pub(crate) fn response_within(
+pub(crate) fn response_within<'a>(
     id: i64,
-    reply: &pb::CallReply,
+    answer: impl Into<Answer<'a>>,
     method: &str,
     limit: usize,
 ) -> Vec<u8> {
-    let frame = response(id, reply);
+    let answer = answer.into();
+    let what = match answer {
+        Answer::Result { .. } => "the result of",
+        Answer::Failed(_) => "the error of",
+    };
+    let frame = response(id, answer);
     if frame.len() <= limit {
         return frame;
     }
-    let what = if reply.ok {
-        "the result of"
-    } else {
-        "the error of"
-    };
     failed_response(id, &too_large(what, method, frame.len(), limit).to_proto())
 }
 

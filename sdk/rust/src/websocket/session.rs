@@ -601,16 +601,12 @@ async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>, send_cap:
                 return;
             }
         }
-        let Some(Ok(event)) = events.next().await else {
+        let Some(event) = events.next().await else {
             return;
         };
         waiting = waiting.saturating_sub(1);
-        let data: &[u8] = if event.data_json.is_empty() {
-            b"null"
-        } else {
-            &event.data_json
-        };
-        if let Some(why) = crate::params::check(data) {
+        // Vouched for when emitted: read again only when it may not fit a frame.
+        if let Some(why) = event.data.not_framable_because() {
             if !std::mem::replace(&mut told, true) {
                 crate::log::warn(&format!(
                     "event {} not sent: its data {why}",
@@ -619,7 +615,7 @@ async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>, send_cap:
             }
             continue;
         }
-        let frame = protocol::event(&event.name, data);
+        let frame = protocol::event(&event.name, event.data.as_bytes());
         let limit = send_cap.load(Ordering::Relaxed);
         if frame.len() > limit {
             // Fire-and-forget: the method that emitted it is not failed.
@@ -644,12 +640,12 @@ async fn run_call(
     send_cap: SendCap,
 ) {
     let method = method_of(&request);
-    let reply = match request {
-        Ok(request) => core.shared.invoke(request).await,
-        Err(err) => failed(&err),
+    let answer = match request {
+        Ok(request) => core.shared.answer(request).await,
+        Err(err) => Err(err),
     };
-    let frame = protocol::response_within(id, &reply, &method, send_cap.load(Ordering::Relaxed));
-    drop(reply); // held while the frame waits: once, not twice
+    let frame = protocol::response_within(id, &answer, &method, send_cap.load(Ordering::Relaxed));
+    drop(answer); // held while the frame waits: once, not twice
     let _ = messages.send(frame).await;
 }
 
@@ -659,14 +655,6 @@ fn method_of(request: &Result<pb::CallRequest, Error>) -> String {
         .as_ref()
         .map(|request| request.method.clone())
         .unwrap_or_default()
-}
-
-fn failed(err: &Error) -> pb::CallReply {
-    pb::CallReply {
-        ok: false,
-        result_json: Vec::new(),
-        error: Some(err.to_proto()),
-    }
 }
 
 /// Runs one stream: each chunk sent as the host's credit allows, then its end (`result:
@@ -691,7 +679,9 @@ async fn run_stream(
         let run = run_streamed(handler, call, chunks);
         let forward = async {
             while let Some(chunk) = receiver.recv().await {
-                if let Some(why) = crate::params::check(chunk.as_bytes()) {
+                // Vouched for when sent (`ChunkSender::send`): read again only when it may
+                // not fit a frame.
+                if let Some(why) = chunk.not_framable_because() {
                     return Err(Error::new(
                         types::PROVIDER_ERROR,
                         format!("a chunk of the stream cannot be sent: its contents {why}"),
@@ -731,17 +721,10 @@ async fn run_stream(
         }
         outcome
     };
-    let reply = match streamed.await {
-        Ok(()) => pb::CallReply {
-            ok: true,
-            result_json: b"null".to_vec(),
-            error: None,
-        },
-        Err(err) => failed(&err),
-    };
+    let end = streamed.await.map(|()| Json::from(serde_json::Value::Null));
     let limit = send_cap.load(Ordering::Relaxed);
     let _ = messages
-        .send(protocol::response_within(id, &reply, &method, limit))
+        .send(protocol::response_within(id, &end, &method, limit))
         .await;
 }
 
@@ -1570,6 +1553,223 @@ pub(crate) mod tests {
             [json!({"type": "event", "event": "good", "data": [1]})]
         );
         let said = "event 'bad' not sent: the data of event 'bad' is not JSON: a string is not valid Unicode (a lone surrogate)";
+        let lines = crate::log::captured::lines();
+        assert_eq!(
+            lines.iter().filter(|l| l.ends_with(said)).count(),
+            1,
+            "{lines:?}"
+        );
+    }
+
+    /// The next response, chunk or event, as its bytes came.
+    async fn next_message(host: &mut Host) -> Vec<u8> {
+        loop {
+            match host.next().await {
+                Incoming::Message(message) => return message,
+                Incoming::Close(code, _) => panic!("closed: {code:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Every message until `responses` responses and `events` events are in, as their
+    /// bytes came (in order, events apart: they come as their task sends them).
+    async fn messages_until(
+        host: &mut Host,
+        responses: usize,
+        events: usize,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut answers, mut emitted) = (Vec::new(), Vec::new());
+        while answers
+            .iter()
+            .filter(|m: &&String| m.starts_with(r#"{"type":"response""#))
+            .count()
+            < responses
+            || emitted.len() < events
+        {
+            let message = String::from_utf8(next_message(host).await).unwrap();
+            if message.starts_with(r#"{"type":"event""#) {
+                emitted.push(message);
+            } else {
+                answers.push(message);
+            }
+        }
+        (answers, emitted)
+    }
+
+    /// Each value a plugin sends is checked once on its way out when raw (a result, a
+    /// chunk, an event's data), and never when encoded: the frame does not read it again.
+    /// Until 2026-12-08 every response, chunk and event was read again in full here
+    /// (milliseconds a MB, a raw one twice); a second look would count. The frames are as
+    /// they were, byte for byte.
+    #[tokio::test]
+    async fn a_value_sent_is_checked_once_when_raw_and_never_when_encoded() {
+        const RAW: &str = r#"{"raw":["result",1]}"#;
+        const RAW_CHUNK: &str = r#"{"raw":["chunk",2]}"#;
+        const RAW_EVENT: &str = r#"{"raw":["event",3]}"#;
+        let encoded = |what: &str| json!({"encoded": [what, 4.5, null, {"deeper": []}]});
+        let plugin = Plugin::new("test", "0.1.0")
+            .method("raw", "", |_: Call| async move { Ok(Json::raw(RAW)) })
+            .method("encoded", "", move |_: Call| async move {
+                Json::encode(&encoded("result"))
+            })
+            .streaming_method(
+                "chunks",
+                "",
+                move |_: Call, chunks: ChunkSender| async move {
+                    chunks.send(Json::raw(RAW_CHUNK)).await?;
+                    chunks.send(Json::encode(&encoded("chunk"))?).await
+                },
+            )
+            .method("emits", "", move |call: Call| async move {
+                call.emit("raw", Json::raw(RAW_EVENT));
+                call.emit("encoded", Json::encode(&encoded("event"))?);
+                Ok(json!(true).into())
+            });
+        crate::params::looked_at::start();
+        let mut host = host_of(plugin, None).await;
+        host.frame().await;
+        for (id, method) in [(1, "raw"), (2, "encoded"), (4, "chunks"), (5, "emits")] {
+            host.send(&call(id, method, json!(null))).await;
+        }
+        host.send(&json!({"type": "stream", "id": 3, "request": {"method": "chunks"}}))
+            .await;
+        let (mut answers, mut events) = messages_until(&mut host, 5, 2).await;
+        let text = |what: &str| encoded(what).to_string();
+        let response = |id: i64, result: &str| {
+            format!(r#"{{"type":"response","id":{id},"response":{{"ok":true,"result":{result}}}}}"#)
+        };
+        let mut expected = vec![
+            response(1, RAW),
+            response(2, &text("result")),
+            format!(r#"{{"type":"chunk","id":3,"data":{RAW_CHUNK}}}"#),
+            format!(r#"{{"type":"chunk","id":3,"data":{}}}"#, text("chunk")),
+            response(3, "null"),
+            response(4, &format!("[{RAW_CHUNK},{}]", text("chunk"))),
+            response(5, "true"),
+        ];
+        let mut expected_events = vec![
+            format!(r#"{{"type":"event","event":"raw","data":{RAW_EVENT}}}"#),
+            format!(
+                r#"{{"type":"event","event":"encoded","data":{}}}"#,
+                text("event")
+            ),
+        ];
+        // The calls run at once: their answers come in any order, a stream's in its own.
+        for list in [
+            &mut answers,
+            &mut expected,
+            &mut events,
+            &mut expected_events,
+        ] {
+            list.sort();
+        }
+        assert_eq!((answers, events), (expected, expected_events));
+        let times = |bytes: &str| crate::params::looked_at::times(bytes.as_bytes());
+        assert_eq!(times(RAW), 1, "the raw result");
+        assert_eq!(
+            times(RAW_CHUNK),
+            2,
+            "the raw chunk, sent in a stream and in a list"
+        );
+        assert_eq!(times(RAW_EVENT), 1, "the raw event data");
+        for what in ["result", "chunk", "event"] {
+            assert_eq!(times(&text(what)), 0, "the encoded {what}");
+        }
+        assert_eq!(
+            times(&format!("[{RAW_CHUNK},{}]", text("chunk"))),
+            0,
+            "the list"
+        );
+    }
+
+    /// What a frame cannot carry is refused as it always was, in the same words, though
+    /// known JSON is not read again: encoded JSON nested past the params' bound (a
+    /// result, a chunk, an event, a streamed method's list of chunks at the bound), and
+    /// encoded JSON holding a `RawValue`'s text serde_json took as given.
+    #[tokio::test]
+    async fn what_a_frame_cannot_carry_is_refused_in_the_same_words() {
+        fn nested(n: usize) -> Value {
+            (0..n).fold(json!(1), |inner, _| json!([inner]))
+        }
+        #[derive(serde::Serialize)]
+        struct Holding {
+            n: Box<serde_json::value::RawValue>,
+        }
+        crate::log::captured::start();
+        let plugin = Plugin::new("test", "0.1.0")
+            .method("deep", "", |_: Call| async move { Ok(nested(251).into()) })
+            .method("at_the_bound", "", |_: Call| async move {
+                Ok(nested(250).into())
+            })
+            .method("beyond_a_double", "", |_: Call| async move {
+                let n = serde_json::value::RawValue::from_string("1e400".into()).unwrap();
+                Json::encode(&Holding { n })
+            })
+            .streaming_method("chunks", "", |_: Call, chunks: ChunkSender| async move {
+                chunks.send(nested(250)).await?;
+                chunks.send(nested(251)).await
+            })
+            .streaming_method("chunk", "", |_: Call, chunks: ChunkSender| async move {
+                chunks.send(nested(250)).await
+            })
+            .method("emits", "", |call: Call| async move {
+                call.emit("deep", nested(251).into());
+                call.emit("good", json!([1]).into());
+                Ok(json!(true).into())
+            });
+        let mut host = host_of(plugin, None).await;
+        host.frame().await;
+        let refused = "the plugin's result cannot be sent: its contents";
+        for (id, method, said) in [
+            (
+                1,
+                "deep",
+                format!("{refused} are nested deeper than 250 levels"),
+            ),
+            // Its list of chunks, one of them at the bound: one level past it.
+            (
+                2,
+                "chunk",
+                format!("{refused} are nested deeper than 250 levels"),
+            ),
+            (
+                3,
+                "beyond_a_double",
+                format!("{refused} hold a number beyond the range of a double"),
+            ),
+        ] {
+            host.send(&call(id, method, json!(null))).await;
+            let frame = host.frame().await;
+            assert_eq!(frame["response"]["error"]["type"], "provider_error");
+            assert_eq!(
+                frame["response"]["error"]["message"],
+                said.as_str(),
+                "{method}"
+            );
+        }
+        host.send(&call(4, "at_the_bound", json!(null))).await;
+        assert_eq!(
+            String::from_utf8(next_message(&mut host).await).unwrap(),
+            format!(
+                r#"{{"type":"response","id":4,"response":{{"ok":true,"result":{}}}}}"#,
+                nested(250)
+            )
+        );
+        host.send(&json!({"type": "stream", "id": 5, "request": {"method": "chunks"}}))
+            .await;
+        assert_eq!(
+            String::from_utf8(next_message(&mut host).await).unwrap(),
+            format!(r#"{{"type":"chunk","id":5,"data":{}}}"#, nested(250))
+        );
+        assert_eq!(
+            host.frame().await["response"]["error"]["message"],
+            "a chunk of the stream cannot be sent: its contents are nested deeper than 250 levels"
+        );
+        host.send(&call(6, "emits", json!(null))).await;
+        let (_, events) = messages_until(&mut host, 1, 1).await;
+        assert_eq!(events, [r#"{"type":"event","event":"good","data":[1]}"#]);
+        let said = r#"event "deep" not sent: its data are nested deeper than 250 levels"#;
         let lines = crate::log::captured::lines();
         assert_eq!(
             lines.iter().filter(|l| l.ends_with(said)).count(),
