@@ -19,7 +19,7 @@ import orjson
 
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.wire import encode_result, not_unicode
+from linchkit_plugin.wire import encode_result, event_name_refused
 
 log = logging.getLogger("linchkit_plugin")
 
@@ -53,10 +53,7 @@ class EventStreams:
         loop = self.loop
         if loop is None:
             return
-        if not_unicode(event):  # a gRPC string field must be UTF-8: sent, it ended the stream
-            log.warning(
-                "event %r not sent: its name is not valid Unicode (a lone surrogate)", event
-            )
+        if event_name_refused(event):
             return
         try:
             payload = (event, encode_result(data, f"the data of event {event!r:.80}"))

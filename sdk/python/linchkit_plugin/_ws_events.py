@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from linchkit_plugin.errors import ProviderError
-from linchkit_plugin.wire import encode_result, not_unicode
+from linchkit_plugin.wire import encode_result, event_name_refused
 from linchkit_plugin.ws_protocol import encode_frame
 
 __all__ = ["EventOutbox", "EventReceiver"]
@@ -46,10 +46,7 @@ class EventOutbox:
     def emit(self, event: str, data: Any) -> None:
         """The plugin's ``emit``: synchronous, never blocks; an event JSON cannot carry is
         logged and dropped."""
-        if not_unicode(event):  # no JSON form: said as the name's fault, not the data's
-            log.warning(
-                "event %r not sent: its name is not valid Unicode (a lone surrogate)", event
-            )
+        if event_name_refused(event):
             return
         try:
             frame = encode_result(

@@ -7,6 +7,7 @@ form). The JSON Schema of the same shapes is ``proto/envelope.schema.json``.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "encode_json",
     "encode_result",
     "error_response",
+    "event_name_refused",
     "json_fragment",
     "nested_deeper_than",
     "not_unicode",
@@ -34,6 +36,8 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+
+_log = logging.getLogger("linchkit_plugin")
 # orjson writes at most 254 levels of nesting; an answer holding the params one level
 # down (``{"ok": true, "result": params}``) must still encode. Every transport of the SDK
 # refuses params nested deeper as ``invalid_params`` (docs/protocol.md).
@@ -191,10 +195,8 @@ def error_response(error: DispatchError) -> dict[str, Any]:
     wire = error.to_wire()
     if len(wire) > 3:  # details or a retry_after, which a plugin may have set to no JSON
         _leave_out_what_json_cannot_carry(wire)
-    for field in ("type", "message"):
-        text = wire[field]
-        if not text.isascii():  # only then can it hold a lone surrogate (one look, ~20 ns)
-            wire[field] = well_formed(text)
+    wire["type"] = well_formed(wire["type"])
+    wire["message"] = well_formed(wire["message"])
     return {"ok": False, "error": wire}
 
 
@@ -214,11 +216,19 @@ def well_formed(text: str) -> str:
     """``text`` with U+FFFD for each lone surrogate, which has no UTF-8 form: an error's
     message or type holding one (a file name decoded with ``surrogateescape``) is sent so,
     not refused, which would hide the error. Two that make a pair become its character."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
+    if not_unicode(text):
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return text
+
+
+def event_name_refused(event: str) -> bool:
+    """Whether ``event``'s name has no UTF-8 form, said once here for every transport that
+    sends events: a gRPC string field cannot carry it (sent, it ended the host's whole
+    Events stream), nor a WebSocket frame."""
+    if not not_unicode(event):
+        return False
+    _log.warning("event %r not sent: its name is not valid Unicode (a lone surrogate)", event)
+    return True
 
 
 def _leave_out_what_json_cannot_carry(wire: dict[str, Any]) -> None:
